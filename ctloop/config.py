@@ -1,0 +1,234 @@
+"""The one typed settings object of ctloop.
+
+Loaded from one YAML file plus dotted overrides (``model.type=hist_gradient_boosting``), validated on load.
+It travels into the pipeline as a plain dict parameter (``Settings.to_param()``) and each component rebuilds it
+with ``Settings.from_param``: nothing is read from the environment deep inside the code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backend = Literal["local", "cloud"]
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_GCP_ID = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GcpSettings(_Strict):
+    """Where the cloud backend runs."""
+
+    project: str = "ctloop-dev"
+    region: str = "europe-west4"
+    landing_bucket: str = "ctloop-dev-landing"
+    pipeline_root: str = "gs://ctloop-dev-pipeline-root/runs"
+    staging_bucket: str = "ctloop-dev-staging"
+    service_account: str = "ctloop-pipeline@ctloop-dev.iam.gserviceaccount.com"
+    component_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/component:latest"
+    serving_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/serving:latest"
+    dataproc_subnetwork: str | None = None
+    experiment: str = "ctloop"
+
+    @field_validator("project")
+    @classmethod
+    def _project_id(cls, v: str) -> str:
+        if not _GCP_ID.match(v):
+            raise ValueError(f"gcp.project: {v!r} is not a valid GCP project id")
+        return v
+
+
+class SchemaRoles(_Strict):
+    """What each column of the source table is for. Nothing here is specific to the sample data."""
+
+    id_column: str = "customer_id"
+    timestamp_column: str = "event_ts"
+    label_column: str = "churned"
+    # None = infer from the extracted data's types (numeric dtypes vs strings/bools), minus the role columns.
+    numeric_features: list[str] | None = None
+    categorical_features: list[str] | None = None
+    exclude_columns: list[str] = Field(default_factory=list)
+
+    @field_validator("id_column", "timestamp_column", "label_column")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError(f"schema column {v!r} is not a plain identifier")
+        return v
+
+    @property
+    def role_columns(self) -> list[str]:
+        return [self.id_column, self.timestamp_column, self.label_column]
+
+
+class DataSettings(_Strict):
+    """Source table, extract window and split."""
+
+    bq_dataset: str = "ctloop"
+    bq_table: str = "events"
+    query_file: str = "extract.sql"  # under components/sql unless absolute
+    window_days: int = Field(default=730, gt=0)
+    window_end: str | None = None  # ISO timestamp; None = the run's snapshot time
+    valid_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    min_rows: int = Field(default=100, gt=0)
+    history_features: bool = True  # point-in-time per-entity aggregates in the transform
+
+    @field_validator("bq_dataset", "bq_table")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError(f"BigQuery name {v!r} is not a plain identifier")
+        return v
+
+
+class ModelSettings(_Strict):
+    """Which classifier and its hyper-parameters."""
+
+    type: Literal["logistic_regression", "hist_gradient_boosting"] = "hist_gradient_boosting"
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 42
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    display_name: str = "ctloop-churn"
+
+
+class GateSettings(_Strict):
+    """Absolute thresholds, guardrails and the champion comparison."""
+
+    min_roc_auc: float = 0.70
+    min_pr_auc: float = 0.30
+    min_recall: float = 0.0
+    min_precision: float = 0.0
+    max_log_loss: float = 0.60
+    max_brier: float = 0.20
+    # Guardrail: the predicted positive rate must stay within this absolute distance of the test base rate.
+    max_positive_rate_gap: float = 0.30
+    primary_metric: Literal["roc_auc", "pr_auc", "f1"] = "roc_auc"
+    tolerance: float = Field(default=0.005, ge=0)
+    min_lift: float = Field(default=0.0, ge=0)
+
+
+class DeploySettings(_Strict):
+    """Endpoints, canary and the smoke test."""
+
+    staging_endpoint: str = "ctloop-staging"
+    production_endpoint: str = "ctloop-production"
+    canary_percent: int = Field(default=100, ge=1, le=100)
+    keep_versions: int = Field(default=2, ge=1)
+    smoke_instances: int = Field(default=20, ge=1)
+    smoke_max_latency_ms: float = 2000.0
+    machine_type: str = "n1-standard-2"
+    min_replicas: int = 1
+    max_replicas: int = 2
+
+
+class LocalSettings(_Strict):
+    """Where the local backend keeps its state (relative paths are under ``workdir``)."""
+
+    workdir: str = ".ctloop"
+    spark_master: str = "local[2]"
+    spark_driver_memory: str = "2g"
+    spark_shuffle_partitions: int = 8
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.workdir).resolve().joinpath(*parts)
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.path("landing")
+
+    @property
+    def registry_db(self) -> Path:
+        return self.path("registry.sqlite")
+
+    @property
+    def pipeline_root(self) -> Path:
+        return self.path("pipeline-root")
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.path("runs")
+
+
+class Settings(_Strict):
+    """Everything a run needs. Serialisable, so it can be a pipeline parameter."""
+
+    backend: Backend = "local"
+    labels: dict[str, str] = Field(default_factory=lambda: {"app": "ctloop", "env": "dev"})
+    gcp: GcpSettings = Field(default_factory=GcpSettings)
+    columns: SchemaRoles = Field(default_factory=SchemaRoles)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+
+    @model_validator(mode="after")
+    def _roles_distinct(self) -> Settings:
+        roles = self.columns.role_columns
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"columns: id, timestamp and label columns must differ, got {roles}")
+        for name in (self.columns.numeric_features or []) + (self.columns.categorical_features or []):
+            if name in roles:
+                raise ValueError(f"columns: role column {name!r} cannot also be a feature")
+        return self
+
+    @property
+    def source_table(self) -> str:
+        """Fully-qualified BigQuery table, ``project.dataset.table``."""
+        return f"{self.gcp.project}.{self.data.bq_dataset}.{self.data.bq_table}"
+
+    def to_param(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_param(cls, param: dict[str, Any] | str) -> Settings:
+        if isinstance(param, str):
+            param = yaml.safe_load(param)
+        return cls.model_validate(param)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> Settings:
+        data = self.to_param()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(data, key, value)
+        return Settings.model_validate(data)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected KEY=VALUE, e.g. model.type=logistic_regression")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ValueError(f"override {key!r}: {part!r} is not a settings section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
+    """Read a YAML settings file (or the defaults) and apply ``KEY=VALUE`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"settings file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"settings file {p}: expected a mapping at the top level, found {type(loaded).__name__}")
+        data = loaded
+    settings = Settings.model_validate(data)
+    return settings.with_overrides(overrides) if overrides else settings
