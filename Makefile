@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Linters (checkov, hadolint) in their own venv: their pins conflict with the project's lock.
+TOOLS_VENV := .venv-tools
 UV_VERSION := 0.13.9
 
-.PHONY: setup run test lint compile bench demo clean
+.PHONY: setup tools run test lint compile bench demo clean
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +17,18 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 
 setup: $(BIN)/.installed
 
+$(TOOLS_VENV)/bin/.installed: requirements-tools.lock $(BIN)/.installed
+	$(PYTHON) -m venv --without-pip $(TOOLS_VENV)
+	$(BIN)/uv pip install --quiet --python $(TOOLS_VENV)/bin/python -r requirements-tools.lock
+	touch $@
+
+tools: $(TOOLS_VENV)/bin/.installed
+
 run: setup
 	$(BIN)/ctloop sample-data --if-missing
 	$(BIN)/ctloop run
 
-test: setup
+test: setup tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

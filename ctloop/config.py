@@ -55,6 +55,9 @@ class SchemaRoles(_Strict):
     numeric_features: list[str] | None = None
     categorical_features: list[str] | None = None
     exclude_columns: list[str] = Field(default_factory=list)
+    # Numeric features that cannot be negative (the transform quarantines rows where they are).
+    # None = every numeric feature; [] = none.
+    non_negative: list[str] | None = None
 
     @field_validator("id_column", "timestamp_column", "label_column")
     @classmethod
@@ -97,6 +100,9 @@ class ModelSettings(_Strict):
     seed: int = 42
     threshold: float = Field(default=0.5, gt=0, lt=1)
     display_name: str = "ctloop-churn"
+    # Categories seen in fewer than this fraction of training rows share one "infrequent" one-hot column
+    # (unseen categories at prediction time land there too); 0 keeps every category.
+    category_min_frequency: float = Field(default=0.01, ge=0, lt=1)
 
 
 class GateSettings(_Strict):

@@ -1,0 +1,71 @@
+"""One delivery in, one decision out: launch, already launched, ignored or rejected; transient errors raise.
+
+Returning normally acknowledges the Pub/Sub message (HTTP 2xx); raising makes functions-framework answer 500
+so Pub/Sub redelivers it. Only failures that a later attempt can fix raise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from ctloop_trigger.jobs import LaunchRequest, launch_request
+from ctloop_trigger.logs import log
+from ctloop_trigger.names import decide
+from ctloop_trigger.notification import MalformedMessage, parse_event
+from ctloop_trigger.settings import TriggerSettings
+
+
+class Launcher(Protocol):
+    def launch(self, request: LaunchRequest) -> bool:
+        """True = started now, False = had been started already; raise for a retryable failure."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action: Literal["launched", "already_launched", "ignored", "rejected"]
+    reason: str
+    job_id: str | None = None
+    trigger_uri: str | None = None
+
+
+def handle_event(event: Any, settings: TriggerSettings, launcher: Launcher) -> Outcome:
+    """Parse, filter and launch; every path writes exactly one outcome log line."""
+    started = time.monotonic()
+    event_id = _event_id(event)
+    try:
+        note = parse_event(event)
+    except MalformedMessage as exc:
+        log("WARNING", "rejected: malformed message", outcome="rejected", reason=str(exc), event_id=event_id)
+        return Outcome("rejected", str(exc))
+    where = {"event_id": note.event_id or event_id, "bucket": note.bucket, "object": note.name,
+             "generation": note.generation}
+    decision = decide(note, settings)
+    if decision.action == "reject":
+        log("WARNING", f"rejected: {decision.reason}", outcome="rejected", reason=decision.reason, **where)
+        return Outcome("rejected", decision.reason)
+    if decision.action == "ignore":
+        log("INFO", f"ignored: {decision.reason}", outcome="ignored", reason=decision.reason, **where)
+        return Outcome("ignored", decision.reason)
+    request = launch_request(note.bucket, note.name, note.generation, decision.batch, settings.job_prefix)
+    try:
+        created = launcher.launch(request)
+    except Exception as exc:
+        log("ERROR", "launch failed; the delivery will be retried", outcome="retry",
+            error=f"{type(exc).__name__}: {exc}", job_id=request.job_id, trigger_uri=request.trigger_uri,
+            **where)
+        raise
+    action: Literal["launched", "already_launched"] = "launched" if created else "already_launched"
+    log("NOTICE", "launched training run" if created else "already launched: duplicate delivery acknowledged",
+        outcome=action, reason=decision.reason, job_id=request.job_id, trigger_uri=request.trigger_uri,
+        batch=request.batch, backend=settings.backend, seconds=round(time.monotonic() - started, 4), **where)
+    return Outcome(action, decision.reason, request.job_id, request.trigger_uri)
+
+
+def _event_id(event: Any) -> str | None:
+    try:
+        value = event["id"]
+    except (KeyError, TypeError):
+        value = getattr(event, "id", None)
+    return str(value) if value else None

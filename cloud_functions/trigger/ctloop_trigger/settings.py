@@ -1,0 +1,173 @@
+"""The function's own settings: environment variables read once, validated into a frozen dataclass.
+
+Every error names the variable, what was expected and what was found, so a bad deployment fails on its first
+event with a readable log line instead of a stack trace deep in a launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ENV_PREFIX = "CTLOOP_TRIGGER_"
+BUNDLE_DIR = Path(__file__).resolve().parent.parent
+
+# The lead's CLI: ``ctloop --config C run --run-id R --trigger-uri U``; --config is a group option.
+DEFAULT_LAUNCH_COMMAND = (
+    "{python}", "-m", "pipelines.cli", "--config", "{config}",
+    "run", "--run-id", "{run_id}", "--trigger-uri", "{trigger_uri}", "--no-serve",
+)
+LAUNCH_PLACEHOLDERS = frozenset({"python", "config", "run_id", "trigger_uri"})
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_JOB_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,90}[a-z0-9]$")
+_PLACEHOLDER = re.compile(r"\{([a-z_]*)\}")
+
+
+class SettingsError(ValueError):
+    """The function is misconfigured (a deployment problem, not a message problem)."""
+
+
+@dataclass(frozen=True)
+class TriggerSettings:
+    """What to react to and how to launch. Env var names are ``CTLOOP_TRIGGER_<FIELD>`` (upper case)."""
+
+    bucket: str
+    backend: Literal["cloud", "local"] = "cloud"
+    prefix: str = ""
+    suffixes: tuple[str, ...] = (".parquet",)
+    ignore_suffixes: tuple[str, ...] = (".tmp", "_COPYING_", ".crc", ".partial")
+    name_pattern: re.Pattern[str] | None = None
+    markers: tuple[str, ...] = ()  # non-empty = batch mode: only these base names launch, for their folder
+    max_name_bytes: int = 1024  # the Cloud Storage limit
+    job_prefix: str = "ctloop-train"
+    # The ctloop settings YAML: a path (relative = inside this bundle) or gs://bucket/object.
+    config: str = "ctloop.yaml"
+    # cloud
+    template: str = ""  # compiled pipeline YAML (path, gs://) or Artifact Registry URI (https://...-kfp.pkg.dev/...)
+    display_name: str = "ctloop-training"
+    api_endpoint: str = ""  # override the Vertex endpoint (plain http:// = a local test server, anonymous)
+    # local
+    state_dir: str = ""  # ledger.sqlite and logs/ live here
+    launch_command: tuple[str, ...] = DEFAULT_LAUNCH_COMMAND
+    launch_cwd: str = ""
+    ledger_timeout: float = 5.0  # seconds to wait on a locked ledger before failing the delivery (retried)
+    claim_seconds: float = 120.0  # a launch claimed longer ago than this without finishing may be taken over
+    mirror_dir: str = ""  # when set, the triggering object(s) are copied here before a local launch
+
+    @property
+    def batch_mode(self) -> bool:
+        return bool(self.markers)
+
+    def resolve_bundle_path(self, value: str) -> str:
+        """Relative paths are relative to the function bundle, not to the server's working directory."""
+        if not value or "://" in value or Path(value).is_absolute():
+            return value
+        return str(BUNDLE_DIR / value)
+
+
+def _env(environ: Mapping[str, str], name: str, default: str = "") -> str:
+    return environ.get(ENV_PREFIX + name, default).strip()
+
+
+def _list(environ: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = environ.get(ENV_PREFIX + name)
+    if raw is None:
+        return default
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = _env(environ, name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_PREFIX}{name}: expected a number, found {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{ENV_PREFIX}{name}: expected at least {minimum}, found {raw!r}")
+    return value
+
+
+def _launch_command(environ: Mapping[str, str]) -> tuple[str, ...]:
+    name = ENV_PREFIX + "LAUNCH_COMMAND"
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return DEFAULT_LAUNCH_COMMAND
+    try:
+        argv = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name}: expected a JSON list of arguments, found {raw!r} ({exc})") from None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise SettingsError(f"{name}: expected a non-empty JSON list of strings, found {raw!r}")
+    for arg in argv:
+        unknown = set(_PLACEHOLDER.findall(arg)) - LAUNCH_PLACEHOLDERS
+        if unknown:
+            raise SettingsError(f"{name}: unknown placeholder(s) {sorted(unknown)} in {arg!r}; "
+                                f"expected only {sorted(LAUNCH_PLACEHOLDERS)}")
+    if not any("{run_id}" in a for a in argv):
+        raise SettingsError(f"{name}: the command must pass {{run_id}} (the idempotency key) to the pipeline")
+    return tuple(argv)
+
+
+def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
+    """Build and validate the settings from ``environ`` (normally ``os.environ``)."""
+    bucket = _env(environ, "BUCKET")
+    if not _BUCKET.match(bucket):
+        raise SettingsError(f"{ENV_PREFIX}BUCKET: expected a Cloud Storage bucket name, found {bucket!r}")
+    backend = _env(environ, "BACKEND", "cloud")
+    if backend not in ("cloud", "local"):
+        raise SettingsError(f"{ENV_PREFIX}BACKEND: expected 'cloud' or 'local', found {backend!r}")
+    prefix = _env(environ, "PREFIX")
+    if prefix.startswith("/") or "\\" in prefix or ".." in prefix.split("/"):
+        raise SettingsError(f"{ENV_PREFIX}PREFIX: expected an object name prefix such as 'ctloop/events/', "
+                            f"found {prefix!r}")
+    pattern_raw = _env(environ, "NAME_PATTERN")
+    try:
+        pattern = re.compile(pattern_raw) if pattern_raw else None
+    except re.error as exc:
+        raise SettingsError(f"{ENV_PREFIX}NAME_PATTERN: not a valid regular expression "
+                            f"{pattern_raw!r}: {exc}") from None
+    markers = _list(environ, "MARKERS", ())
+    for marker in markers:
+        if "/" in marker:
+            raise SettingsError(f"{ENV_PREFIX}MARKERS: expected base names such as '_SUCCESS', "
+                                f"found {marker!r}")
+    job_prefix = _env(environ, "JOB_PREFIX", "ctloop-train")
+    if not _JOB_PREFIX.match(job_prefix):
+        raise SettingsError(f"{ENV_PREFIX}JOB_PREFIX: expected [a-z][a-z0-9-]* (at most 92 chars, "
+                            f"no trailing '-'), found {job_prefix!r}")
+    config = _env(environ, "CONFIG", "ctloop.yaml")
+    settings = TriggerSettings(
+        bucket=bucket,
+        backend=backend,  # type: ignore[arg-type]
+        prefix=prefix,
+        suffixes=_list(environ, "SUFFIXES", (".parquet",)),
+        ignore_suffixes=_list(environ, "IGNORE_SUFFIXES", TriggerSettings.ignore_suffixes),
+        name_pattern=pattern,
+        markers=markers,
+        max_name_bytes=int(_number(environ, "MAX_NAME_BYTES", 1024, 1)),
+        job_prefix=job_prefix,
+        config=config,
+        template=_env(environ, "TEMPLATE"),
+        display_name=_env(environ, "DISPLAY_NAME", "ctloop-training"),
+        api_endpoint=_env(environ, "API_ENDPOINT"),
+        state_dir=_env(environ, "STATE_DIR"),
+        launch_command=_launch_command(environ),
+        launch_cwd=_env(environ, "LAUNCH_CWD"),
+        ledger_timeout=_number(environ, "LEDGER_TIMEOUT", 5.0, 0.0),
+        claim_seconds=_number(environ, "CLAIM_SECONDS", 120.0, 1.0),
+        mirror_dir=_env(environ, "MIRROR_DIR"),
+    )
+    if backend == "cloud" and not settings.template:
+        raise SettingsError(f"{ENV_PREFIX}TEMPLATE: required when {ENV_PREFIX}BACKEND=cloud (a compiled "
+                            "pipeline YAML in the bundle, a gs:// URI or an Artifact Registry https:// URI)")
+    if backend == "local" and not settings.state_dir:
+        raise SettingsError(f"{ENV_PREFIX}STATE_DIR: required when {ENV_PREFIX}BACKEND=local "
+                            "(a directory for the launch ledger and run logs)")
+    return settings

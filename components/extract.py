@@ -1,0 +1,342 @@
+"""extract: the source table's time window as a Parquet ``Dataset``.
+
+Cloud: BigQuery runs ``EXPORT DATA ... AS <extract.sql>`` straight into the artifact's gs:// folder (no rows
+pass through the component). Local: DuckDB runs the same SQL, transpiled, over the landing Parquet files. Both
+backends validate the columns before writing, count and checksum the written files the same way, and leave
+nothing at the output path when validation fails.
+
+Checksum: SHA-256 of the row count, the column names/types and the sum (mod 2^64) of the low 64 bits of each
+row's MD5 over its JSON text. Summing makes it independent of row order and of how rows are split into files,
+and it is computed from the files themselves, so the same rows give the same checksum on either backend.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kfp.dsl import Dataset, Output
+
+# The executor imports this module with _KFP_RUNTIME=true, under which ``kfp.dsl`` leaves out its compile-time
+# half (``dsl.component`` among it): take the decorator from its own module so both work.
+from kfp.dsl.component_decorator import component
+
+from components.images import COMPONENT_IMAGE
+from ctloop.config import Settings
+from ctloop.errors import CtloopError, DataValidationError
+from ctloop.sql import (
+    duckdb_connect,
+    load_template,
+    parse_timestamp,
+    register_parquet_table,
+    render_sql,
+    transpile_for_duckdb,
+)
+
+STEP = "extract"
+LOCAL_FILE_SIZE = "256MB"  # DuckDB starts a new part file past this size
+EXPORT_TIMEOUT_S = 3600.0
+_GCS_URI = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~=+@:-]+)*/?$")
+_NUMERIC = ("INT64", "FLOAT64", "NUMERIC", "BIGNUMERIC")
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What the extract wrote. ``query``: the rendered BigQuery SQL; ``engine_query``: what the engine ran."""
+
+    row_count: int
+    columns: dict[str, str]  # name -> BigQuery type name (INT64, FLOAT64, STRING, TIMESTAMP, ...)
+    checksum: str
+    query: str
+    source_table: str
+    snapshot_time: str
+    files: list[str]
+    window_start: str
+    window_end: str
+    backend: str
+    engine_query: str
+    job_id: str | None = None
+
+
+@component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def extract(
+    config: dict, run_id: str, dataset: Output[Dataset], snapshot_time: str = ""
+) -> NamedTuple("Outputs", [("row_count", int)]):
+    """Extract the configured window of the source table into ``dataset`` (a folder of Parquet files)."""
+    from components.extract import extract_to_artifact
+
+    return extract_to_artifact(config, run_id, snapshot_time, dataset)
+
+
+def extract_to_artifact(config: dict, run_id: str, snapshot_time: str, dataset: Any) -> tuple[int]:
+    """The component's body: run the extract into the artifact and record its lineage in ``.metadata``."""
+    settings = Settings.from_param(config)
+    result = run_extract(settings, run_id=run_id, output_path=dataset.path, output_uri=dataset.uri,
+                         snapshot_time=snapshot_time or None)
+    dataset.metadata.update({
+        "row_count": result.row_count,
+        "columns": result.columns,
+        "checksum": result.checksum,
+        "query": result.query,
+        "source_table": result.source_table,
+        "snapshot_time": result.snapshot_time,
+        "window_start": result.window_start,
+        "window_end": result.window_end,
+        "files": len(result.files),
+        "backend": result.backend,
+        "run_id": run_id,
+        **({"bigquery_job_id": result.job_id} if result.job_id else {}),
+    })
+    return (result.row_count,)
+
+
+def run_extract(
+    settings: Settings,
+    *,
+    run_id: str,
+    output_path: str,
+    output_uri: str,
+    snapshot_time: str | None = None,
+    landing_dir: Path | None = None,
+    bq_client: Any = None,
+) -> ExtractResult:
+    """Extract ``[window_end - data.window_days, window_end)`` of the source table into ``output_path``.
+
+    ``window_end`` is ``data.window_end`` if set, else ``snapshot_time`` (ISO; no offset = UTC), else now.
+    Local backend: reads ``landing_dir`` (default ``local.landing_dir``). Cloud backend: BigQuery exports to
+    ``output_uri`` (gs://) and the files are read back through ``output_path`` (the /gcs/ mount on Vertex);
+    ``bq_client`` overrides the ``google.cloud.bigquery.Client``. Raises DataValidationError for missing or
+    mistyped columns and too few rows; nothing is then left at ``output_path``.
+    """
+    if not run_id:
+        raise CtloopError("extract: run_id must be a non-empty string (it keys the BigQuery job id)")
+    try:
+        now = datetime.now(UTC).replace(microsecond=0)
+        snapshot = parse_timestamp(snapshot_time) if snapshot_time else now
+        window_end = parse_timestamp(settings.data.window_end) if settings.data.window_end else snapshot
+    except (TypeError, ValueError) as exc:
+        raise CtloopError(f"extract: snapshot_time/data.window_end: {exc}") from exc
+    source, template = load_template(settings.data.query_file)
+    cols = settings.columns
+    query = render_sql(template, {
+        "source_table": settings.source_table,
+        "id_column": cols.id_column,
+        "timestamp_column": cols.timestamp_column,
+        "window_end": window_end,
+        "window_days": settings.data.window_days,
+    }, source=source)
+    window = {
+        "snapshot_time": snapshot.isoformat(),
+        "window_start": (window_end - timedelta(days=settings.data.window_days)).isoformat(),
+        "window_end": window_end.isoformat(),
+    }
+    if settings.backend == "local":
+        landing = landing_dir or settings.local.landing_dir
+        return _run_local(settings, query, Path(output_path), landing, window)
+    return _run_cloud(settings, query, run_id, Path(output_path), output_uri, bq_client, window)
+
+
+# ---- validation (both backends) ---------------------------------------------------------------------------
+
+def validate_columns(columns: dict[str, str], settings: Settings) -> None:
+    """Check the role and configured feature columns exist with usable types (BigQuery type names)."""
+    cols = settings.columns
+    table = settings.source_table
+    required: dict[str, tuple[str, ...] | None] = {
+        cols.id_column: None, cols.timestamp_column: ("TIMESTAMP",), cols.label_column: ("INT64", "BOOL"),
+    }
+    for name in cols.numeric_features or []:
+        required[name] = _NUMERIC
+    for name in cols.categorical_features or []:
+        required.setdefault(name, None)
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataValidationError(f"{table}: missing required column(s) {missing}; expected them in the "
+                                  f"extract, found columns {sorted(columns)}")
+    for name, allowed in required.items():
+        if allowed is not None and columns[name] not in allowed:
+            raise DataValidationError(f"{table}: column {name!r} has type {columns[name]}; expected "
+                                      f"{' or '.join(allowed)}")
+
+
+def validate_row_count(rows: int, settings: Settings) -> None:
+    minimum = max(1, settings.data.min_rows)
+    if rows < minimum:
+        what = "no rows" if rows == 0 else f"{rows} rows"
+        raise DataValidationError(
+            f"{settings.source_table}: the extract window returned {what}; expected at least {minimum} "
+            f"(data.min_rows); check data.window_end/window_days and that the table has data in the window")
+
+
+# ---- shared: type names and the content checksum ---------------------------------------------------------
+
+_DUCKDB_TYPES = {
+    "VARCHAR": "STRING", "BOOLEAN": "BOOL", "DOUBLE": "FLOAT64", "FLOAT": "FLOAT64", "REAL": "FLOAT64",
+    "TIMESTAMP WITH TIME ZONE": "TIMESTAMP", "TIMESTAMP": "DATETIME", "TIMESTAMP_NS": "DATETIME",
+    "TIMESTAMP_MS": "DATETIME", "TIMESTAMP_S": "DATETIME", "DATE": "DATE", "TIME": "TIME", "BLOB": "BYTES",
+    **dict.fromkeys(["BIGINT", "INTEGER", "SMALLINT", "TINYINT", "HUGEINT", "UBIGINT", "UINTEGER",
+                     "USMALLINT", "UTINYINT"], "INT64"),
+}
+_BIGQUERY_TYPES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "RECORD": "STRUCT"}
+
+
+def duckdb_type_name(type_name: str) -> str:
+    """DuckDB type -> the BigQuery name both backends report (DECIMAL: NUMERIC, naive TIMESTAMP: DATETIME)."""
+    t = type_name.upper()
+    if t.startswith("DECIMAL"):
+        return "NUMERIC"
+    return _DUCKDB_TYPES.get(t, t)
+
+
+def bigquery_type_name(field_type: str, mode: str | None = None) -> str:
+    t = _BIGQUERY_TYPES.get(field_type.upper(), field_type.upper())
+    return f"ARRAY<{t}>" if (mode or "").upper() == "REPEATED" else t
+
+
+@dataclass(frozen=True)
+class ParquetSummary:
+    rows: int
+    checksum: str
+    files: list[str]
+
+
+def summarize_parquet(directory: Path) -> ParquetSummary:
+    """Row count and layout-independent content checksum of the ``*.parquet`` files in ``directory``."""
+    files = sorted(p.name for p in Path(directory).glob("*.parquet"))
+    if not files:
+        return ParquetSummary(rows=0, checksum=_checksum(0, 0, []), files=[])
+    con = duckdb_connect()
+    try:
+        glob = str(Path(directory) / "*.parquet").replace("'", "''")
+        source = f"read_parquet('{glob}', union_by_name = true)"
+        described = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+        schema = [(name, duckdb_type_name(type_name)) for name, type_name, *_ in described]
+        rows, row_hash_sum = con.execute(
+            "SELECT count(*), coalesce(sum(md5_number_lower(CAST(to_json(r) AS VARCHAR))), 0) "
+            f"FROM {source} AS r"
+        ).fetchone()
+    finally:
+        con.close()
+    checksum = _checksum(int(rows), int(row_hash_sum), schema)
+    return ParquetSummary(rows=int(rows), checksum=checksum, files=files)
+
+
+def _checksum(rows: int, row_hash_sum: int, schema: list[tuple[str, str]]) -> str:
+    payload = json.dumps({"rows": rows, "row_hash_sum": row_hash_sum % 2**64, "columns": schema},
+                         separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ---- local backend: DuckDB over the landing Parquet ------------------------------------------------------
+
+def _run_local(settings: Settings, query: str, output: Path, landing_dir: Path,
+               window: dict[str, str]) -> ExtractResult:
+    table_dir = Path(landing_dir) / settings.data.bq_dataset / settings.data.bq_table
+    if not any(table_dir.rglob("*.parquet")):
+        raise DataValidationError(f"{settings.source_table}: expected Parquet files under {table_dir}, found "
+                                  f"none (write sample data with `ctloop sample-data`)")
+    engine_query = transpile_for_duckdb(query)
+    con = duckdb_connect()
+    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        files_glob = str(table_dir / "**" / "*.parquet")
+        register_parquet_table(con, settings.data.bq_dataset, settings.data.bq_table, files_glob)
+        columns = {r[0]: duckdb_type_name(r[1]) for r in con.execute(f"DESCRIBE {engine_query}").fetchall()}
+        validate_columns(columns, settings)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        target = str(staging).replace("'", "''")
+        options = f"FORMAT parquet, FILE_SIZE_BYTES '{LOCAL_FILE_SIZE}', FILENAME_PATTERN 'part-{{i}}'"
+        (rows,) = con.execute(f"COPY ({engine_query}) TO '{target}' ({options})").fetchone()
+        validate_row_count(int(rows), settings)
+        summary = summarize_parquet(staging)
+        _move_into_place(staging, output)
+    finally:
+        con.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExtractResult(row_count=summary.rows, columns=columns, checksum=summary.checksum, query=query,
+                         source_table=settings.source_table, files=summary.files, backend="local",
+                         engine_query=engine_query, **window)
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Replace ``output`` with ``staging``; at no point does ``output`` hold a partial result."""
+    old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:12]}"
+    if output.exists() or output.is_symlink():
+        os.replace(output, old)
+    os.replace(staging, output)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+# ---- cloud backend: BigQuery EXPORT DATA -----------------------------------------------------------------
+
+def job_id_for(run_id: str, statement: str, step: str = STEP) -> str:
+    """Deterministic BigQuery job id: a retry of the same run and statement reuses the job (409 = done)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)[:100]
+    digest = hashlib.sha256(f"{run_id}\0{step}\0{statement}".encode()).hexdigest()[:16]
+    return f"ctloop_{step}_{slug}_{digest}"
+
+
+def job_labels(settings: Settings, run_id: str, step: str = STEP) -> dict[str, str]:
+    """Settings labels plus the run and step, as BigQuery label values (lowercase, [a-z0-9_-], <= 63)."""
+    run_label = re.sub(r"[^a-z0-9_-]", "-", run_id.lower())[:63]
+    return {**settings.labels, "ctloop-run": run_label, "ctloop-step": step}
+
+
+def export_statement(query: str, output_uri: str) -> str:
+    """``EXPORT DATA`` of ``query`` as Parquet part files under ``output_uri`` (a retry overwrites them)."""
+    if not _GCS_URI.match(output_uri):
+        raise CtloopError(f"extract (cloud): expected a gs:// folder of plain characters as output URI, "
+                          f"found {output_uri!r}; run the cloud backend with a gs:// pipeline root")
+    uri = output_uri.rstrip("/") + "/part-*.parquet"
+    return f"EXPORT DATA OPTIONS (uri = '{uri}', format = 'PARQUET', overwrite = true) AS\n{query}"
+
+
+def _bigquery_client(settings: Settings) -> Any:
+    from google.cloud import bigquery
+
+    return bigquery.Client(project=settings.gcp.project, location=settings.gcp.region)
+
+
+def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output_uri: str, client: Any,
+               window: dict[str, str]) -> ExtractResult:
+    from google.api_core.exceptions import Conflict
+    from google.cloud import bigquery
+
+    statement = export_statement(query, output_uri)
+    client = client or _bigquery_client(settings)
+    labels = job_labels(settings, run_id)
+    # A dry run returns the result schema without reading data: validate before anything is written.
+    dry_config = bigquery.QueryJobConfig(dry_run=True, use_legacy_sql=False, labels=labels)
+    dry = client.query(query, job_config=dry_config, job_retry=None)
+    if dry.schema is None:
+        raise CtloopError(f"{settings.source_table}: the BigQuery dry run returned no schema for the query")
+    columns = {f.name: bigquery_type_name(f.field_type, f.mode) for f in dry.schema}
+    validate_columns(columns, settings)
+
+    job_id = job_id_for(run_id, statement)
+    config = bigquery.QueryJobConfig(use_legacy_sql=False, labels=labels)
+    try:
+        job = client.query(statement, job_id=job_id, job_config=config, job_retry=None)
+    except Conflict:
+        # A retried step: the export already ran (or is running) under this id; wait for it instead.
+        job = client.get_job(job_id, project=settings.gcp.project, location=settings.gcp.region)
+    job.result(timeout=EXPORT_TIMEOUT_S)
+
+    summary = summarize_parquet(output)
+    try:
+        validate_row_count(summary.rows, settings)
+    except DataValidationError:
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    return ExtractResult(row_count=summary.rows, columns=columns, checksum=summary.checksum, query=query,
+                         source_table=settings.source_table, files=summary.files, backend="cloud",
+                         engine_query=statement, job_id=job_id, **window)

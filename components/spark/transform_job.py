@@ -1,0 +1,437 @@
+"""The transform job: raw extract -> clean, point-in-time featured, temporally split Parquet + JSON report.
+
+Standalone (pyspark and the standard library only): the cloud backend uploads this file to GCS and runs it as
+a Dataproc Serverless batch; the local backend calls ``main(argv, spark=...)`` in a local Spark session.
+
+Steps, in order:
+  1. Read the input Parquet directory; check the spec's columns are there.
+  2. Drop exact duplicate rows (all source columns equal).
+  3. Cast: id -> string, timestamp -> timestamp (UTC), label -> int, numeric -> double (NaN -> null),
+     categorical -> string.
+  4. Quarantine malformed rows, each with one ``_reason`` (the first that applies, in this order) and the
+     ``_reason_column`` it concerns: ``null_id`` (null or blank), ``null_timestamp``, ``unparseable_value``
+     (a non-null value the cast cannot read: timestamp, label, numerics in column order), ``null_label``,
+     ``invalid_label`` (not 0 or 1), ``negative_value`` (in a column that cannot be negative). Quarantined
+     rows keep their source values, so the report can be traced back to the input.
+  5. Keep one row per (id, timestamp): the first by the remaining columns in output order, ascending, nulls
+     last, so reruns keep the same row. Quarantine runs first, so a malformed twin never displaces a good row.
+  6. History features per entity from strictly earlier rows only: a range frame over the timestamp in
+     microseconds ending at -1 µs, so rows at the same instant never see each other whatever the dedup did.
+     ``hist_prior_events`` (0 for a first event), ``hist_days_since_prior`` and ``hist_prior_mean_<col>``
+     (null without an earlier value), all doubles so every model numeric has one type.
+  7. Temporal split at two timestamp quantiles (Spark's approxQuantile, a distributed sketch): rows before
+     the first cut are train, rows from the first cut and before the second are valid, the rest test. A row
+     exactly at a cut goes to the later split, so every valid timestamp is strictly after every train
+     timestamp (and test after valid); an empty split is an error.
+  8. Write each split (id, timestamp, label, numeric, categorical, derived; timestamps as UTC
+     TIMESTAMP_MICROS), the quarantine, and the JSON report. Only aggregates reach the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+log = logging.getLogger("ctloop.transform_job")
+
+# Mirrors ctloop.features (this file cannot import the project): the derived feature names.
+PRIOR_EVENTS = "hist_prior_events"
+DAYS_SINCE_PRIOR = "hist_days_since_prior"
+PRIOR_MEAN_PREFIX = "hist_prior_mean_"
+
+REASON = "_reason"
+REASON_COLUMN = "_reason_column"
+SPLITS = ("train", "valid", "test")
+# Rank error of the timestamp quantile sketch: 0.01% of the rows, tiny next to any useful split fraction.
+QUANTILE_RELATIVE_ERROR = 1e-4
+ROWS_PER_FILE = 1_000_000
+
+_TS_US = "__ts_us"
+_SPLIT = "__split"
+_TYPED = "__typed__"
+_MICROS_PER_DAY = 86_400_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Session settings this job relies on; restored afterwards so a shared session is left as found.
+_SESSION_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+}
+_NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The parts of ``ctloop.features.FeatureSpec`` the job needs, parsed from its JSON."""
+
+    id_column: str
+    timestamp_column: str
+    label_column: str
+    numeric: list[str]
+    categorical: list[str]
+    history_means: list[str] = field(default_factory=list)
+    history_enabled: bool = True
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--spec: not valid JSON ({e})") from e
+        required = ["id_column", "timestamp_column", "label_column", "numeric", "categorical"]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"--spec: missing field(s) {missing}; found {sorted(data)}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def derived(self) -> list[str]:
+        if not self.history_enabled:
+            return []
+        return [PRIOR_EVENTS, DAYS_SINCE_PRIOR] + [PRIOR_MEAN_PREFIX + c for c in self.history_means]
+
+    @property
+    def source_columns(self) -> list[str]:
+        return [self.id_column, self.timestamp_column, self.label_column, *self.numeric, *self.categorical]
+
+    @property
+    def output_columns(self) -> list[str]:
+        return self.source_columns + self.derived
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="transform_job", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="directory (path or URI) of the extract's Parquet files")
+    for split in SPLITS:
+        p.add_argument(f"--{split}-out", required=True, help=f"output directory of the {split} split")
+    p.add_argument("--quarantine-out", required=True, help="output directory of the quarantined rows")
+    p.add_argument("--report-out", required=True, help="JSON report file (path or URI)")
+    p.add_argument("--spec", required=True, help="FeatureSpec JSON")
+    p.add_argument("--valid-fraction", type=float, required=True)
+    p.add_argument("--test-fraction", type=float, required=True)
+    p.add_argument("--non-negative", default=None,
+                   help="JSON list of numeric columns that cannot be negative (default: all numeric columns)")
+    args = p.parse_args(argv)
+    for name in ("valid_fraction", "test_fraction"):
+        value = getattr(args, name)
+        if not 0 < value < 0.5:
+            p.error(f"--{name.replace('_', '-')}: expected a fraction in (0, 0.5), found {value}")
+    if args.valid_fraction + args.test_fraction >= 1:
+        p.error("--valid-fraction + --test-fraction must leave rows for train")
+    return args
+
+
+def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
+    """Run the job; returns the report it wrote. ``spark`` lets a caller share its session."""
+    args = parse_args(argv)
+    spec = JobSpec.from_json(args.spec)
+    non_negative = spec.numeric if args.non_negative is None else json.loads(args.non_negative)
+    unknown = [c for c in non_negative if c not in spec.numeric]
+    if unknown:
+        raise ValueError(f"--non-negative: {unknown} are not numeric features of the spec {spec.numeric}")
+    if spark is None:
+        spark = SparkSession.builder.appName("ctloop-transform").getOrCreate()
+    saved = {k: spark.conf.get(k, None) for k in [*_SESSION_CONF, _NANOS_AS_LONG]}
+    for key, value in _SESSION_CONF.items():
+        spark.conf.set(key, value)
+    try:
+        return _run(spark, args, spec, non_negative)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negative: list[str],
+         ) -> dict[str, Any]:
+    raw, nanos_as_long = read_input(spark, args.input)
+    check_columns(raw, spec, args.input)
+    raw = raw.select(*[_col(c) for c in spec.source_columns])
+    counts: dict[str, Any] = {"input_rows": raw.count()}
+    log.info("read %d rows from %s", counts["input_rows"], args.input)
+
+    flagged = flag_rows(raw.dropDuplicates(), spec, non_negative, nanos_as_long)
+    flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
+    featured: DataFrame | None = None
+    try:
+        reasons = flagged.groupBy(REASON, REASON_COLUMN).count().collect()
+        counts["distinct_rows"] = sum(r["count"] for r in reasons)
+        counts["clean_rows"] = sum(r["count"] for r in reasons if r[REASON] is None)
+        counts["bad"] = [r for r in reasons if r[REASON] is not None]
+        quarantine = flagged.where(F.col(REASON).isNotNull()).select(
+            *[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
+        bad_rows = counts["distinct_rows"] - counts["clean_rows"]
+        quarantine.coalesce(max(1, -(-bad_rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(
+            args.quarantine_out)
+        if counts["clean_rows"] == 0:
+            raise ValueError(f"input {args.input}: no valid rows left after quarantine "
+                             f"({_reason_text(counts['bad'])}); nothing to split")
+        clean = flagged.where(F.col(REASON).isNull()).select(
+            *[F.col(_quote(_TYPED + c)).alias(c) for c in spec.source_columns])
+        featured = add_history(dedup_id_timestamp(clean, spec), spec).persist(StorageLevel.MEMORY_AND_DISK)
+
+        cuts = cut_points(featured, args.valid_fraction, args.test_fraction)
+        split = featured.withColumn(_SPLIT, F.when(F.col(_TS_US) < cuts[0], "train")
+                                    .when(F.col(_TS_US) < cuts[1], "valid").otherwise("test"))
+        stats = split_stats(split, spec)
+        _check_splits(stats, cuts, args)
+        for name in SPLITS:
+            out = getattr(args, f"{name}_out")
+            rows = split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns])
+            # Files sized by rows, not by the shuffle's partition count: a small split is one file.
+            files = max(1, -(-stats[name]["rows"] // ROWS_PER_FILE))
+            rows.coalesce(files).write.mode("overwrite").parquet(out)
+            log.info("wrote %d %s rows to %s", stats[name]["rows"], name, out)
+    finally:
+        if featured is not None:
+            featured.unpersist()
+        flagged.unpersist()
+    report = build_report(args, spec, counts, cuts, stats)
+    write_text(spark, args.report_out, json.dumps(report, indent=2, sort_keys=True))
+    log.info("quarantined: %s", json.dumps(report["quarantined"]))
+    return report
+
+
+def build_report(args: argparse.Namespace, spec: JobSpec, counts: dict[str, Any], cuts: tuple[int, int],
+                 stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON report: every count the data-quality report shows, all from aggregates."""
+    bad = counts["bad"]
+    output_rows = sum(stats[s]["rows"] for s in SPLITS)
+    return {
+        "input": args.input,
+        "input_rows": counts["input_rows"],
+        "duplicates_dropped": {"exact": counts["input_rows"] - counts["distinct_rows"],
+                               "same_id_timestamp": counts["clean_rows"] - output_rows},
+        "quarantined": {
+            "rows": counts["distinct_rows"] - counts["clean_rows"],
+            "by_reason": _sum_by(bad, lambda r: r[REASON]),
+            "by_reason_column": _sum_by(bad, lambda r: f"{r[REASON]}:{r[REASON_COLUMN]}"),
+        },
+        "output_rows": output_rows,
+        "fractions": {"valid": args.valid_fraction, "test": args.test_fraction},
+        "cut_points": {"valid_start": _iso(cuts[0]), "test_start": _iso(cuts[1])},
+        "splits": {s: {k: v for k, v in stats[s].items() if k != "nulls"} for s in SPLITS},
+        "null_rate": {c: sum(stats[s]["nulls"][c] for s in SPLITS) / output_rows
+                      for c in spec.numeric + spec.categorical + spec.derived},
+        "columns": spec.output_columns,
+    }
+
+
+def _check_splits(stats: dict[str, dict[str, Any]], cuts: tuple[int, int], args: argparse.Namespace) -> None:
+    empty = [s for s in SPLITS if stats[s]["rows"] == 0]
+    if empty:
+        total = sum(stats[s]["rows"] for s in SPLITS)
+        raise ValueError(
+            f"input {args.input}: the temporal split left {empty} empty ({total} rows, cut points "
+            f"{_iso(cuts[0])} and {_iso(cuts[1])}); need more rows or more distinct timestamps for "
+            f"valid_fraction={args.valid_fraction}, test_fraction={args.test_fraction}")
+
+
+def read_input(spark: SparkSession, path: str) -> tuple[DataFrame, bool]:
+    """Read the Parquet input; nanosecond timestamps (pandas' default) come back as longs, flagged True."""
+    try:
+        return _reader(spark).parquet(path), False
+    except Exception as e:  # AnalysisException or a wrapped SparkException, depending on where Spark fails
+        if "TIMESTAMP(NANOS" not in str(e):
+            raise
+    spark.conf.set(_NANOS_AS_LONG, "true")
+    return _reader(spark).parquet(path), True
+
+
+def _reader(spark: SparkSession) -> Any:
+    # Only the data files: a Dataset directory may also hold metadata or markers.
+    return spark.read.option("pathGlobFilter", "*.parquet")
+
+
+def check_columns(df: DataFrame, spec: JobSpec, path: str) -> None:
+    """Fail with the missing columns (expected vs found) before any work is done."""
+    missing = [c for c in spec.source_columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"input {path}: missing column(s) {missing}; expected {spec.source_columns}, "
+                         f"found {df.columns}")
+
+
+def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_long: bool = False,
+              ) -> DataFrame:
+    """Source columns plus typed copies (``__typed__<col>``) and the quarantine reason (null = clean)."""
+    types = {f.name: f.dataType for f in df.schema.fields}
+    ident = _col(spec.id_column).cast("string")
+    ts = _typed_timestamp(spec.timestamp_column, types[spec.timestamp_column], nanos_as_long)
+    label_num = _try_cast(spec.label_column, "double")
+    numeric = {c: _typed_numeric(c, types[c]) for c in spec.numeric}
+
+    checks: list[tuple[Column, str, str]] = [
+        (ident.isNull() | (F.trim(ident) == ""), "null_id", spec.id_column),
+        (_col(spec.timestamp_column).isNull(), "null_timestamp", spec.timestamp_column),
+        (ts.isNull(), "unparseable_value", spec.timestamp_column),
+    ]
+    label_raw = _col(spec.label_column)
+    checks.append((label_raw.isNotNull() & label_num.isNull(), "unparseable_value", spec.label_column))
+    checks += [(_col(c).isNotNull() & numeric[c].isNull(), "unparseable_value", c) for c in spec.numeric]
+    checks.append((label_raw.isNull(), "null_label", spec.label_column))
+    checks.append((~label_num.isin(0.0, 1.0), "invalid_label", spec.label_column))
+    checks += [(numeric[c] < 0, "negative_value", c) for c in non_negative]
+
+    reason = reason_column = None
+    for cond, name, column in checks:
+        reason = F.when(cond, name) if reason is None else reason.when(cond, name)
+        reason_column = F.when(cond, column) if reason_column is None else reason_column.when(cond, column)
+
+    typed = [ident.alias(_TYPED + spec.id_column), ts.alias(_TYPED + spec.timestamp_column),
+             label_num.cast("int").alias(_TYPED + spec.label_column)]
+    # NaN is a missing value, not a number: null it only after the unparseable check has seen the cast.
+    typed += [F.when(F.isnan(numeric[c]), None).otherwise(numeric[c]).alias(_TYPED + c) for c in spec.numeric]
+    typed += [_col(c).cast("string").alias(_TYPED + c) for c in spec.categorical]
+    return df.select("*", *typed, reason.alias(REASON), reason_column.alias(REASON_COLUMN))
+
+
+def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
+    """One row per (id, timestamp): the first by the other output columns, ascending with nulls last.
+
+    Partitioned by id alone so the history window that follows reuses the same shuffle.
+    """
+    others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
+    w = Window.partitionBy(_col(spec.id_column)).orderBy(
+        _col(spec.timestamp_column).asc(), *[_col(c).asc_nulls_last() for c in others])
+    previous_ts = F.lag(_col(spec.timestamp_column)).over(w)
+    keep = previous_ts.isNull() | (previous_ts != _col(spec.timestamp_column))
+    # A window value cannot be filtered on directly: materialise it as a column first.
+    return df.withColumn("__keep", keep).where(F.col("__keep")).drop("__keep")
+
+
+def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
+    """Adds ``__ts_us`` and the history features from the same entity's strictly earlier rows."""
+    df = df.withColumn(_TS_US, F.unix_micros(_col(spec.timestamp_column)))
+    if not spec.history_enabled:
+        return df
+    earlier = (Window.partitionBy(_col(spec.id_column)).orderBy(F.col(_TS_US))
+               .rangeBetween(Window.unboundedPreceding, -1))
+    prior_ts = F.max(F.col(_TS_US)).over(earlier)
+    derived = [
+        F.count(F.lit(1)).over(earlier).cast("double").alias(PRIOR_EVENTS),
+        ((F.col(_TS_US) - prior_ts) / _MICROS_PER_DAY).cast("double").alias(DAYS_SINCE_PRIOR),
+    ]
+    derived += [F.avg(_col(c)).over(earlier).cast("double").alias(PRIOR_MEAN_PREFIX + c)
+                for c in spec.history_means]
+    return df.select("*", *derived)
+
+
+def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Timestamps (µs since epoch) where valid and test start, from a distributed quantile sketch."""
+    probs = [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction]
+    q = df.approxQuantile(_TS_US, probs, QUANTILE_RELATIVE_ERROR)
+    return int(q[0]), int(q[1])
+
+
+def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
+    """Rows, positive rate, time range and per-feature null counts of each split, in one aggregation."""
+    features = spec.numeric + spec.categorical + spec.derived
+    aggs = [F.count(F.lit(1)).alias("rows"), F.sum(_col(spec.label_column)).alias("positives"),
+            F.min(_TS_US).alias("ts_min"), F.max(_TS_US).alias("ts_max")]
+    aggs += [F.sum(_col(c).isNull().cast("long")).alias(f"null_{i}") for i, c in enumerate(features)]
+    rows = {r[_SPLIT]: r for r in df.groupBy(_SPLIT).agg(*aggs).collect()}
+    stats: dict[str, dict[str, Any]] = {}
+    for name in SPLITS:
+        r = rows.get(name)
+        n = int(r["rows"]) if r else 0
+        stats[name] = {
+            "rows": n,
+            "positives": int(r["positives"]) if r else 0,
+            "positive_rate": (int(r["positives"]) / n) if n else None,
+            "ts_min": _iso(r["ts_min"]) if r else None,
+            "ts_max": _iso(r["ts_max"]) if r else None,
+            "nulls": {c: (int(r[f"null_{i}"]) if r else 0) for i, c in enumerate(features)},
+        }
+    return stats
+
+
+def write_text(spark: SparkSession, target: str, text: str) -> None:
+    """Write a small file whole: a local path via rename, a URI (gs://, file://) via Hadoop's FileSystem."""
+    if not urlsplit(target).scheme:
+        directory = os.path.dirname(os.path.abspath(target))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".report-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+        return
+    jvm = spark.sparkContext._jvm
+    path = jvm.org.apache.hadoop.fs.Path(target)
+    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    # Object stores publish an object on close, so readers never see a partial report.
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode()))
+    finally:
+        stream.close()
+
+
+def _typed_timestamp(name: str, dtype: T.DataType, nanos_as_long: bool) -> Column:
+    if isinstance(dtype, T.TimestampType):
+        return _col(name)
+    if isinstance(dtype, T.TimestampNTZType | T.DateType):
+        return _col(name).cast("timestamp")  # wall-clock values are read as UTC (the session time zone)
+    if isinstance(dtype, T.StringType):
+        return _try_cast(name, "timestamp")
+    if isinstance(dtype, T.LongType) and nanos_as_long:
+        return F.timestamp_micros(F.floor(_col(name) / 1000).cast("long"))
+    raise ValueError(f"timestamp column {name!r}: expected a timestamp, date or string column, "
+                     f"found {dtype.simpleString()}")
+
+
+def _typed_numeric(name: str, dtype: T.DataType) -> Column:
+    if isinstance(dtype, T.NumericType | T.BooleanType | T.StringType):
+        return _try_cast(name, "double")
+    raise ValueError(f"numeric column {name!r}: expected a number or a string of numbers, "
+                     f"found {dtype.simpleString()}")
+
+
+def _try_cast(name: str, sql_type: str) -> Column:
+    # SQL try_cast (Spark >= 3.2): null instead of an error under ANSI mode, so bad values can be quarantined.
+    return F.expr(f"try_cast({_quote(name)} AS {sql_type})")
+
+
+def _col(name: str) -> Column:
+    return F.col(_quote(name))
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _iso(micros: int | None) -> str | None:
+    if micros is None:
+        return None
+    return (_EPOCH + timedelta(microseconds=int(micros))).isoformat().replace("+00:00", "Z")
+
+
+def _sum_by(rows: list[Any], key: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[key(r)] = out.get(key(r), 0) + int(r["count"])
+    return dict(sorted(out.items()))
+
+
+def _reason_text(rows: list[Any]) -> str:
+    counts = _sum_by(rows, lambda r: r[REASON])
+    return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no rows at all"
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    main(sys.argv[1:])

@@ -1,0 +1,454 @@
+"""transform: the extract's Parquet -> train / valid / test Datasets + a data-quality report.
+
+One PySpark job (``components/spark/transform_job.py``) does the work on both backends:
+- local: in a local Spark session, into a staging dir that is renamed onto the outputs only on success;
+- cloud: as a Dataproc Serverless batch whose id derives from the run id (a retried step finds its batch).
+
+Besides the three splits, the step keeps the quarantined rows and the job's JSON report next to the split
+outputs (``<task dir>/quarantine/`` and ``<task dir>/transform_report.json``).
+"""
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kfp.dsl import Dataset, Input, Markdown, Output
+
+# The component's executor imports this module with _KFP_RUNTIME=true, under which ``kfp.dsl`` leaves out its
+# compile-time half (``dsl.component`` among it): take the decorator from its own module so both work.
+from kfp.dsl.component_decorator import component
+
+from components.images import COMPONENT_IMAGE
+from ctloop.config import Settings
+from ctloop.errors import CtloopError, DataValidationError
+from ctloop.features import FeatureSpec
+
+if TYPE_CHECKING:
+    from google.cloud import storage
+    from google.cloud.dataproc_v1 import Batch, BatchControllerClient
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+JOB_FILE = Path(__file__).parent / "spark" / "transform_job.py"
+REPORT_JSON = "transform_report.json"
+QUARANTINE_DIR = "quarantine"
+_TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+_MAX_ATTEMPTS = 10
+
+
+@component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def transform(
+    config: dict,
+    run_id: str,
+    dataset: Input[Dataset],
+    train: Output[Dataset],
+    valid: Output[Dataset],
+    test: Output[Dataset],
+    report: Output[Markdown],
+):
+    """Clean, deduplicate, quarantine, add point-in-time history features and split by time."""
+    from components.transform import run_transform_step
+
+    run_transform_step(config, run_id, dataset, train, valid, test, report)
+
+
+class DataprocBatchError(CtloopError):
+    """The Dataproc batch ended FAILED or CANCELLED; the message carries its state message."""
+
+
+@dataclass(frozen=True)
+class TransformResult:
+    spec: FeatureSpec
+    report: dict[str, Any]  # the job's JSON report (transform_job.build_report)
+    markdown: str
+    batch_name: str | None = None  # the Dataproc batch (cloud backend)
+
+    def split_metadata(self, split: str) -> dict[str, Any]:
+        """Lineage for one split's Dataset artifact."""
+        s = self.report["splits"][split]
+        return {
+            "split": split,
+            "row_count": s["rows"],
+            "positive_rate": s["positive_rate"],
+            "ts_min": s["ts_min"],
+            "ts_max": s["ts_max"],
+            "feature_spec": json.loads(self.spec.to_json()),
+            "columns": self.report["columns"],
+            **({"dataproc_batch": self.batch_name} if self.batch_name else {}),
+        }
+
+    def report_metadata(self) -> dict[str, Any]:
+        r = self.report
+        return {
+            "input_rows": r["input_rows"],
+            "output_rows": r["output_rows"],
+            "duplicates_dropped": r["duplicates_dropped"],
+            "quarantined": r["quarantined"]["rows"],
+            "quarantined_by_reason": r["quarantined"]["by_reason"],
+            "rows_per_split": {s: r["splits"][s]["rows"] for s in SPLITS},
+            "cut_points": r["cut_points"],
+        }
+
+
+def run_transform_step(config: dict, run_id: str, dataset: Any, train: Any, valid: Any, test: Any,
+                       report: Any) -> TransformResult:
+    """The component body: settings from the parameter, artifacts' paths and URIs in, lineage out."""
+    settings = Settings.from_param(config)
+    result = run_transform(
+        settings, run_id=run_id, input_path=dataset.path, input_uri=dataset.uri,
+        train_path=train.path, valid_path=valid.path, test_path=test.path,
+        train_uri=train.uri, valid_uri=valid.uri, test_uri=test.uri, report_path=report.path,
+    )
+    for split, artifact in zip(SPLITS, (train, valid, test), strict=True):
+        artifact.metadata.update(result.split_metadata(split))
+        artifact.metadata["run_id"] = run_id
+        artifact.metadata["source"] = dataset.uri
+    report.metadata.update(result.report_metadata())
+    report.metadata["run_id"] = run_id
+    return result
+
+
+def run_transform(
+    settings: Settings,
+    *,
+    run_id: str,
+    input_path: str,
+    input_uri: str,
+    train_path: str,
+    valid_path: str,
+    test_path: str,
+    train_uri: str,
+    valid_uri: str,
+    test_uri: str,
+    report_path: str,
+    spark: "SparkSession | None" = None,
+    batch_client: "BatchControllerClient | None" = None,
+    storage_client: "storage.Client | None" = None,
+    poll_seconds: float = 15.0,
+    timeout_seconds: float = 6 * 3600.0,
+) -> TransformResult:
+    """Run the transform job on ``settings.backend`` and write the splits, their feature spec and the report.
+
+    ``spark`` (local) lets a caller share its session; otherwise one is started and stopped here.
+    ``batch_client``/``storage_client`` (cloud) default to clients for ``settings.gcp``.
+    """
+    from ctloop.features import resolve_feature_spec
+
+    column_types = read_column_types(input_path)
+    _check_role_columns(settings, column_types, input_path)
+    spec = resolve_feature_spec(settings, column_types)
+    non_negative = _non_negative(settings, spec)
+    paths = dict(zip(SPLITS, (train_path, valid_path, test_path), strict=True))
+    if settings.backend == "local":
+        report = _run_local(settings, spec, non_negative, input_path, paths, report_path, spark)
+        batch_name = None
+    else:
+        uris = dict(zip(SPLITS, (train_uri, valid_uri, test_uri), strict=True))
+        batch_name, report = _run_cloud(settings, spec, non_negative, run_id, input_uri, paths, uris,
+                                        batch_client, storage_client, poll_seconds, timeout_seconds)
+        for split in SPLITS:
+            Path(paths[split]).mkdir(parents=True, exist_ok=True)
+            spec.write(paths[split])
+    markdown = render_report(report, spec, run_id)
+    _write_file(Path(report_path), markdown)
+    return TransformResult(spec=spec, report=report, markdown=markdown, batch_name=batch_name)
+
+
+def read_column_types(input_path: str) -> dict[str, str]:
+    """Column name -> Arrow type name of the extract's Parquet files (footers only, no data read)."""
+    import pyarrow.dataset as ds
+
+    root = Path(input_path)
+    files = sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
+    if not files:
+        raise DataValidationError(f"input {input_path}: no *.parquet files; "
+                                  "expected the extract's Dataset directory")
+    schema = ds.dataset(files, format="parquet").schema
+    types: dict[str, str] = {}
+    for f in schema:
+        t = f.type
+        types[f.name] = str(getattr(t, "value_type", t))  # dictionary-encoded strings read as their values
+    return types
+
+
+def job_args(spec: FeatureSpec, non_negative: list[str], settings: Settings, *, input_uri: str,
+             outputs: dict[str, str], quarantine: str, report: str) -> list[str]:
+    """The job's command line (the same on both backends)."""
+    args = ["--input", input_uri]
+    for split in SPLITS:
+        args += [f"--{split}-out", outputs[split]]
+    args += [
+        "--quarantine-out", quarantine,
+        "--report-out", report,
+        "--spec", spec.to_json(),
+        "--valid-fraction", repr(settings.data.valid_fraction),
+        "--test-fraction", repr(settings.data.test_fraction),
+        "--non-negative", json.dumps(non_negative),
+    ]
+    return args
+
+
+def batch_id_for(run_id: str, attempt: int = 1) -> str:
+    """A valid Dataproc batch id (4-63 of [a-z0-9-]) derived from the run id; later attempts get a suffix.
+
+    Readable slug plus a hash of the exact run id, so two run ids that slug alike still get different batches.
+    """
+    if not run_id:
+        raise ValueError("run_id: empty; the transform needs the pipeline run id as its idempotency key")
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    suffix = f"-{digest}" + (f"-a{attempt}" if attempt > 1 else "")
+    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
+    head = "transform-" + slug
+    return head[: 63 - len(suffix)].rstrip("-") + suffix
+
+
+def upload_job_file(client: "storage.Client", bucket: str) -> str:
+    """Upload the job file under its content hash unless already there; returns its URI."""
+    from google.api_core import exceptions
+
+    data = JOB_FILE.read_bytes()
+    name = f"ctloop/spark/{hashlib.sha256(data).hexdigest()[:16]}/{JOB_FILE.name}"
+    blob = client.bucket(bucket).blob(name)
+    try:
+        # if_generation_match=0: create only if absent, in one request; the name is the content, so an
+        # existing object already holds these bytes.
+        blob.upload_from_string(data, content_type="text/x-python", if_generation_match=0)
+        log.info("uploaded the transform job to gs://%s/%s", bucket, name)
+    except exceptions.PreconditionFailed:
+        log.info("transform job already staged at gs://%s/%s", bucket, name)
+    return f"gs://{bucket}/{name}"
+
+
+def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str]) -> "Batch":
+    """The Dataproc Serverless PySpark batch: the component image carries the job's Python."""
+    from google.cloud import dataproc_v1
+
+    gcp = settings.gcp
+    execution = dataproc_v1.ExecutionConfig(service_account=gcp.service_account,
+                                            staging_bucket=gcp.staging_bucket)
+    if gcp.dataproc_subnetwork:
+        execution.subnetwork_uri = gcp.dataproc_subnetwork
+    return dataproc_v1.Batch(
+        pyspark_batch=dataproc_v1.PySparkBatch(main_python_file_uri=main_uri, args=args),
+        runtime_config=dataproc_v1.RuntimeConfig(container_image=gcp.component_image),
+        environment_config=dataproc_v1.EnvironmentConfig(execution_config=execution),
+        labels={**settings.labels, "ctloop-step": "transform", "ctloop-run": _label_value(run_id)},
+    )
+
+
+def submit_batch(client: "BatchControllerClient", parent: str, batch: "Batch", run_id: str,
+                 poll_seconds: float, timeout_seconds: float) -> "Batch":
+    """Create the run's batch and wait for it; a Conflict means a retried step: wait on the existing batch.
+
+    An existing batch that FAILED or was CANCELLED is not resurrected: the next attempt id is tried instead,
+    so retrying a failed step reruns the job while a retry of a running or finished one does not.
+    """
+    from google.api_core import exceptions
+
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        batch_id = batch_id_for(run_id, attempt)
+        name = f"{parent}/batches/{batch_id}"
+        try:
+            client.create_batch(request={"parent": parent, "batch": batch, "batch_id": batch_id})
+            log.info("created Dataproc batch %s", name)
+        except exceptions.Conflict:
+            existing = client.get_batch(name=name)
+            state = existing.state.name
+            log.info("Dataproc batch %s exists already (%s)", name, state)
+            if state in ("FAILED", "CANCELLED"):
+                continue
+        return wait_for_batch(client, name, poll_seconds, timeout_seconds)
+    raise DataprocBatchError(f"run {run_id!r}: {_MAX_ATTEMPTS} Dataproc batch attempts exist and all failed; "
+                             f"see {parent}/batches/{batch_id_for(run_id, _MAX_ATTEMPTS)}")
+
+
+def wait_for_batch(client: "BatchControllerClient", name: str, poll_seconds: float,
+                   timeout_seconds: float) -> "Batch":
+    """Poll until the batch ends, logging state changes; unless it succeeded, raise with its state message."""
+    started = time.monotonic()
+    last = None
+    while True:
+        batch = client.get_batch(name=name)
+        state = batch.state.name
+        if state != last:
+            log.info("Dataproc batch %s: %s (%.0f s)", name, state, time.monotonic() - started)
+            last = state
+        if state in _TERMINAL:
+            break
+        if time.monotonic() - started > timeout_seconds:
+            raise TimeoutError(f"Dataproc batch {name} still {state} after {timeout_seconds:.0f} s")
+        time.sleep(poll_seconds)
+    if state != "SUCCEEDED":
+        output = batch.runtime_info.output_uri if batch.runtime_info else ""
+        raise DataprocBatchError(f"Dataproc batch {name} {state}: {batch.state_message or 'no state message'}"
+                                 + (f" (driver output: {output})" if output else ""))
+    return batch
+
+
+def render_report(report: dict[str, Any], spec: FeatureSpec, run_id: str) -> str:
+    """The data-quality report as Markdown."""
+    q = report["quarantined"]
+    d = report["duplicates_dropped"]
+    lines = [
+        f"# Transform data quality (run `{run_id}`)",
+        "",
+        f"Input `{report['input']}`: **{report['input_rows']}** rows; **{report['output_rows']}** rows kept.",
+        "",
+        "| step | rows |",
+        "|---|---|",
+        f"| input | {report['input_rows']} |",
+        f"| exact duplicates dropped | {d['exact']} |",
+        f"| quarantined | {q['rows']} |",
+        f"| same id + timestamp duplicates dropped | {d['same_id_timestamp']} |",
+        f"| kept | {report['output_rows']} |",
+        "",
+        "## Quarantined rows by reason",
+        "",
+    ]
+    if q["by_reason_column"]:
+        lines += ["| reason | column | rows |", "|---|---|---|"]
+        for key, n in q["by_reason_column"].items():
+            reason, column = key.split(":", 1)
+            lines.append(f"| {reason} | `{column}` | {n} |")
+    else:
+        lines.append("None.")
+    lines += [
+        "",
+        "## Temporal split",
+        "",
+        f"Cut points: valid from `{report['cut_points']['valid_start']}`, test from "
+        f"`{report['cut_points']['test_start']}` (a row exactly at a cut belongs to the later split).",
+        "",
+        "| split | rows | positive rate | first timestamp | last timestamp |",
+        "|---|---|---|---|---|",
+    ]
+    for split in SPLITS:
+        s = report["splits"][split]
+        rate = "n/a" if s["positive_rate"] is None else f"{s['positive_rate']:.4f}"
+        lines.append(f"| {split} | {s['rows']} | {rate} | {s['ts_min']} | {s['ts_max']} |")
+    lines += ["", "## Null rate per feature", "", "| feature | kind | null rate |", "|---|---|---|"]
+    kinds = {**{c: "numeric" for c in spec.numeric}, **{c: "categorical" for c in spec.categorical},
+             **{c: "derived" for c in spec.derived}}
+    for feature, rate in report["null_rate"].items():
+        lines.append(f"| `{feature}` | {kinds.get(feature, '?')} | {rate:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_local(settings: Settings, spec: FeatureSpec, non_negative: list[str], input_path: str,
+               paths: dict[str, str], report_path: str, spark: "SparkSession | None") -> dict[str, Any]:
+    from components.spark import transform_job
+    from ctloop.spark_session import local_spark
+
+    task_dir = Path(paths["train"]).parent
+    task_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".transform-", dir=task_dir))
+    own_session = spark is None
+    try:
+        outputs = {split: str(staging / split) for split in SPLITS}
+        argv = job_args(spec, non_negative, settings, input_uri=str(Path(input_path).resolve()),
+                        outputs=outputs, quarantine=str(staging / QUARANTINE_DIR),
+                        report=str(staging / REPORT_JSON))
+        session = spark or local_spark(settings, app_name="ctloop-transform")
+        try:
+            report = transform_job.main(argv, spark=session)
+        finally:
+            if own_session:
+                session.stop()
+        for split in SPLITS:
+            spec.write(outputs[split])
+        # Publish only now: every output is complete in staging.
+        for split in SPLITS:
+            _replace(staging / split, Path(paths[split]))
+        _replace(staging / QUARANTINE_DIR, task_dir / QUARANTINE_DIR)
+        _replace(staging / REPORT_JSON, task_dir / REPORT_JSON)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _run_cloud(settings: Settings, spec: FeatureSpec, non_negative: list[str], run_id: str, input_uri: str,
+               paths: dict[str, str], uris: dict[str, str], batch_client: "BatchControllerClient | None",
+               storage_client: "storage.Client | None", poll_seconds: float,
+               timeout_seconds: float) -> tuple[str, dict[str, Any]]:
+    gcp = settings.gcp
+    if batch_client is None:
+        from google.cloud import dataproc_v1
+
+        # Dataproc batches are served by the regional endpoint only.
+        batch_client = dataproc_v1.BatchControllerClient(
+            client_options={"api_endpoint": f"{gcp.region}-dataproc.googleapis.com:443"})
+    if storage_client is None:
+        from google.cloud import storage
+
+        storage_client = storage.Client(project=gcp.project)
+    for name, uri in [("input", input_uri), *uris.items()]:
+        if not uri.startswith("gs://"):
+            raise ValueError(f"cloud transform: the {name} artifact URI must be gs://..., found {uri!r}")
+    task_uri = posixpath.dirname(uris["train"].rstrip("/"))
+    main_uri = upload_job_file(storage_client, gcp.staging_bucket)
+    args = job_args(spec, non_negative, settings, input_uri=input_uri, outputs=uris,
+                    quarantine=f"{task_uri}/{QUARANTINE_DIR}", report=f"{task_uri}/{REPORT_JSON}")
+    batch = build_batch(settings, run_id, main_uri, args)
+    parent = f"projects/{gcp.project}/locations/{gcp.region}"
+    done = submit_batch(batch_client, parent, batch, run_id, poll_seconds, timeout_seconds)
+    # The batch wrote the report to GCS; the component reads it through the /gcs/ mount of the task dir.
+    report_file = Path(paths["train"]).parent / REPORT_JSON
+    if not report_file.is_file():
+        raise DataprocBatchError(f"Dataproc batch {done.name} succeeded but {report_file} "
+                                 f"({task_uri}/{REPORT_JSON}) does not exist")
+    return done.name, json.loads(report_file.read_text())
+
+
+def _check_role_columns(settings: Settings, column_types: dict[str, str], input_path: str) -> None:
+    roles = settings.columns.role_columns
+    missing = [c for c in roles if c not in column_types]
+    if missing:
+        fields = ["columns.id_column", "columns.timestamp_column", "columns.label_column"]
+        named = [f"{f}={c!r}" for f, c in zip(fields, roles, strict=True) if c in missing]
+        raise DataValidationError(f"input {input_path}: missing column(s) {missing} ({', '.join(named)}); "
+                          f"found columns {sorted(column_types)}")
+
+
+def _non_negative(settings: Settings, spec: FeatureSpec) -> list[str]:
+    configured = settings.columns.non_negative
+    if configured is None:
+        return list(spec.numeric)
+    unknown = [c for c in configured if c not in spec.numeric]
+    if unknown:
+        raise ValueError(f"columns.non_negative: {unknown} are not numeric features; "
+                         f"the numeric features are {spec.numeric}")
+    return list(configured)
+
+
+def _label_value(text: str) -> str:
+    """A GCP label value: lowercase letters, digits, - and _, at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower())[:63]
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst``, replacing what a previous attempt left there."""
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+def _write_file(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

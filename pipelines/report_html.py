@@ -1,0 +1,154 @@
+"""A self-contained HTML report of one local run: steps and timings, data quality, metrics and curves, the gate
+decision with its reasons, and lineage. Plots are inline SVG, so the file needs nothing else to render."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.local_run import RunRecord
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#1f2328}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
+th{background:#f6f8fa}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
+pre{background:#f6f8fa;padding:.75rem;overflow:auto;font-size:.85rem}.plots{display:flex;gap:2rem;flex-wrap:wrap}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else _e(value)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _curve_svg(xs: list[float], ys: list[float], title: str, xlabel: str, ylabel: str, diagonal: bool) -> str:
+    size, pad = 260, 34
+    pts = sorted(zip(xs, ys, strict=True))
+    path = " ".join(f"{pad + x * size:.1f},{pad + (1 - y) * size:.1f}" for x, y in pts)
+    diag = (f'<line x1="{pad}" y1="{pad + size}" x2="{pad + size}" y2="{pad}" stroke="#bbb" '
+            'stroke-dasharray="4"/>' if diagonal else "")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{size + 2 * pad}" height="{size + 2 * pad + 10}" '
+        f'role="img" aria-label="{_e(title)}">'
+        f'<text x="{pad}" y="18" font-size="13" font-weight="600">{_e(title)}</text>'
+        f'<rect x="{pad}" y="{pad}" width="{size}" height="{size}" fill="none" stroke="#888"/>{diag}'
+        f'<polyline points="{path}" fill="none" stroke="#0969da" stroke-width="2"/>'
+        f'<text x="{pad + size / 2}" y="{pad + size + 24}" font-size="11" text-anchor="middle">{_e(xlabel)}</text>'
+        f'<text x="10" y="{pad + size / 2}" font-size="11" transform="rotate(-90 10 {pad + size / 2})" '
+        f'text-anchor="middle">{_e(ylabel)}</text></svg>'
+    )
+
+
+def _confusion_svg(matrix: list[list[float]], labels: list[str]) -> str:
+    cell, pad = 80, 60
+    peak = max((v for row in matrix for v in row), default=1) or 1
+    cells = []
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            shade = int(240 - 160 * (v / peak))
+            cells.append(
+                f'<rect x="{pad + j * cell}" y="{pad + i * cell}" width="{cell}" height="{cell}" '
+                f'fill="rgb({shade},{shade + 10 if shade < 245 else 250},255)" stroke="#fff"/>'
+                f'<text x="{pad + j * cell + cell / 2}" y="{pad + i * cell + cell / 2 + 5}" font-size="14" '
+                f'text-anchor="middle">{int(v)}</text>'
+            )
+    ticks = "".join(
+        f'<text x="{pad + k * cell + cell / 2}" y="{pad - 8}" font-size="11" text-anchor="middle">pred {_e(lbl)}</text>'
+        f'<text x="{pad - 8}" y="{pad + k * cell + cell / 2 + 4}" font-size="11" text-anchor="end">true {_e(lbl)}</text>'
+        for k, lbl in enumerate(labels)
+    )
+    n = len(matrix)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{pad + n * cell + 20}" height="{pad + n * cell + 20}" '
+            f'role="img" aria-label="confusion matrix">'
+            f'<text x="4" y="16" font-size="13" font-weight="600">Confusion matrix (test)</text>{ticks}{"".join(cells)}</svg>')
+
+
+def _plots(classification: dict[str, Any]) -> str:
+    out = []
+    conf = classification.get("confidenceMetrics") or []
+    if conf:
+        fpr = [float(c.get("falsePositiveRate", 0.0)) for c in conf]
+        tpr = [float(c.get("recall", 0.0)) for c in conf]
+        out.append(_curve_svg(fpr, tpr, "ROC curve (test)", "false positive rate", "true positive rate", True))
+    pr = classification.get("prCurve") or {}
+    if pr.get("recall") and pr.get("precision"):
+        out.append(_curve_svg([float(x) for x in pr["recall"]], [float(y) for y in pr["precision"]],
+                              "Precision-recall curve (test)", "recall", "precision", False))
+    cm = classification.get("confusionMatrix") or {}
+    if cm.get("rows"):
+        labels = [s.get("displayName", str(i)) for i, s in enumerate(cm.get("annotationSpecs", []))]
+        out.append(_confusion_svg([r["row"] for r in cm["rows"]], labels))
+    return f'<div class="plots">{"".join(out)}</div>' if out else "<p>No curves were recorded.</p>"
+
+
+def _reasons(reasons_json: str) -> str:
+    try:
+        reasons = json.loads(reasons_json) if reasons_json else []
+    except json.JSONDecodeError:
+        return f"<pre>{_e(reasons_json)}</pre>"
+    rows = [[_e(r.get("check", "")), _num(r.get("value")), _e(r.get("comparator", "")), _num(r.get("threshold")),
+             '<span class="ok">pass</span>' if r.get("passed") else '<span class="bad">fail</span>',
+             _e(r.get("message", ""))] for r in reasons]
+    return _table(rows, ["check", "value", "comparator", "threshold", "result", "detail"])
+
+
+def _markdown_file(uri: str) -> str:
+    p = Path(uri)
+    return f"<pre>{_e(p.read_text())}</pre>" if uri and p.is_file() else ""
+
+
+def render_run_report(record: RunRecord) -> str:
+    """The whole report as one HTML string."""
+    steps = [[_e(s.name), '<span class="ok">' + s.status + "</span>" if s.status == "SUCCEEDED"
+              else '<span class="bad">' + s.status + "</span>", f"{s.seconds:.2f}s"] for s in record.steps]
+    decision = record.output("evaluate-gate", "decision", "")
+    gate = record.step("evaluate-gate")
+    metrics = record.artifact("evaluate-gate", "metrics").get("metadata", {})
+    classification = record.artifact("evaluate-gate", "classification").get("metadata", {})
+    extract_meta = record.artifact("extract", "dataset").get("metadata", {})
+    model_meta = record.artifact("train", "model").get("metadata", {})
+    dq = record.artifact("transform", "report")
+    parts = [
+        f"<h1>ctloop run <code>{_e(record.run_id)}</code></h1>",
+        f"<p>Status: <b>{_e(record.status)}</b> · started {_e(record.started_at)} · {record.seconds:.1f}s total · "
+        f"gate decision: <b>{_e(decision or 'n/a')}</b></p>",
+        f"<pre>{_e(record.error)}</pre>" if record.error else "",
+        "<h2>Steps</h2>", _table(steps, ["step", "status", "wall time"]),
+        "<h2>Data quality</h2>", _markdown_file(dq.get("uri", "")) or "<p>No data-quality report.</p>",
+        "<h2>Metrics (test split)</h2>",
+        _table([[_e(k), _num(v)] for k, v in sorted(metrics.items())], ["metric", "value"]) if metrics else "",
+        _plots(classification),
+        "<h2>Gate decision</h2>",
+        _reasons(record.output("evaluate-gate", "reasons", "")) if gate else "<p>The gate did not run.</p>",
+        "<h2>Deployment</h2>",
+        _table([[_e(k), _e(v)] for k, v in {**record.step("register").outputs, **record.step("deploy").outputs}.items()],
+               ["field", "value"]) if record.step("register") and record.step("deploy") else
+        "<p>Nothing was registered or deployed in this run.</p>",
+        "<h2>Lineage</h2>",
+        _table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted({**extract_meta, **model_meta}.items())],
+               ["field", "value"]),
+        _table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted(record.parameters.items())],
+               ["parameter", "value"]),
+    ]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>ctloop run {_e(record.run_id)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_run_report(record: RunRecord, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(render_run_report(record))
+    tmp.replace(path)
+    return path

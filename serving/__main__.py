@@ -1,0 +1,73 @@
+"""``python -m serving``: the Vertex AI custom-container entry point.
+
+Vertex sets ``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE``, ``AIP_STORAGE_URI`` (a ``gs://`` copy of
+the model's artifact directory) and ``AIP_DEPLOYED_MODEL_ID``. ``AIP_STORAGE_URI`` may also be a local
+directory, which is how the container is run by hand. ``CTLOOP_MAX_INSTANCES`` caps instances per request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from serving.app import DEFAULT_HEALTH_ROUTE, DEFAULT_MAX_INSTANCES, DEFAULT_PREDICT_ROUTE, ServedModel, create_app
+from serving.model import ModelLoadError, fetch_model_dir
+
+
+@dataclass(frozen=True)
+class ContainerEnv:
+    storage_uri: str
+    port: int
+    predict_route: str
+    health_route: str
+    deployed_model_id: str
+    max_instances: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ContainerEnv:
+        uri = env.get("AIP_STORAGE_URI", "")
+        if not uri:
+            raise ValueError("AIP_STORAGE_URI is not set: expected the model directory (gs://... or a local path)")
+        return cls(
+            storage_uri=uri,
+            port=_int(env, "AIP_HTTP_PORT", 8080),
+            predict_route=env.get("AIP_PREDICT_ROUTE") or DEFAULT_PREDICT_ROUTE,
+            health_route=env.get("AIP_HEALTH_ROUTE") or DEFAULT_HEALTH_ROUTE,
+            deployed_model_id=env.get("AIP_DEPLOYED_MODEL_ID") or "0",
+            max_instances=_int(env, "CTLOOP_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected an integer") from None
+
+
+def main(env: Mapping[str, str] | None = None) -> None:
+    import uvicorn
+
+    try:
+        cfg = ContainerEnv.from_env(os.environ if env is None else env)
+        model_dir = fetch_model_dir(cfg.storage_uri)
+        app = create_app(
+            [ServedModel(deployed_id=cfg.deployed_model_id, model_dir=model_dir, traffic_percent=100)],
+            predict_route=cfg.predict_route,
+            health_route=cfg.health_route,
+            max_instances=cfg.max_instances,
+        )
+    except (ValueError, ModelLoadError) as exc:
+        print(f"serving: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    # Vertex routes traffic to the container's port on every interface.
+    uvicorn.run(app, host="0.0.0.0", port=cfg.port, log_level="info", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The prediction server: one FastAPI app for a local endpoint and for the Vertex AI custom container.
+
+``POST <predict route>`` with ``{"instances": [{feature: value, ...}, ...]}`` answers
+``{"predictions": [{"label": 0|1, "probability": p}, ...], "deployedModelId": ..., "model": ..., "modelVersionId": ...}``.
+Bad requests get HTTP 400 naming the instance index and field; the server never answers 500 for client input.
+
+Speed: instances are validated in plain Python and pivoted to columns; one DataFrame is built per model call.
+Requests that arrive while the model is busy are scored together in the next call (a scikit-learn call on one
+row costs about as much as on a hundred), so throughput grows with concurrency at no extra latency when idle.
+
+One app serves all deployed models of an endpoint and honours its traffic split: each request picks one
+deployed model at random, weighted by its traffic percentage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request, Response
+
+from serving.model import Columns, InstanceError, InstanceValidator, LoadedModel, load_model_dir
+
+if TYPE_CHECKING:
+    from ctloop.registry import LocalRegistry
+
+DEFAULT_PREDICT_ROUTE = "/predict"
+DEFAULT_HEALTH_ROUTE = "/health"
+DEFAULT_MAX_INSTANCES = 1000
+# Upper bound on rows scored in one model call when several requests are waiting.
+MAX_BATCH_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One deployed model of the endpoint this server stands for."""
+
+    deployed_id: str
+    model_dir: str | Path
+    traffic_percent: int = 100
+    model: str = ""
+    version: str = ""
+
+
+class PredictionError(RuntimeError):
+    """The model failed or returned something that is not a probability."""
+
+
+class _Deployed:
+    """A loaded model plus the queue that coalesces concurrent requests into one model call."""
+
+    def __init__(self, served: ServedModel, loaded: LoadedModel, executor: ThreadPoolExecutor) -> None:
+        self.served = served
+        self.model = loaded
+        self.validator = InstanceValidator(loaded.card)
+        self.threshold = loaded.card.threshold
+        self._executor = executor
+        self._queue: asyncio.Queue[tuple[Columns, int, asyncio.Future[list[float]]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def score(self, columns: Columns, rows: int) -> list[float]:
+        loop = asyncio.get_running_loop()
+        # One worker per event loop: a server restarted in the same process gets a fresh queue.
+        if self._worker is None or self._worker.done() or self._loop is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run())
+        assert self._queue is not None
+        future: asyncio.Future[list[float]] = loop.create_future()
+        self._queue.put_nowait((columns, rows, future))
+        return await future
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            rows = batch[0][1]
+            while rows < MAX_BATCH_ROWS and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                rows += item[1]
+            try:
+                results = await loop.run_in_executor(self._executor, self._score_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def _score_batch(self, batch: list[tuple[Columns, int, Any]]) -> list[list[float] | Exception]:
+        if len(batch) == 1:
+            return [self._score(batch[0][0])]
+        merged: Columns = {name: [] for name in batch[0][0]}
+        for columns, _, _ in batch:
+            for name, values in columns.items():
+                merged[name].extend(values)
+        try:
+            probs = self._score(merged)
+        except Exception:  # noqa: BLE001
+            # Score each request alone, so one request the model cannot handle fails only itself.
+            return [self._safe_score(columns) for columns, _, _ in batch]
+        out: list[list[float] | Exception] = []
+        start = 0
+        for _, rows, _ in batch:
+            out.append(probs[start:start + rows])
+            start += rows
+        return out
+
+    def _safe_score(self, columns: Columns) -> list[float] | Exception:
+        try:
+            return self._score(columns)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def _score(self, columns: Columns) -> list[float]:
+        try:
+            probs = self.model.probabilities(columns).tolist()
+        except Exception as exc:
+            raise PredictionError(f"model {self.served.deployed_id} failed to predict: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        for i, p in enumerate(probs):
+            if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+                raise PredictionError(f"model {self.served.deployed_id} returned probability {p} for row {i}; "
+                                      f"expected a finite number in [0, 1]")
+        return probs
+
+
+def _bad_request(message: str) -> Response:
+    return Response(json.dumps({"error": message}), status_code=400, media_type="application/json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def create_app(
+    deployments: Sequence[ServedModel],
+    *,
+    predict_route: str = DEFAULT_PREDICT_ROUTE,
+    health_route: str = DEFAULT_HEALTH_ROUTE,
+    max_instances: int = DEFAULT_MAX_INSTANCES,
+    seed: int | None = None,
+) -> FastAPI:
+    """Load every deployed model now (never per request) and build the app.
+
+    Traffic percentages must sum to 100; a model with 0% stays loaded but receives no requests.
+    """
+    if not deployments:
+        raise ValueError("create_app: no deployed models to serve")
+    ids = [d.deployed_id for d in deployments]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"create_app: deployed model ids must be unique, found {ids}")
+    total = sum(d.traffic_percent for d in deployments)
+    if total != 100 or any(d.traffic_percent < 0 for d in deployments):
+        raise ValueError(f"create_app: traffic percentages must be >= 0 and sum to 100, found "
+                         f"{ {d.deployed_id: d.traffic_percent for d in deployments} }")
+    if max_instances < 1:
+        raise ValueError(f"create_app: max_instances must be at least 1, found {max_instances}")
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+    served = [_Deployed(d, load_model_dir(d.model_dir), executor) for d in deployments]
+    live = [s for s in served if s.served.traffic_percent > 0]
+    weights = [s.served.traffic_percent for s in live]
+    rng = random.Random(seed)
+
+    def pick() -> _Deployed:
+        return live[0] if len(live) == 1 else rng.choices(live, weights=weights)[0]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        for s in served:
+            await s.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="ctloop prediction server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.deployments = served
+
+    async def health() -> Response:
+        body = {"status": "ok", "deployedModels": [
+            {"deployedModelId": s.served.deployed_id, "model": s.served.model, "modelVersionId": s.served.version,
+             "trafficPercent": s.served.traffic_percent} for s in served]}
+        return Response(json.dumps(body), media_type="application/json")
+
+    async def predict(request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _bad_request(f"request body is not valid JSON: {exc}")
+        if type(body) is not dict:
+            return _bad_request('request body: expected an object {"instances": [...]}')
+        extra = body.keys() - {"instances", "parameters"}
+        if extra:
+            return _bad_request(f"request body: unknown field(s) {sorted(extra)}; expected 'instances' "
+                                f"(and optionally 'parameters')")
+        instances = body.get("instances")
+        if type(instances) is not list:
+            found = "nothing" if "instances" not in body else type(instances).__name__
+            return _bad_request(f"instances: expected a list of instance objects, found {found}")
+        if not instances:
+            return _bad_request("instances: empty list; send at least one instance")
+        if len(instances) > max_instances:
+            return _bad_request(f"instances: {len(instances)} instances in one request, the limit is "
+                                f"{max_instances}")
+        target = pick()
+        try:
+            columns = target.validator.columns(instances)
+        except InstanceError as exc:
+            return _bad_request(str(exc))
+        try:
+            probs = await target.score(columns, len(instances))
+        except PredictionError as exc:
+            return Response(json.dumps({"error": str(exc)}), status_code=500, media_type="application/json")
+        threshold = target.threshold
+        answer = {
+            "predictions": [{"label": int(p >= threshold), "probability": p} for p in probs],
+            "deployedModelId": target.served.deployed_id,
+            "model": target.served.model,
+            "modelVersionId": target.served.version,
+        }
+        return Response(json.dumps(answer), media_type="application/json")
+
+    app.add_api_route(health_route, health, methods=["GET"])
+    app.add_api_route(predict_route, predict, methods=["POST"])
+    return app
+
+
+def endpoint_deployments(registry: LocalRegistry, endpoint_name: str) -> list[ServedModel]:
+    """The models deployed on a local endpoint, with their traffic, as the server needs them."""
+    endpoint = registry.get_endpoint(endpoint_name)
+    if endpoint is None:
+        raise LookupError(f"endpoint {endpoint_name!r} does not exist in {registry.db_path}")
+    if not endpoint.deployments:
+        raise LookupError(f"endpoint {endpoint_name!r} has no deployed models; run a training pipeline first")
+    out = []
+    for d in endpoint.deployments:
+        version = registry.get_version(d.model, d.version)
+        out.append(ServedModel(deployed_id=d.deployed_model_id, model_dir=version.artifact_uri,
+                               traffic_percent=d.traffic_percent, model=d.model, version=str(d.version)))
+    return out
+
+
+def serve_endpoint(registry: LocalRegistry, endpoint_name: str, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve a local endpoint's deployed models (its traffic split as of now) until interrupted."""
+    import uvicorn
+
+    app = create_app(endpoint_deployments(registry, endpoint_name))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
