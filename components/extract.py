@@ -8,6 +8,8 @@ nothing at the output path when validation fails.
 Checksum: SHA-256 of the row count, the column names/types and the sum (mod 2^64) of the low 64 bits of each
 row's MD5 over its JSON text. Summing makes it independent of row order and of how rows are split into files,
 and it is computed from the files themselves, so the same rows give the same checksum on either backend.
+On the cloud backend that means reading the export back through the mount (I/O in proportion to the extract)
+rather than a second BigQuery scan of a table that may have changed since the export.
 """
 
 import hashlib
@@ -165,6 +167,19 @@ def validate_columns(columns: dict[str, str], settings: Settings) -> None:
                                       f"{' or '.join(allowed)}")
 
 
+def validate_source_columns(columns: dict[str, str], settings: Settings) -> None:
+    """The query filters on the id and timestamp columns: check the source table has them, typed right."""
+    cols = settings.columns
+    table = settings.source_table
+    missing = [c for c in (cols.id_column, cols.timestamp_column) if c not in columns]
+    if missing:
+        raise DataValidationError(f"{table}: missing required column(s) {missing} in the source table; "
+                                  f"found columns {sorted(columns)}")
+    if columns[cols.timestamp_column] != "TIMESTAMP":
+        raise DataValidationError(f"{table}: column {cols.timestamp_column!r} has type "
+                                  f"{columns[cols.timestamp_column]}; expected TIMESTAMP")
+
+
 def validate_row_count(rows: int, settings: Settings) -> None:
     minimum = max(1, settings.data.min_rows)
     if rows < minimum:
@@ -213,10 +228,9 @@ def summarize_parquet(directory: Path) -> ParquetSummary:
         return ParquetSummary(rows=0, checksum=_checksum(0, 0, []), files=[])
     con = duckdb_connect()
     try:
-        glob = str(Path(directory) / "*.parquet").replace("'", "''")
+        glob = _sql_string(Path(directory) / "*.parquet")
         source = f"read_parquet('{glob}', union_by_name = true)"
-        described = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
-        schema = [(name, duckdb_type_name(type_name)) for name, type_name, *_ in described]
+        schema = list(_describe(con, f"SELECT * FROM {source}").items())
         rows, row_hash_sum = con.execute(
             "SELECT count(*), coalesce(sum(md5_number_lower(CAST(to_json(r) AS VARCHAR))), 0) "
             f"FROM {source} AS r"
@@ -243,14 +257,22 @@ def _run_local(settings: Settings, query: str, output: Path, landing_dir: Path,
                                   f"none (write sample data with `ctloop sample-data`)")
     engine_query = transpile_for_duckdb(query)
     con = duckdb_connect()
-    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:12]}"
+    token = uuid.uuid4().hex[:12]
+    staging = output.parent / f".{output.name}.tmp-{token}"
+    spill = output.parent / f".{output.name}.spill-{token}"
     try:
         files_glob = str(table_dir / "**" / "*.parquet")
         register_parquet_table(con, settings.data.bq_dataset, settings.data.bq_table, files_glob)
-        columns = {r[0]: duckdb_type_name(r[1]) for r in con.execute(f"DESCRIBE {engine_query}").fetchall()}
+        source = f'"{settings.data.bq_dataset}"."{settings.data.bq_table}"'
+        validate_source_columns(_describe(con, f"SELECT * FROM {source}"), settings)
+        columns = _describe(con, engine_query)
         validate_columns(columns, settings)
         output.parent.mkdir(parents=True, exist_ok=True)
-        target = str(staging).replace("'", "''")
+        # The dedup window holds ~0.7 kB per row: let DuckDB spill past its memory limit, in a folder we own,
+        # and drop the output ordering nobody relies on (the checksum ignores order).
+        con.execute(f"SET temp_directory = '{_sql_string(spill)}'")
+        con.execute("SET preserve_insertion_order = false")
+        target = _sql_string(staging)
         options = f"FORMAT parquet, FILE_SIZE_BYTES '{LOCAL_FILE_SIZE}', FILENAME_PATTERN 'part-{{i}}'"
         (rows,) = con.execute(f"COPY ({engine_query}) TO '{target}' ({options})").fetchone()
         validate_row_count(int(rows), settings)
@@ -259,9 +281,20 @@ def _run_local(settings: Settings, query: str, output: Path, landing_dir: Path,
     finally:
         con.close()
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
     return ExtractResult(row_count=summary.rows, columns=columns, checksum=summary.checksum, query=query,
                          source_table=settings.source_table, files=summary.files, backend="local",
                          engine_query=engine_query, **window)
+
+
+def _sql_string(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _describe(con: Any, query: str) -> dict[str, str]:
+    """Column name -> BigQuery type name of ``query``'s result, without running it."""
+    described = con.execute(f"DESCRIBE {query}").fetchall()
+    return {name: duckdb_type_name(type_name) for name, type_name, *_ in described}
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
@@ -300,6 +333,10 @@ def export_statement(query: str, output_uri: str) -> str:
     return f"EXPORT DATA OPTIONS (uri = '{uri}', format = 'PARQUET', overwrite = true) AS\n{query}"
 
 
+def _bq_columns(schema: list[Any]) -> dict[str, str]:
+    return {f.name: bigquery_type_name(f.field_type, f.mode) for f in schema}
+
+
 def _bigquery_client(settings: Settings) -> Any:
     from google.cloud import bigquery
 
@@ -314,12 +351,14 @@ def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output
     statement = export_statement(query, output_uri)
     client = client or _bigquery_client(settings)
     labels = job_labels(settings, run_id)
+    # The window filter needs a TIMESTAMP column; without one the dry run fails with a bare signature error.
+    validate_source_columns(_bq_columns(client.get_table(settings.source_table).schema), settings)
     # A dry run returns the result schema without reading data: validate before anything is written.
     dry_config = bigquery.QueryJobConfig(dry_run=True, use_legacy_sql=False, labels=labels)
     dry = client.query(query, job_config=dry_config, job_retry=None)
     if dry.schema is None:
         raise CtloopError(f"{settings.source_table}: the BigQuery dry run returned no schema for the query")
-    columns = {f.name: bigquery_type_name(f.field_type, f.mode) for f in dry.schema}
+    columns = _bq_columns(dry.schema)
     validate_columns(columns, settings)
 
     job_id = job_id_for(run_id, statement)
@@ -332,6 +371,10 @@ def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output
     job.result(timeout=EXPORT_TIMEOUT_S)
 
     summary = summarize_parquet(output)
+    if not summary.files:
+        # BigQuery writes at least one (maybe empty) file: none visible means the mount does not show them.
+        raise CtloopError(f"{settings.source_table}: export job {job_id} finished but no Parquet files are "
+                          f"visible at {output} (expected the mount of {output_uri})")
     try:
         validate_row_count(summary.rows, settings)
     except DataValidationError:

@@ -1,17 +1,17 @@
 """report_rejection: records why the gate rejected a candidate. The champion stays live; nothing is deployed."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
-from kfp import dsl
 from kfp.dsl import Markdown, Output
+
+# Under the executor (_KFP_RUNTIME=true) kfp.dsl leaves out dsl.component: import the decorator directly.
+from kfp.dsl.component_decorator import component
 
 from components.images import COMPONENT_IMAGE
 
 
-@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+@component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def report_rejection(config: dict, run_id: str, reasons: str, trigger_uri: str, report: Output[Markdown]):
     """Write the gate's failed checks as a Markdown report."""
     from components.report import write_rejection_report

@@ -30,7 +30,7 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.errors import CtloopError, DataValidationError
-from ctloop.features import FeatureSpec
+from ctloop.features import FeatureSpec, resolve_feature_spec
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -45,6 +45,8 @@ REPORT_JSON = "transform_report.json"
 QUARANTINE_DIR = "quarantine"
 _TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 _MAX_ATTEMPTS = 10
+# Upstream (extract) lineage the splits carry on, so train can cite it without walking the graph.
+_CARRIED_LINEAGE = ("git_sha", "source_table", "snapshot_time")
 
 
 @component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -110,10 +112,14 @@ def run_transform_step(config: dict, run_id: str, dataset: Any, train: Any, vali
         train_path=train.path, valid_path=valid.path, test_path=test.path,
         train_uri=train.uri, valid_uri=valid.uri, test_uri=test.uri, report_path=report.path,
     )
+    upstream = dict(dataset.metadata or {})
+    lineage = {"run_id": run_id, "source": dataset.uri}
+    lineage.update({k: upstream[k] for k in _CARRIED_LINEAGE if k in upstream})
+    if "checksum" in upstream:
+        lineage["source_checksum"] = upstream["checksum"]
     for split, artifact in zip(SPLITS, (train, valid, test), strict=True):
         artifact.metadata.update(result.split_metadata(split))
-        artifact.metadata["run_id"] = run_id
-        artifact.metadata["source"] = dataset.uri
+        artifact.metadata.update(lineage)
     report.metadata.update(result.report_metadata())
     report.metadata["run_id"] = run_id
     return result
@@ -143,11 +149,12 @@ def run_transform(
     ``spark`` (local) lets a caller share its session; otherwise one is started and stopped here.
     ``batch_client``/``storage_client`` (cloud) default to clients for ``settings.gcp``.
     """
-    from ctloop.features import resolve_feature_spec
-
     column_types = read_column_types(input_path)
     _check_role_columns(settings, column_types, input_path)
-    spec = resolve_feature_spec(settings, column_types)
+    try:
+        spec = resolve_feature_spec(settings, column_types)
+    except ValueError as e:
+        raise DataValidationError(f"input {input_path}: {e}") from e
     non_negative = _non_negative(settings, spec)
     paths = dict(zip(SPLITS, (train_path, valid_path, test_path), strict=True))
     if settings.backend == "local":

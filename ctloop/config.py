@@ -192,7 +192,8 @@ class Settings(_Strict):
         return f"{self.gcp.project}.{self.data.bq_dataset}.{self.data.bq_table}"
 
     def to_param(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # KFP rejects None inside a dict parameter; unset optional fields come back as their defaults.
+        return self.model_dump(mode="json", exclude_none=True)
 
     @classmethod
     def from_param(cls, param: dict[str, Any] | str) -> Settings:

@@ -72,6 +72,7 @@ class ManagedProcess:
     argv: list[str]
     log_path: Path
     process: subprocess.Popen[bytes]
+    stop_signal: int = signal.SIGTERM
 
     @property
     def running(self) -> bool:
@@ -84,10 +85,10 @@ class ManagedProcess:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the whole group, then SIGKILL it if it has not exited after ``timeout`` seconds."""
+        """Signal the whole group, then SIGKILL it if it has not exited after ``timeout`` seconds."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.process.pid, self.stop_signal)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -307,7 +308,7 @@ class FunctionServer:
 
 
 def start_function(source: Path, target: str, log_dir: Path, *, env: Mapping[str, str] | None = None,
-                   port: int | None = None, signature_type: str = "cloudevent", timeout: float = 30.0,
+                   port: int | None = None, signature_type: str = "cloudevent", timeout: float = 90.0,
                    name: str = "functions-framework") -> FunctionServer:
     """Serve ``source`` (a main.py, as deployed) with functions-framework on 127.0.0.1."""
     source = Path(source).resolve()
@@ -318,6 +319,8 @@ def start_function(source: Path, target: str, log_dir: Path, *, env: Mapping[str
             "--signature-type", signature_type, "--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, **(env or {})}
     proc = start_process(name, argv, log_dir / f"{name}.log", env=full_env, cwd=source.parent)
+    # gunicorn: SIGTERM waits out idle keep-alive connections (seconds); SIGINT is its quick shutdown.
+    proc.stop_signal = signal.SIGINT
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, timeout, ready=lambda status: True)  # any HTTP answer: the server is up
     return FunctionServer(process=proc, url=url)

@@ -147,6 +147,8 @@ def _generator(settings: Settings, rows: int, seed: int, drift: float, batch: st
                start: datetime | str | None, end: datetime | str | None, rows_per_file: int) -> _Generator:
     if rows < 1:
         raise ValueError(f"sample data: rows must be >= 1, found {rows}")
+    if seed < 0:
+        raise ValueError(f"sample data: seed must be >= 0, found {seed}")
     if not 0.0 <= drift <= 1.0:
         raise ValueError(f"sample data: drift must be within [0, 1], found {drift}")
     if rows_per_file < 1:
@@ -262,6 +264,7 @@ class _Generator:
         plan_charge = np.choose(internet, [70.0, 45.0, 20.0]) + u[5] * np.choose(internet, [35.0, 20.0, 10.0])
         risk = np.sqrt(-2 * np.log(1 - u[6])) * np.cos(2 * np.pi * u[7]) * 0.6  # unobserved propensity
 
+        # Tenure counts from the batch's start, so a customer's tenure restarts in a later batch.
         tenure = base_tenure + np.floor(offset_s / _SECONDS_PER_MONTH)
         monthly = np.round(plan_charge * (1 + 0.25 * d) * (1 + rng.normal(0, 0.03, n)), 2)
         total = np.round(monthly * np.maximum(tenure, 1) * rng.uniform(0.95, 1.05, n), 2)

@@ -184,6 +184,19 @@ def submit_cmd(ctx: _Ctx, template: str | None, run_id: str | None, snapshot_tim
     click.echo(f"{'submitted' if result.created else 'already submitted'}: {result.job_name}")
 
 
+@cli.command("demo")
+@click.option("--rows", default=20_000, show_default=True, type=click.IntRange(min=1000))
+@click.option("--drift", default=0.6, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--seed", default=7, show_default=True)
+@pass_ctx
+@_fail_cleanly
+def demo_cmd(ctx: _Ctx, rows: int, drift: float, seed: int) -> None:
+    """The whole loop on local emulators: upload, trigger, train, deploy, drifted batch, retrain, predict."""
+    from pipelines.demo import run_demo
+
+    sys.exit(run_demo(ctx.settings, rows=rows, drift=drift, seed=seed, echo=click.echo))
+
+
 @cli.command("serve")
 @click.option("--endpoint", default=None, help="Endpoint name (default: deploy.production_endpoint).")
 @click.option("--host", default="127.0.0.1", show_default=True)

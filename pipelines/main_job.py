@@ -23,9 +23,15 @@ from pipelines.submit import SubmitResult, job_id_for, submit_pipeline
 
 
 def pipeline_arguments(settings: Settings, run_id: str, snapshot_time: str, trigger_uri: str) -> dict[str, Any]:
-    """The training pipeline's parameters: the whole settings object travels as ``config``."""
-    return {"config": settings.to_param(), "run_id": run_id, "snapshot_time": snapshot_time,
-            "trigger_uri": trigger_uri}
+    """The training pipeline's parameters: the whole settings object travels as ``config``.
+
+    The snapshot time is fixed here, once per run, so a retried extract reads the same window (and reuses the
+    same BigQuery job id) instead of a later one.
+    """
+    from datetime import UTC, datetime
+
+    snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0).isoformat()
+    return {"config": settings.to_param(), "run_id": run_id, "snapshot_time": snapshot, "trigger_uri": trigger_uri}
 
 
 def run_training_local(

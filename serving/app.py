@@ -57,12 +57,13 @@ class PredictionError(RuntimeError):
 class _Deployed:
     """A loaded model plus the queue that coalesces concurrent requests into one model call."""
 
-    def __init__(self, served: ServedModel, loaded: LoadedModel, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, served: ServedModel, loaded: LoadedModel) -> None:
         self.served = served
         self.model = loaded
         self.validator = InstanceValidator(loaded.card)
         self.threshold = loaded.card.threshold
-        self._executor = executor
+        # One scoring thread per model: scikit-learn calls run off the event loop, which keeps accepting requests.
+        self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[tuple[Columns, int, asyncio.Future[list[float]]]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -72,6 +73,8 @@ class _Deployed:
         # One worker per event loop: a server restarted in the same process gets a fresh queue.
         if self._worker is None or self._worker.done() or self._loop is not loop:
             self._loop = loop
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._run())
         assert self._queue is not None
@@ -83,10 +86,14 @@ class _Deployed:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+        assert self._queue is not None and self._executor is not None
+        loop, executor = asyncio.get_running_loop(), self._executor
         while True:
             batch = [await self._queue.get()]
             rows = batch[0][1]
@@ -95,7 +102,7 @@ class _Deployed:
                 batch.append(item)
                 rows += item[1]
             try:
-                results = await loop.run_in_executor(self._executor, self._score_batch, batch)
+                results = await loop.run_in_executor(executor, self._score_batch, batch)
             except Exception as exc:  # noqa: BLE001 - handed to each waiting request
                 results = [exc] * len(batch)
             for (_, _, future), result in zip(batch, results, strict=True):
@@ -176,8 +183,7 @@ def create_app(
     if max_instances < 1:
         raise ValueError(f"create_app: max_instances must be at least 1, found {max_instances}")
 
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
-    served = [_Deployed(d, load_model_dir(d.model_dir), executor) for d in deployments]
+    served = [_Deployed(d, load_model_dir(d.model_dir)) for d in deployments]
     live = [s for s in served if s.served.traffic_percent > 0]
     weights = [s.served.traffic_percent for s in live]
     rng = random.Random(seed)
@@ -190,7 +196,6 @@ def create_app(
         yield
         for s in served:
             await s.stop()
-        executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ctloop prediction server", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

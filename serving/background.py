@@ -15,8 +15,10 @@ import uvicorn
 @contextmanager
 def running_server(app: Any, host: str = "127.0.0.1", startup_timeout: float = 30.0) -> Iterator[str]:
     """Serve ``app`` over real HTTP while the block runs; yields the base URL (``http://127.0.0.1:PORT``)."""
-    # Binding the socket here (port 0) avoids the race of picking a free port and binding it later.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Binding the socket here (port 0) avoids the race of picking a free port and binding it later. The explicit
+    # IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and without it
+    # every keep-alive request waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]

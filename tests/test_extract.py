@@ -1,4 +1,4 @@
-"""The extract step: DuckDB over the landing Parquet (local); BigQuery EXPORT DATA against the recording server."""
+"""The extract step: DuckDB over landing Parquet (local); BigQuery EXPORT DATA, recording server (cloud)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ WINDOW_END = datetime(2025, 7, 1, tzinfo=UTC)
 WINDOW_DAYS = 365
 TABLE = "ctloop-dev.ctloop.events"
 JOBS = r"/bigquery/v2/projects/ctloop-dev/jobs"
+TABLE_PATH = r"/bigquery/v2/projects/ctloop-dev/datasets/ctloop/tables/events"
 OUTPUT_URI = "gs://ctloop-dev-pipeline-root/runs/run-7/extract/dataset"
 
 
@@ -232,13 +233,15 @@ def test_missing_landing_data_names_the_folder(tmp_path: Path):
 ])
 def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, message: str):
     with pytest.raises(CtloopError) as err:
-        args = {"run_id": "r", "output_path": str(tmp_path / "d"), "output_uri": "x", "snapshot_time": SNAPSHOT}
-        run_extract(_settings(tmp_path), **{**args, **kwargs})
+        args = {"run_id": "r", "output_path": str(tmp_path / "d"), "output_uri": "x",
+                "snapshot_time": SNAPSHOT, **kwargs}
+        run_extract(_settings(tmp_path), **args)
     assert message in str(err.value)
 
 
 # ---- the KFP component under the local runner ------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom:RuntimeWarning")
 def test_component_writes_the_dataset_and_its_lineage(workdir: Path, local_result: tuple, tmp_path: Path):
     from kfp import local
 
@@ -276,9 +279,13 @@ class FakeBigQuery:
     """Answers jobs.insert like BigQuery: dry runs with a schema, the export by writing the Parquet files
     where the artifact's gs:// folder is mounted (``mount``), as the /gcs/ FUSE mount shows them on Vertex."""
 
-    def __init__(self, server: RecordingServer, schema: dict, mount: Path, files: list[Path]) -> None:
+    def __init__(self, server: RecordingServer, schema: dict, mount: Path, files: list[Path],
+                 table_schema: dict | None = None) -> None:
         self.schema, self.mount, self.files = schema, mount, files
         server.route("POST", JOBS, self.insert)
+        server.route("GET", TABLE_PATH, {
+            "tableReference": {"projectId": "ctloop-dev", "datasetId": "ctloop", "tableId": "events"},
+            "schema": table_schema or schema})
         server.route("GET", r"/bigquery/v2/projects/ctloop-dev/queries/.+", self.results)
 
     def results(self, req: RecordedRequest) -> tuple[int, dict]:
@@ -311,6 +318,8 @@ def test_cloud_exports_with_a_deterministic_job(workdir: Path, local_result: tup
     result = run_extract(s, run_id="run-7", output_path=str(mount), output_uri=OUTPUT_URI,
                          snapshot_time=SNAPSHOT, bq_client=_client(recording_server))
 
+    (table_get,) = recording_server.find("GET", TABLE_PATH)  # the source schema, checked before any job
+    assert recording_server.requests.index(table_get) == 0
     (dry,) = _inserts(recording_server, dry=True)
     assert dry["configuration"]["query"] == {"query": expected.query, "useLegacySql": False}
     (export,) = _inserts(recording_server, dry=False)
@@ -359,14 +368,29 @@ def test_cloud_retry_reuses_the_existing_job_on_conflict(workdir: Path, local_re
 
 
 def test_cloud_validates_the_dry_run_schema_before_exporting(workdir: Path, local_result: tuple,
-                                                             tmp_path: Path, recording_server: RecordingServer):
+                                                             tmp_path: Path,
+                                                             recording_server: RecordingServer):
     expected, _ = local_result
     mount = tmp_path / "gcs" / "dataset"
-    FakeBigQuery(recording_server, _schema({**expected.columns, "event_ts": "DATETIME"}), mount, [])
-    with pytest.raises(DataValidationError, match=r"column 'event_ts' has type DATETIME; expected TIMESTAMP"):
+    # The table is fine, but the query's result is not (a custom query_file could do this).
+    FakeBigQuery(recording_server, _schema({**expected.columns, "churned": "FLOAT64"}), mount, [],
+                 table_schema=_schema(expected.columns))
+    with pytest.raises(DataValidationError, match=r"'churned' has type FLOAT64; expected INT64 or BOOL"):
         run_extract(_settings(workdir, backend="cloud"), run_id="run-7", output_path=str(mount),
                     output_uri=OUTPUT_URI, snapshot_time=SNAPSHOT, bq_client=_client(recording_server))
+    assert len(_inserts(recording_server, dry=True)) == 1
     assert _inserts(recording_server, dry=False) == [] and not mount.exists()
+
+
+def test_cloud_checks_the_source_timestamp_before_any_job(workdir: Path, local_result: tuple, tmp_path: Path,
+                                                          recording_server: RecordingServer):
+    expected, _ = local_result
+    FakeBigQuery(recording_server, _schema({**expected.columns, "event_ts": "STRING"}), tmp_path / "gcs", [])
+    with pytest.raises(DataValidationError) as err:
+        run_extract(_settings(workdir, backend="cloud"), run_id="run-7", output_path=str(tmp_path / "gcs"),
+                    output_uri=OUTPUT_URI, snapshot_time=SNAPSHOT, bq_client=_client(recording_server))
+    assert str(err.value) == f"{TABLE}: column 'event_ts' has type STRING; expected TIMESTAMP"
+    assert len(recording_server.find("GET", TABLE_PATH)) == 1 and recording_server.find("POST", JOBS) == []
 
 
 def test_cloud_removes_an_export_with_too_few_rows(workdir: Path, local_result: tuple, tmp_path: Path,
@@ -380,6 +404,18 @@ def test_cloud_removes_an_export_with_too_few_rows(workdir: Path, local_result: 
         run_extract(_settings(workdir, backend="cloud"), run_id="run-7", output_path=str(mount),
                     output_uri=OUTPUT_URI, snapshot_time=SNAPSHOT, bq_client=_client(recording_server))
     assert len(_inserts(recording_server, dry=False)) == 1 and not mount.exists()
+
+
+def test_cloud_export_without_visible_files_is_an_error(workdir: Path, local_result: tuple, tmp_path: Path,
+                                                       recording_server: RecordingServer):
+    expected, _ = local_result
+    FakeBigQuery(recording_server, _schema(expected.columns), tmp_path / "elsewhere", [])
+    message = (r"export job ctloop_extract_run-7_\w+ finished but no Parquet files are visible at "
+               r".*gcs/dataset \(expected the mount of gs://")
+    with pytest.raises(CtloopError, match=message):
+        run_extract(_settings(workdir, backend="cloud"), run_id="run-7",
+                    output_path=str(tmp_path / "gcs" / "dataset"), output_uri=OUTPUT_URI,
+                    snapshot_time=SNAPSHOT, bq_client=_client(recording_server))
 
 
 def test_cloud_job_errors_surface(workdir: Path, local_result: tuple, tmp_path: Path,

@@ -187,6 +187,7 @@ def test_drift_shifts_features_and_the_label_relation(tmp_path: Path, settings: 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"rows": 0}, "rows must be >= 1, found 0"),
     ({"drift": 1.5}, "drift must be within [0, 1], found 1.5"),
+    ({"seed": -1}, "seed must be >= 0, found -1"),
     ({"batch": "../x"}, "batch must be a plain folder name"),
     ({"start": "2025-01-01", "end": "2024-01-01"}, "must be after start"),
     ({"start": "last tuesday"}, "start 'last tuesday' is not an ISO timestamp"),

@@ -1,6 +1,5 @@
 """The transform step: the PySpark job on local Spark (one shared session) and the Dataproc path over REST."""
 
-
 import hashlib
 import json
 import re
@@ -379,6 +378,8 @@ def test_nanosecond_timestamps_are_read(spark, tmp_path: Path) -> None:  # noqa:
     out = pd.concat([pd.read_parquet(tmp_path / "task" / s) for s in tr.SPLITS])
     assert sorted(out["event_ts"]) == sorted(pd.Timestamp(r["event_ts"]) for r in fx.rows)
     assert result.report["output_rows"] == len(fx.rows)
+    # The job left the shared session's settings as it found them.
+    assert spark.conf.get("spark.sql.legacy.parquet.nanosAsLong", None) in (None, "false")
 
 
 @pytest.mark.spark
@@ -386,7 +387,7 @@ def test_missing_feature_column_is_a_clear_error_and_writes_nothing(spark, tmp_p
     df = pd.DataFrame(_small_rows(), columns=SOURCE).drop(columns=["region"])
     (tmp_path / "in").mkdir()
     df.to_parquet(tmp_path / "in" / "a.parquet", index=False)
-    with pytest.raises(ValueError, match=r"\['region'\] not found in the data"):
+    with pytest.raises(DataValidationError, match=r"^input .*/in: .*\['region'\] not found in the data"):
         _run_local(_settings(), tmp_path / "in", tmp_path, spark)
     assert not (tmp_path / "task" / "train").exists()
 
@@ -453,7 +454,7 @@ def test_report_to_a_uri_goes_through_hadoop_filesystem(spark, tmp_path: Path) -
                        quarantine=f"file://{tmp_path / 'q'}", report=f"file://{tmp_path / 'r.json'}")
     report = transform_job.main(argv, spark=spark)
     assert json.loads((tmp_path / "r.json").read_text()) == report
-    assert spark.conf.get("spark.sql.legacy.parquet.nanosAsLong", None) in (None, "false")
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.parquet")) != []
 
 
 @pytest.mark.spark
@@ -725,12 +726,8 @@ def test_cloud_rejects_non_gcs_artifact_uris(cloud_case: CloudCase) -> None:
 # ---------------------------------------------------------------- the KFP component under the local runner
 
 
-def _kfp_config(settings: Settings) -> dict[str, Any]:
-    # KFP refuses None inside a dict parameter; an absent key validates to the same default.
-    return settings.model_dump(mode="json", exclude_none=True)
-
-
 @pytest.mark.spark
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 def test_component_runs_under_the_kfp_local_runner(tmp_path: Path) -> None:
     from kfp import dsl, local
     from kfp.dsl import Dataset
@@ -740,10 +737,11 @@ def test_component_runs_under_the_kfp_local_runner(tmp_path: Path) -> None:
 
     @dsl.pipeline(name="transform-only")
     def only_transform(config: dict, run_id: str, uri: str):
-        data = dsl.importer(artifact_uri=uri, artifact_class=Dataset, reimport=False)
+        data = dsl.importer(artifact_uri=uri, artifact_class=Dataset, reimport=False,
+                            metadata={"checksum": "sha256:abc", "source_table": "p.ctloop.events"})
         tr.transform(config=config, run_id=run_id, dataset=data.output)
 
-    only_transform(config=_kfp_config(_settings()), run_id="kfp-run-1", uri=str(input_dir))
+    only_transform(config=_settings().to_param(), run_id="kfp-run-1", uri=str(input_dir))
     (task,) = list((tmp_path / "root").glob("transform-only-*/transform"))
     report = json.loads((task / tr.REPORT_JSON).read_text())
     executor = json.loads((task / "executor_output.json").read_text())
@@ -752,7 +750,28 @@ def test_component_runs_under_the_kfp_local_runner(tmp_path: Path) -> None:
         (meta,) = [a["metadata"] for a in artifacts[s]["artifacts"]]
         assert meta["row_count"] == report["splits"][s]["rows"] == len(pd.read_parquet(task / s))
         assert meta["run_id"] == "kfp-run-1"
+        assert meta["source"] == str(input_dir)
+        assert (meta["source_checksum"], meta["source_table"]) == ("sha256:abc", "p.ctloop.events")
         assert meta["feature_spec"] == json.loads(FeatureSpec.read(task / s).to_json())
     (report_meta,) = [a["metadata"] for a in artifacts["report"]["artifacts"]]
     assert report_meta["quarantined"] == report["quarantined"]["rows"]
     assert (task / "report").read_text().startswith("# Transform data quality (run `kfp-run-1`)")
+
+
+@pytest.mark.spark
+def test_non_negative_columns_come_from_settings(spark, tmp_path: Path) -> None:  # noqa: F811
+    rows = _small_rows()
+    rows[4]["monthly_charges"] = -5.0  # a refund: allowed once the setting says so
+    rows[6]["support_calls"] = -1
+    write_fixture(Fixture(rows=rows), tmp_path / "in", files=1)
+    settings = _settings(**{"columns.non_negative": ["support_calls"]})
+    result = _run_local(settings, tmp_path / "in", tmp_path, spark)
+    assert result.report["quarantined"]["by_reason_column"] == {"negative_value:support_calls": 1}
+    out = pd.concat([pd.read_parquet(tmp_path / "task" / s) for s in tr.SPLITS])
+    assert (out["monthly_charges"] == -5.0).sum() == 1
+
+
+def test_non_negative_must_name_numeric_features(tmp_path: Path) -> None:
+    write_fixture(Fixture(rows=_small_rows(5)), tmp_path / "in", files=1)
+    with pytest.raises(ValueError, match=r"columns.non_negative: \['region'\] are not numeric features"):
+        _run_local(_settings(**{"columns.non_negative": ["region"]}), tmp_path / "in", tmp_path, None)

@@ -109,7 +109,7 @@ Start = Callable[..., Trigger]
 def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
     started: list[Trigger] = []
 
-    def start(**env: str) -> Trigger:
+    def start(raw_env: dict[str, str] | None = None, **env: str) -> Trigger:
         name = f"landing-{uuid.uuid4().hex[:12]}"
         bucket = cloud.gcs.client().create_bucket(name)
         script, records = write_recorder(tmp_path)
@@ -119,7 +119,7 @@ def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
                                                   "{trigger_uri}", "{config}"]),
                     "CONFIG": str(tmp_path / "ctloop.yaml")}
         settings.update({k.upper(): v for k, v in env.items()})
-        env_vars = {f"CTLOOP_TRIGGER_{k}": v for k, v in settings.items()}
+        env_vars = {f"CTLOOP_TRIGGER_{k}": v for k, v in settings.items()} | (raw_env or {})
         server = cloud.start_function(TRIGGER_MAIN, ENTRY_POINT, env_vars, name=f"trigger-{name}")
         subscription = cloud.pubsub.create_subscription(cloud.project, f"push-{name}", cloud.topic,
                                                         push_endpoint=server.push_endpoint(cloud.topic))
@@ -205,8 +205,8 @@ def test_filtered_and_malformed_messages_are_acked_without_launch(start_trigger:
         return {"eventType": event_type, "bucketId": bucket, "objectId": name, "objectGeneration": "7",
                 "payloadFormat": "JSON_API_V1"}
 
-    def resource(name: str) -> bytes:
-        obj = {"kind": "storage#object", "bucket": bucket, "name": name, "generation": "7"}
+    def resource(name: str, generation: str = "7") -> bytes:
+        obj = {"kind": "storage#object", "bucket": bucket, "name": name, "generation": generation}
         return json.dumps(obj).encode()
 
     traversal = f"{PREFIX}../../../etc/passwd.parquet"
@@ -217,7 +217,8 @@ def test_filtered_and_malformed_messages_are_acked_without_launch(start_trigger:
     trigger.publish(resource(f"{PREFIX}b.parquet"), attrs(f"{PREFIX}other.parquet"))  # payload disagrees
     trigger.publish(resource(f"{PREFIX}c.parquet"), attrs(f"{PREFIX}c.parquet", "OBJECT_DELETE"))
     trigger.publish(b"", {"eventType": "OBJECT_FINALIZE", "payloadFormat": "NONE"})  # no object at all
-    trigger.publish(resource(f"{PREFIX}d.parquet"), {**attrs(f"{PREFIX}d.parquet"), "objectGeneration": "x1"})
+    bad_generation = {**attrs(f"{PREFIX}d.parquet"), "objectGeneration": "x1"}
+    trigger.publish(resource(f"{PREFIX}d.parquet", "x1"), bad_generation)
     total = 6 + 7
 
     trigger.wait_outcomes(total)
@@ -247,7 +248,7 @@ def test_locked_ledger_is_retried_by_pubsub_then_launches(start_trigger: Start) 
     try:
         trigger.upload(f"{PREFIX}part-0.parquet")
         wait_for(lambda: trigger.counts()["retry"] >= 2, what="two failed deliveries")
-        assert trigger.ledger.records() == []
+        assert holder.execute("SELECT count(*) FROM launches").fetchone() == (0,)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
@@ -312,16 +313,23 @@ def test_batch_marker_launches_once_for_the_folder(start_trigger: Start, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------ cloud backend
-def test_cloud_backend_creates_one_vertex_job(cloud: LocalCloud, start_trigger: Start,
-                                              recording_server: Any, tmp_path: Path) -> None:
-    """Same chain, ``CTLOOP_TRIGGER_BACKEND=cloud``: the real aiplatform client creates the PipelineJob (REST,
-    against the recording server), the ctloop config is read from gs://, and a duplicate gets a 409."""
+def test_cloud_backend_creates_one_vertex_job(cloud: LocalCloud, start_trigger: Start, recording_server: Any,
+                                              tmp_path: Path) -> None:
+    """Same chain with ``CTLOOP_TRIGGER_BACKEND=cloud``: the real aiplatform client creates the PipelineJob
+    (REST) and the ctloop config is read from gs://, both answered by the recording server; a redelivered
+    notification gets a 409 and is acknowledged."""
     template = compile_tiny_template(tmp_path)
-    config_bucket = cloud.gcs.client().create_bucket(f"config-{uuid.uuid4().hex[:10]}")
-    config_bucket.blob("ctloop.yaml").upload_from_string(
-        "labels: {app: ctloop, env: test}\n"
-        "gcp: {project: proj-one, region: europe-west4, pipeline_root: gs://proj-one-pipelines/runs,\n"
-        "      service_account: ctloop-pipeline@proj-one.iam.gserviceaccount.com}\n")
+    config = ("labels: {app: ctloop, env: test}\n"
+              "gcp: {project: proj-one, region: europe-west4, pipeline_root: gs://proj-one-pipelines/runs,\n"
+              "      service_account: ctloop-pipeline@proj-one.iam.gserviceaccount.com}\n")
+    server = recording_server
+    server.route("GET", r"(/download)?/storage/v1/b/ctloop-config/o/ctloop\.yaml", (200, config.encode()))
+    # aiplatform gets-or-creates the pipeline-root bucket before each create (a missing bucket is created).
+    missing = (404, {"error": {"code": 404, "message": "Not Found"}})
+    server.route("GET", r"/storage/v1/b/proj-one-pipelines", missing)
+    server.route("POST", r"/storage/v1/b", lambda r: (200, {"name": r.json["name"]}))
+    server.route("GET", r"/storage/v1/b/proj-one-pipelines/iam", (200, {"bindings": [], "etag": "CAE="}))
+    server.route("PUT", r"/storage/v1/b/proj-one-pipelines/iam", lambda r: (200, r.json))
     created: set[str] = set()
 
     def create_job(request: Any) -> tuple[int, Any]:
@@ -332,32 +340,33 @@ def test_cloud_backend_creates_one_vertex_job(cloud: LocalCloud, start_trigger: 
         return 200, {"name": f"projects/proj-one/locations/europe-west4/pipelineJobs/{job_id}"}
 
     jobs = r"/v1/projects/proj-one/locations/europe-west4/pipelineJobs"
-    recording_server.route("POST", jobs, create_job)
-    trigger = start_trigger(backend="cloud", template=str(template),
-                            config=f"gs://{config_bucket.name}/ctloop.yaml",
-                            api_endpoint=recording_server.url)
+    server.route("POST", jobs, create_job)
+    trigger = start_trigger(backend="cloud", template=str(template), config="gs://ctloop-config/ctloop.yaml",
+                            api_endpoint=server.url, raw_env={"STORAGE_EMULATOR_HOST": server.url})
     name = f"{PREFIX}part-0.parquet"
     started = time.monotonic()
     blob = trigger.upload(name)
-    wait_for(lambda: recording_server.find("POST", jobs), what="the CreatePipelineJob request")
+    wait_for(lambda: server.find("POST", jobs), what="the CreatePipelineJob request")
     latency_ms = (time.monotonic() - started) * 1000
     print(f"upload -> CreatePipelineJob request (cloud backend): {latency_ms:.0f} ms")
     trigger.wait_outcomes(1)
-    # Redeliver the same notification: the job id is the same, Vertex answers 409, the function acks.
+    # Redeliver the same notification: same job id, Vertex answers 409, the function acknowledges.
     attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": trigger.bucket.name, "objectId": name,
                   "objectGeneration": str(blob.generation), "payloadFormat": "NONE"}
     trigger.publish(b"", attributes)
     trigger.wait_outcomes(2)
     time.sleep(1.5)
     assert trigger.counts() == Counter({"launched": 1, "already_launched": 1})
-    requests = recording_server.find("POST", jobs)
-    assert len(requests) == 2
+    requests = server.find("POST", jobs)
     job_id = job_id_for(trigger.bucket.name, name, str(blob.generation))
     assert [r.query["pipelineJobId"] for r in requests] == [[job_id], [job_id]]
     body = requests[0].json
     assert body["serviceAccount"] == "ctloop-pipeline@proj-one.iam.gserviceaccount.com"
     assert body["labels"] == {"app": "ctloop", "env": "test", "trigger": "gcs"}
+    assert body["runtimeConfig"]["gcsOutputDirectory"] == "gs://proj-one-pipelines/runs"
     params = body["runtimeConfig"]["parameterValues"]
     assert params["run_id"] == job_id
     assert params["trigger_uri"] == f"gs://{trigger.bucket.name}/{name}#{blob.generation}"
     assert params["config"]["backend"] == "cloud" and params["config"]["gcp"]["project"] == "proj-one"
+    # The config was read at launch time, once per launch.
+    assert len(server.find("GET", r"(/download)?/storage/v1/b/ctloop-config/o/ctloop\.yaml")) == 2

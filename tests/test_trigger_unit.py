@@ -458,7 +458,12 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def vertex(monkeypatch: pytest.MonkeyPatch, recording_server: Any, template: Path, tmp_path: Path) -> Any:
     """Settings + config for a Vertex launch against the recording server."""
+    from google.cloud.aiplatform import initializer
     from google.cloud.aiplatform.utils import gcs_utils
+
+    # aiplatform.init() is process-global: leave it as found for the tests that run after these.
+    for name, value in list(vars(initializer.global_config).items()):
+        monkeypatch.setattr(initializer.global_config, name, value)
 
     # The pipeline-root bucket check cannot be redirected offline (project-number lookup over gRPC).
     monkeypatch.setattr(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist",

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> di
     unknown = [c for c in non_negative if c not in spec.numeric]
     if unknown:
         raise ValueError(f"--non-negative: {unknown} are not numeric features of the spec {spec.numeric}")
+    own_session = spark is None
     if spark is None:
         spark = SparkSession.builder.appName("ctloop-transform").getOrCreate()
     saved = {k: spark.conf.get(k, None) for k in [*_SESSION_CONF, _NANOS_AS_LONG]}
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> di
                 spark.conf.unset(key)
             else:
                 spark.conf.set(key, value)
+        if own_session:
+            spark.stop()
 
 
 def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negative: list[str],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -55,8 +56,20 @@ class LocalLauncher:
                 log("ERROR", "could not record the failed launch", job_id=request.job_id,
                     error=repr(mark_exc))
             raise
-        self.ledger.mark_launched(request.job_id, pid, argv, str(log_path))
+        self._record_launch(request.job_id, pid, argv, log_path)
         return True
+
+    def _record_launch(self, job_id: str, pid: int, argv: list[str], log_path: Path) -> None:
+        """The process runs now: raising would get the delivery retried and could start a second run, so a
+        briefly locked ledger is retried here; if it stays locked the run goes on unrecorded (logged), and its
+        claim only expires after ``claim_seconds``."""
+        for attempt in range(1, 4):
+            try:
+                self.ledger.mark_launched(job_id, pid, argv, str(log_path))
+                return
+            except sqlite3.OperationalError as exc:
+                log("WARNING" if attempt < 3 else "ERROR", "could not record the launched run",
+                    job_id=job_id, pid=pid, attempt=attempt, error=repr(exc))
 
     def _spawn(self, request: LaunchRequest) -> tuple[int, list[str], Path]:
         argv = launch_argv(self.settings, request)
