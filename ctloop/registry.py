@@ -1,9 +1,9 @@
 """The local model registry and endpoints: SQLite with the semantics of Vertex AI Model Registry.
 
-- A model has versions 1..n; each version records its artifact URI, labels, metrics and lineage, and the run key
-  that produced it (unique per model, so registering the same run twice returns the existing version).
-- Aliases (``champion``, ``default``, ``run-<id>``...) point at one version each and move atomically. Like Vertex,
-  the first version of a model gets ``default``.
+- A model has versions 1..n; each version records its artifact URI, labels, metrics and lineage, and the run
+  key that produced it (unique per model, so registering the same run twice returns the existing version).
+- Aliases (``champion``, ``default``, ``run-<id>``...) point at one version each and move atomically. Like
+  Vertex, the first version of a model gets ``default``.
 - Endpoints hold deployed model versions with a traffic split that always sums to 100 (or is empty). Deploying
   and undeploying redistribute traffic with the same arithmetic as the aiplatform SDK.
 
@@ -132,8 +132,8 @@ def deployed_model_id(model: str, version: int) -> str:
 def allocate_traffic(split: Mapping[str, int], new_id: str, percent: int) -> dict[str, int]:
     """The new deployment gets ``percent``; the rest is shared in proportion to the current split.
 
-    Same arithmetic as ``aiplatform.Endpoint._allocate_traffic``: truncate, then hand the leftover points out one
-    at a time in order, so the total is exactly 100.
+    Same arithmetic as ``aiplatform.Endpoint._allocate_traffic``: truncate, then hand the leftover points out
+    one at a time in order, so the total is exactly 100.
     """
     _check_percent(percent, "traffic_percent")
     remaining = 100 - percent
@@ -152,8 +152,8 @@ def allocate_traffic(split: Mapping[str, int], new_id: str, percent: int) -> dic
 def unallocate_traffic(split: Mapping[str, int], removed_id: str) -> dict[str, int]:
     """Remove ``removed_id`` and scale the others back up to 100 (``Endpoint._unallocate_traffic``).
 
-    If every remaining deployment had 0%, the most recently deployed one (last in ``split``) takes 100%: that is
-    the model that served before the removed one, which makes an undeploy a rollback.
+    If every remaining deployment had 0%, the most recently deployed one (last in ``split``) takes 100%: that
+    is the model that served before the removed one, which makes an undeploy a rollback.
     """
     rest = {k: v for k, v in split.items() if k != removed_id}
     if not rest:
@@ -184,8 +184,8 @@ def _check_percent(value: Any, what: str) -> int:
 def check_alias(alias: str) -> str:
     if not isinstance(alias, str) or not _ALIAS.match(alias):
         raise RegistryError(
-            f"alias {alias!r}: expected lowercase letters, digits and '-', starting with a letter and not ending "
-            f"with '-', at most 128 characters (the Vertex alias format)"
+            f"alias {alias!r}: expected lowercase letters, digits and '-', starting with a letter and not "
+            f"ending with '-', at most 128 characters (the Vertex alias format)"
         )
     return alias
 
@@ -248,11 +248,13 @@ class LocalRegistry:
         if not model:
             raise RegistryError("model: expected a non-empty model name")
         if not run_key:
-            raise RegistryError(f"model {model!r}: run_key must be non-empty (it makes registration idempotent)")
+            raise RegistryError(f"model {model!r}: run_key must be non-empty (it makes registering "
+                                "idempotent)")
         aliases = [check_alias(a) for a in aliases]
         with self._write() as conn:
-            row = conn.execute("SELECT version_id FROM versions WHERE model=? AND run_key=?", (model, run_key))
-            existing = row.fetchone()
+            existing = conn.execute(
+                "SELECT version_id FROM versions WHERE model=? AND run_key=?", (model, run_key)
+            ).fetchone()
             if existing is not None:
                 return self._version(conn, model, existing["version_id"])
             now = _now()
@@ -261,9 +263,10 @@ class LocalRegistry:
                 "SELECT COALESCE(MAX(version_id), 0) + 1 FROM versions WHERE model=?", (model,)
             ).fetchone()[0]
             conn.execute(
-                "INSERT INTO versions(model, version_id, artifact_uri, run_key, labels, metrics, lineage, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (model, version_id, artifact_uri, run_key, _dump(labels), _dump(metrics), _dump(lineage), now),
+                "INSERT INTO versions(model, version_id, artifact_uri, run_key, labels, metrics, lineage, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, version_id, artifact_uri, run_key, _dump(labels), _dump(metrics), _dump(lineage),
+                 now),
             )
             if version_id == 1:
                 aliases = [DEFAULT_ALIAS, *aliases]
@@ -340,9 +343,9 @@ class LocalRegistry:
                keep: int | None = None) -> Deployment:
         """Deploy ``model@version`` to ``endpoint`` with ``traffic_percent`` of its traffic.
 
-        The other deployments share the rest in proportion to their current traffic. Deploying a version that is
-        already on the endpoint changes nothing and returns the existing deployment. ``keep`` caps how many
-        deployments stay: the oldest others are undeployed (their traffic redistributed) until ``keep`` remain.
+        The other deployments share the rest in proportion to their current traffic. Deploying a version that
+        is already on the endpoint changes nothing and returns the existing deployment. ``keep`` caps how many
+        deployments stay: the oldest others are undeployed (traffic redistributed) until ``keep`` remain.
         """
         _check_percent(traffic_percent, "traffic_percent")
         if keep is not None and keep < 1:
@@ -355,25 +358,31 @@ class LocalRegistry:
                 if d.model == model and d.version == version:
                     return d
             new_id = deployed_model_id(model, version)
-            split = allocate_traffic({d.deployed_model_id: d.traffic_percent for d in current}, new_id,
-                                     traffic_percent)
+            pruned = current[: max(0, len(current) + 1 - keep)] if keep is not None else []
+            # Pruned deployments give their traffic back to the survivors first, so the new version gets
+            # exactly traffic_percent and the survivors share the rest; all of it lands in one transaction.
+            split = {d.deployed_model_id: d.traffic_percent for d in current}
+            for old in pruned:
+                split = unallocate_traffic(split, old.deployed_model_id)
+            if current and not split and traffic_percent < 100:
+                raise RegistryError(f"keep={keep} undeploys every other model, so nobody would take the "
+                                    f"other {100 - traffic_percent}%; deploy with 100 or keep more versions")
+            split = allocate_traffic(split, new_id, traffic_percent)
             seq = 1 + max((r[0] for r in conn.execute(
                 "SELECT seq FROM deployments WHERE endpoint=?", (endpoint,))), default=0)
             conn.execute(
-                "INSERT INTO deployments(endpoint, deployed_model_id, model, version_id, traffic_percent, seq, "
-                "deployed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deployments(endpoint, deployed_model_id, model, version_id, traffic_percent, "
+                "seq, deployed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (endpoint, new_id, model, version, traffic_percent, seq, _now()),
             )
-            if keep is not None:
-                for old in current[: max(0, len(current) + 1 - keep)]:
-                    split = unallocate_traffic(split, old.deployed_model_id)
-                    conn.execute("DELETE FROM deployments WHERE endpoint=? AND deployed_model_id=?",
-                                 (endpoint, old.deployed_model_id))
+            for old in pruned:
+                conn.execute("DELETE FROM deployments WHERE endpoint=? AND deployed_model_id=?",
+                             (endpoint, old.deployed_model_id))
             self._write_split(conn, endpoint, split)
             return next(d for d in self._deployments(conn, endpoint) if d.deployed_model_id == new_id)
 
     def undeploy(self, endpoint: str, model: str, version: int) -> Endpoint:
-        """Remove ``model@version`` from ``endpoint``; the others are scaled back up to 100%. No-op if absent."""
+        """Remove ``model@version`` from ``endpoint``; the others scale back up to 100%. No-op if absent."""
         with self._write() as conn:
             self._require_endpoint(conn, endpoint)
             current = self._deployments(conn, endpoint)
@@ -429,7 +438,9 @@ class LocalRegistry:
         )
 
     def _version(self, conn: sqlite3.Connection, model: str, version_id: int) -> ModelVersion:
-        row = conn.execute("SELECT * FROM versions WHERE model=? AND version_id=?", (model, version_id)).fetchone()
+        row = conn.execute(
+            "SELECT * FROM versions WHERE model=? AND version_id=?", (model, version_id)
+        ).fetchone()
         if row is None:
             raise RegistryError(f"model {model!r} has no version {version_id}")
         aliases = tuple(r[0] for r in conn.execute(
@@ -456,7 +467,8 @@ class LocalRegistry:
         ).fetchall()
         return [
             Deployment(endpoint=endpoint, deployed_model_id=r["deployed_model_id"], model=r["model"],
-                       version=r["version_id"], traffic_percent=r["traffic_percent"], deployed_at=r["deployed_at"])
+                       version=r["version_id"], traffic_percent=r["traffic_percent"],
+                       deployed_at=r["deployed_at"])
             for r in rows
         ]
 
@@ -464,7 +476,8 @@ class LocalRegistry:
         row = conn.execute("SELECT * FROM endpoints WHERE name=?", (name,)).fetchone()
         if row is None:
             return None
-        return Endpoint(name=name, created_at=row["created_at"], deployments=tuple(self._deployments(conn, name)))
+        deployments = tuple(self._deployments(conn, name))
+        return Endpoint(name=name, created_at=row["created_at"], deployments=deployments)
 
     def _write_split(self, conn: sqlite3.Connection, endpoint: str, split: Mapping[str, int]) -> None:
         if split and sum(split.values()) != 100:

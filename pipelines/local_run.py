@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -126,18 +127,23 @@ def run_local(
     root.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "pipeline.log"
     steps: dict[str, StepRecord] = {}
+    terminal = sys.stdout  # progress goes here; everything else the runner prints goes to the log
+
+    def show(text: str) -> None:
+        with contextlib.redirect_stdout(terminal):
+            echo(text)
 
     def on_event(task: str, event: str) -> None:
         now = time.perf_counter()
         if event == "start":
             steps[task] = StepRecord(name=task, started=now)
-            echo(f"  ▸ {task} ...")
+            show(f"  ▸ {task} ...")
             return
         step = steps.setdefault(task, StepRecord(name=task, started=now))
         step.status = "SUCCEEDED" if event == "SUCCESS" else "FAILED"
         step.seconds = round(now - step.started, 3)
         mark = "✓" if step.status == "SUCCEEDED" else "✗"
-        echo(f"  {mark} {task} {step.seconds:.1f}s")
+        show(f"  {mark} {task} {step.seconds:.1f}s")
 
     existing = {p.name for p in root.iterdir()} if root.exists() else set()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
@@ -145,7 +151,10 @@ def run_local(
     started_at = datetime.now(UTC).isoformat()
     t0 = time.perf_counter()
     error = ""
-    with log_path.open("w") as log, contextlib.redirect_stdout(_ProgressStream(log, on_event)):
+    with log_path.open("w") as log, contextlib.redirect_stdout(_ProgressStream(log, on_event)), \
+            warnings.catch_warnings():
+        # The runner warns that display names and the component image do not apply locally: both are expected.
+        warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
         try:
             pipeline_func(**arguments)
         except Exception as exc:  # the runner raises RuntimeError naming the failed task

@@ -65,10 +65,15 @@ def run_training_local(
 def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
     decision = record.output("evaluate-gate", "decision", "n/a")
     metrics = record.artifact("evaluate-gate", "metrics").get("metadata", {})
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, float))
+    def line(prefix: str) -> str:
+        return ", ".join(f"{k.removeprefix(prefix)}={v:.4f}" for k, v in sorted(metrics.items())
+                         if isinstance(v, float) and k.startswith(prefix) and (prefix or "champion_" not in k))
+
     echo(f"status: {record.status} in {record.seconds:.1f}s; gate decision: {decision}")
-    if shown:
-        echo(f"test metrics: {shown}")
+    if metrics:
+        echo(f"candidate (test split): {line('')}")
+    if any(k.startswith("champion_") for k in metrics):
+        echo(f"champion  (same split): {line('champion_')}")
     if decision == "pass":
         echo(f"registered: {record.output('register', 'model_resource', '?')} "
              f"version {record.output('register', 'version', '?')}; "

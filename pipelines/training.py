@@ -10,7 +10,6 @@ Steps, in order:
      fail: report_rejection (the champion stays live)
 """
 
-from __future__ import annotations
 
 from kfp import dsl
 

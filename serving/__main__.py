@@ -1,7 +1,7 @@
 """``python -m serving``: the Vertex AI custom-container entry point.
 
-Vertex sets ``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE``, ``AIP_STORAGE_URI`` (a ``gs://`` copy of
-the model's artifact directory) and ``AIP_DEPLOYED_MODEL_ID``. ``AIP_STORAGE_URI`` may also be a local
+Vertex sets ``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE``, ``AIP_STORAGE_URI`` (a ``gs://``
+copy of the model's artifact directory) and ``AIP_DEPLOYED_MODEL_ID``. ``AIP_STORAGE_URI`` may also be a local
 directory, which is how the container is run by hand. ``CTLOOP_MAX_INSTANCES`` caps instances per request.
 """
 
@@ -12,7 +12,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from serving.app import DEFAULT_HEALTH_ROUTE, DEFAULT_MAX_INSTANCES, DEFAULT_PREDICT_ROUTE, ServedModel, create_app
+from serving.app import (
+    DEFAULT_HEALTH_ROUTE,
+    DEFAULT_MAX_INSTANCES,
+    DEFAULT_PREDICT_ROUTE,
+    ServedModel,
+    create_app,
+)
 from serving.model import ModelLoadError, fetch_model_dir
 
 
@@ -29,7 +35,7 @@ class ContainerEnv:
     def from_env(cls, env: Mapping[str, str]) -> ContainerEnv:
         uri = env.get("AIP_STORAGE_URI", "")
         if not uri:
-            raise ValueError("AIP_STORAGE_URI is not set: expected the model directory (gs://... or a local path)")
+            raise ValueError("AIP_STORAGE_URI is not set: expected the model directory (gs://... or a path)")
         return cls(
             storage_uri=uri,
             port=_int(env, "AIP_HTTP_PORT", 8080),

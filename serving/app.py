@@ -1,7 +1,8 @@
 """The prediction server: one FastAPI app for a local endpoint and for the Vertex AI custom container.
 
 ``POST <predict route>`` with ``{"instances": [{feature: value, ...}, ...]}`` answers
-``{"predictions": [{"label": 0|1, "probability": p}, ...], "deployedModelId": ..., "model": ..., "modelVersionId": ...}``.
+``{"predictions": [{"label": 0|1, "probability": p}, ...], "deployedModelId": ..., "model": ...,
+"modelVersionId": ...}``.
 Bad requests get HTTP 400 naming the instance index and field; the server never answers 500 for client input.
 
 Speed: instances are validated in plain Python and pivoted to columns; one DataFrame is built per model call.
@@ -37,6 +38,7 @@ DEFAULT_HEALTH_ROUTE = "/health"
 DEFAULT_MAX_INSTANCES = 1000
 # Upper bound on rows scored in one model call when several requests are waiting.
 MAX_BATCH_ROWS = 2048
+_GATHER_TICKS = 2
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class _Deployed:
         self.model = loaded
         self.validator = InstanceValidator(loaded.card)
         self.threshold = loaded.card.threshold
-        # One scoring thread per model: scikit-learn calls run off the event loop, which keeps accepting requests.
+        # One scoring thread per model: scikit-learn runs off the event loop, which keeps accepting requests.
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[tuple[Columns, int, asyncio.Future[list[float]]]] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -97,6 +99,10 @@ class _Deployed:
         while True:
             batch = [await self._queue.get()]
             rows = batch[0][1]
+            # Let the loop finish parsing requests whose bytes arrived during the last model call, so they
+            # join this batch (a few microseconds when idle).
+            for _ in range(_GATHER_TICKS):
+                await asyncio.sleep(0)
             while rows < MAX_BATCH_ROWS and not self._queue.empty():
                 item = self._queue.get_nowait()
                 batch.append(item)
@@ -146,8 +152,8 @@ class _Deployed:
                                   f"{type(exc).__name__}: {exc}") from exc
         for i, p in enumerate(probs):
             if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-                raise PredictionError(f"model {self.served.deployed_id} returned probability {p} for row {i}; "
-                                      f"expected a finite number in [0, 1]")
+                raise PredictionError(f"model {self.served.deployed_id} returned probability {p} for row "
+                                      f"{i}; expected a finite number in [0, 1]")
         return probs
 
 
@@ -203,8 +209,8 @@ def create_app(
 
     async def health() -> Response:
         body = {"status": "ok", "deployedModels": [
-            {"deployedModelId": s.served.deployed_id, "model": s.served.model, "modelVersionId": s.served.version,
-             "trafficPercent": s.served.traffic_percent} for s in served]}
+            {"deployedModelId": s.served.deployed_id, "model": s.served.model,
+             "modelVersionId": s.served.version, "trafficPercent": s.served.traffic_percent} for s in served]}
         return Response(json.dumps(body), media_type="application/json")
 
     async def predict(request: Request) -> Response:
@@ -266,7 +272,8 @@ def endpoint_deployments(registry: LocalRegistry, endpoint_name: str) -> list[Se
     return out
 
 
-def serve_endpoint(registry: LocalRegistry, endpoint_name: str, host: str = "127.0.0.1", port: int = 8080) -> None:
+def serve_endpoint(registry: LocalRegistry, endpoint_name: str, host: str = "127.0.0.1",
+                   port: int = 8080) -> None:
     """Serve a local endpoint's deployed models (its traffic split as of now) until interrupted."""
     import uvicorn
 

@@ -1,4 +1,4 @@
-"""Run an ASGI app under uvicorn on a free 127.0.0.1 port in a background thread (smoke tests, local checks)."""
+"""Run an ASGI app under uvicorn on a free 127.0.0.1 port in a background thread (smoke tests, checks)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import uvicorn
 @contextmanager
 def running_server(app: Any, host: str = "127.0.0.1", startup_timeout: float = 30.0) -> Iterator[str]:
     """Serve ``app`` over real HTTP while the block runs; yields the base URL (``http://127.0.0.1:PORT``)."""
-    # Binding the socket here (port 0) avoids the race of picking a free port and binding it later. The explicit
-    # IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and without it
-    # every keep-alive request waits ~40 ms for a delayed ACK.
+    # Binding the socket here (port 0) avoids the race of picking a free port and binding it later. The
+    # explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says
+    # TCP, and without it every keep-alive request waits ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
@@ -37,7 +37,8 @@ def running_server(app: Any, host: str = "127.0.0.1", startup_timeout: float = 3
     while not server.started:
         if errors or not thread.is_alive():
             sock.close()
-            raise RuntimeError(f"server on {host}:{port} failed to start: {errors[0] if errors else 'exited'}")
+            reason = errors[0] if errors else "the server thread exited"
+            raise RuntimeError(f"server on {host}:{port} failed to start: {reason}")
         if time.monotonic() > deadline:
             server.should_exit = True
             sock.close()

@@ -1,7 +1,7 @@
-"""Load a model directory (``model.joblib`` + ``model_card.json``), validate instances against its card, predict.
+"""Load a model directory (``model.joblib`` + ``model_card.json``), check instances against its card, predict.
 
-The serving image installs only what this package needs, so it reads the model directory itself rather than
-through the training code. The card may carry more fields than the ones read here.
+The card may carry more fields than the ones read here. The pickled pipeline may refer to functions of
+``ctloop.modeling`` (its input coercions), so the serving image ships the ``ctloop`` package beside this one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
+import sklearn
 
 MODEL_FILE = "model.joblib"
 CARD_FILE = "model_card.json"
@@ -48,39 +49,59 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ModelCard:
+        """Parse a card. ``features`` is ``{"numeric": [...], "categorical": [...]}`` or the train step's
+        ``[{"name": ..., "type": "numeric"|"categorical"}, ...]``; the scikit-learn version is
+        ``sklearn_version`` or ``versions.sklearn``."""
         if not isinstance(data, dict):
             raise ModelLoadError(f"{source}: expected a JSON object, found {type(data).__name__}")
-        feats = data.get("features")
-        if not isinstance(feats, dict):
-            raise ModelLoadError(f"{source}: field 'features' must be an object with 'numeric' and 'categorical' "
-                                 f"lists, found {feats!r}")
-        lists = {}
-        for kind in ("numeric", "categorical"):
-            names = feats.get(kind, [])
-            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-                raise ModelLoadError(f"{source}: field 'features.{kind}' must be a list of column names, "
-                                     f"found {names!r}")
-            lists[kind] = tuple(names)
-        both = set(lists["numeric"]) & set(lists["categorical"])
-        if both or not (lists["numeric"] or lists["categorical"]):
+        numeric, categorical = _feature_lists(data.get("features"), source)
+        both = set(numeric) & set(categorical)
+        if both or not (numeric or categorical):
             raise ModelLoadError(f"{source}: 'features' must list at least one column and no column twice "
                                  f"(found in both lists: {sorted(both)})")
         threshold = data.get("threshold")
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
-            raise ModelLoadError(f"{source}: field 'threshold' must be a number in (0, 1), found {threshold!r}")
-        for key in ("label", "model_type", "sklearn_version"):
-            if key not in data:
+            raise ModelLoadError(f"{source}: field 'threshold' must be a number in (0, 1), "
+                                 f"found {threshold!r}")
+        versions = data.get("versions") if isinstance(data.get("versions"), dict) else {}
+        sklearn_version = data.get("sklearn_version") or versions.get("sklearn")
+        for key, value in (("label", data.get("label")), ("model_type", data.get("model_type")),
+                           ("sklearn_version", sklearn_version)):
+            if value in (None, ""):
                 raise ModelLoadError(f"{source}: missing field {key!r}")
         known = {"features", "label", "threshold", "model_type", "sklearn_version"}
         return cls(
-            numeric=lists["numeric"],
-            categorical=lists["categorical"],
+            numeric=numeric,
+            categorical=categorical,
             label=str(data["label"]),
             threshold=float(threshold),
             model_type=str(data["model_type"]),
-            sklearn_version=str(data["sklearn_version"]),
+            sklearn_version=str(sklearn_version),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def _feature_lists(feats: Any, source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    lists: dict[str, list[str]] = {"numeric": [], "categorical": []}
+    if isinstance(feats, dict):
+        for kind in lists:
+            names = feats.get(kind, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise ModelLoadError(f"{source}: field 'features.{kind}' must be a list of column names, "
+                                     f"found {names!r}")
+            lists[kind] = names
+    elif isinstance(feats, list):
+        for i, item in enumerate(feats):
+            kind = item.get("type") if isinstance(item, dict) else None
+            name = item.get("name") if isinstance(item, dict) else None
+            if kind not in lists or not isinstance(name, str) or not name:
+                raise ModelLoadError(f"{source}: field 'features[{i}]' must be {{\"name\": ..., \"type\": "
+                                     f"\"numeric\"|\"categorical\"}}, found {item!r}")
+            lists[kind].append(name)
+    else:
+        raise ModelLoadError(f"{source}: field 'features' must be an object with 'numeric' and "
+                             f"'categorical' lists (or a list of {{name, type}}), found {feats!r}")
+    return tuple(lists["numeric"]), tuple(lists["categorical"])
 
 
 Columns = dict[str, list[Any]]
@@ -96,7 +117,8 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         if not hasattr(self.pipeline, "predict_proba"):
-            raise ModelLoadError(f"{self.source}/{MODEL_FILE}: {type(self.pipeline).__name__} has no predict_proba")
+            kind = type(self.pipeline).__name__
+            raise ModelLoadError(f"{self.source}/{MODEL_FILE}: {kind} has no predict_proba")
 
     @property
     def positive_index(self) -> int:
@@ -122,7 +144,7 @@ class LoadedModel:
 
 
 class InstanceValidator:
-    """Checks JSON instances against a card in plain Python (fast on one-row requests) and pivots to columns."""
+    """Checks JSON instances against a card in plain Python (fast on one-row requests); pivots to columns."""
 
     def __init__(self, card: ModelCard) -> None:
         self.numeric = card.numeric
@@ -201,7 +223,20 @@ def load_model_dir(model_dir: str | Path) -> LoadedModel:
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{card_path}: not valid JSON ({exc})") from exc
     card = ModelCard.from_dict(card_data, str(card_path))
-    return LoadedModel(pipeline=joblib.load(root / MODEL_FILE), card=card, source=str(root))
+    saved, installed = _major_minor(card.sklearn_version), _major_minor(sklearn.__version__)
+    if saved != installed:
+        # Pickles do not carry across scikit-learn minor versions: fail at startup, not on the first request.
+        raise ModelLoadError(f"{root / MODEL_FILE}: saved with scikit-learn {card.sklearn_version}, this "
+                             f"server has {sklearn.__version__}; major.minor must match")
+    try:
+        pipeline = joblib.load(root / MODEL_FILE)
+    except Exception as exc:  # unpickling raises anything: a truncated file, a class that is not installed
+        raise ModelLoadError(f"{root / MODEL_FILE}: cannot load ({type(exc).__name__}: {exc})") from exc
+    return LoadedModel(pipeline=pipeline, card=card, source=str(root))
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
 
 
 def fetch_model_dir(uri: str, dest: str | Path | None = None) -> Path:

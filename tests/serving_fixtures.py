@@ -1,21 +1,21 @@
-"""Tiny real models for the registry, serving and deploy tests: fitted scikit-learn pipelines on synthetic data,
-written as model directories (``model.joblib`` + ``model_card.json``) the way the train step writes them."""
+"""Tiny real models for the registry, serving and deploy tests: fitted scikit-learn pipelines on synthetic
+data, written as model directories (``model.joblib`` + ``model_card.json``) as the train step writes them."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.compose import ColumnTransformer
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder
+
+from ctloop.config import ModelSettings
+from ctloop.features import FeatureSpec
+from ctloop.modeling import build_pipeline, write_model
 
 NUMERIC = ["tenure_months", "monthly_charges"]
 CATEGORICAL = ["contract_type"]
@@ -43,29 +43,34 @@ def synthetic_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
+SPEC = FeatureSpec(id_column="customer_id", timestamp_column="event_ts", label_column="churned",
+                   numeric=NUMERIC, categorical=CATEGORICAL, history_enabled=False)
+
+
 def fit_pipeline(frame: pd.DataFrame, estimator: object | None = None) -> Pipeline:
-    pre = ColumnTransformer([
-        ("num", SimpleImputer(strategy="median"), NUMERIC),
-        ("cat", Pipeline([("impute", SimpleImputer(strategy="constant", fill_value="__missing__")),
-                          ("onehot", OneHotEncoder(handle_unknown="ignore"))]), CATEGORICAL),
-    ])
-    pipe = Pipeline([("pre", pre), ("clf", estimator or LogisticRegression(max_iter=500))])
+    """The project's model pipeline (``ctloop.modeling.build_pipeline``), optionally another classifier."""
+    pipe = build_pipeline(SPEC, ModelSettings(type="logistic_regression", seed=0))
+    if estimator is not None:
+        pipe.set_params(classifier=estimator)
     return pipe.fit(frame[FEATURES], frame["churned"])
 
 
-def write_model_dir(directory: Path, pipeline: object, threshold: float = 0.5, **card_extra: object) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    joblib.dump(pipeline, directory / "model.joblib")
-    card = {
-        "features": {"numeric": NUMERIC, "categorical": CATEGORICAL},
-        "label": "churned",
-        "threshold": threshold,
-        "model_type": type(getattr(pipeline, "steps", [[None, pipeline]])[-1][1]).__name__,
-        "sklearn_version": sklearn.__version__,
-        **card_extra,
-    }
-    (directory / "model_card.json").write_text(json.dumps(card))
-    return directory
+def write_model_dir(directory: Path, pipeline: object, threshold: float = 0.5, card_style: str = "train",
+                    **card_extra: object) -> Path:
+    """``card_style="train"`` writes the train step's card shape; ``"plain"`` the minimal documented one."""
+    classifier = type(pipeline.steps[-1][1]).__name__ if hasattr(pipeline, "steps") else "model"
+    if card_style == "train":
+        card = {
+            "features": [{"name": c, "type": "numeric"} for c in NUMERIC]
+            + [{"name": c, "type": "categorical"} for c in CATEGORICAL],
+            "feature_spec": asdict(SPEC),
+            "versions": {"sklearn": sklearn.__version__},
+        }
+    else:
+        card = {"features": {"numeric": NUMERIC, "categorical": CATEGORICAL},
+                "sklearn_version": sklearn.__version__}
+    card.update({"label": "churned", "threshold": threshold, "model_type": classifier, **card_extra})
+    return write_model(directory, pipeline, card)
 
 
 def make_model_dir(directory: Path, seed: int = 0, threshold: float = 0.5, **card_extra: object) -> Path:

@@ -14,7 +14,8 @@ from pipelines.submit import job_id_for
 from tests.recording_server import RecordingServer
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = r"/v1/projects/ctloop-dev/locations/europe-west4/pipelineJobs"
+JOB_NAMES = "projects/ctloop-dev/locations/europe-west4/pipelineJobs"
+JOBS = f"/v1/{JOB_NAMES}"
 
 
 def _answer_pipeline_root_bucket(server: RecordingServer) -> None:
@@ -42,7 +43,7 @@ def _submit(server: RecordingServer, run_id: str, **kw: object):
 
 
 def test_submit_sends_one_create_pipeline_job_with_deterministic_id(vertex: RecordingServer) -> None:
-    vertex.route("POST", JOBS, lambda r: (200, {"name": f"{JOBS[1:]}/{r.query['pipelineJobId'][0]}",
+    vertex.route("POST", JOBS, lambda r: (200, {"name": f"{JOB_NAMES}/{r.query['pipelineJobId'][0]}",
                                                "state": "PIPELINE_STATE_PENDING"}))
     t0 = time.perf_counter()
     result = _submit(vertex, "ctloop-train-abc123", enable_caching=False)
@@ -71,14 +72,14 @@ def test_submit_sends_one_create_pipeline_job_with_deterministic_id(vertex: Reco
 
 
 def test_already_existing_job_is_success_not_failure(vertex: RecordingServer) -> None:
-    name = f"{JOBS[1:]}/ctloop-train-dup"
+    name = f"{JOB_NAMES}/ctloop-train-dup"
     vertex.route("POST", JOBS, (409, {"error": {"code": 409, "message": "already exists", "status": "ALREADY_EXISTS"}}))
-    vertex.route("GET", f"/{name}", (200, {"name": name, "state": "PIPELINE_STATE_RUNNING"}))
+    vertex.route("GET", f"/v1/{name}", (200, {"name": name, "state": "PIPELINE_STATE_RUNNING"}))
     result = _submit(vertex, "ctloop-train-dup")
     assert not result.created
     assert result.job_name == name
     assert len(vertex.find("POST", JOBS)) == 1
-    assert len(vertex.find("GET", f"/{name}")) == 1
+    assert len(vertex.find("GET", f"/v1/{name}")) == 1
 
 
 def test_job_id_is_derived_deterministically_from_any_key() -> None:

@@ -1,0 +1,412 @@
+"""The cloud paths of lookup, register and deploy: the real aiplatform client (REST transport) against the
+local recording server, asserting on the exact requests.
+
+The canned answers keep a little state (models, versions, aliases, endpoints, deployed models) so a whole
+register -> deploy flow can run; ``:predict`` is answered by the real prediction server serving the uploaded
+model, so the smoke test sees genuine predictions (or genuine failures).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import aiplatform
+
+from components.deploy import SmokeTestFailed, run_deploy
+from components.lookup import find_champion, run_lookup_step
+from components.register import run_register
+from ctloop.config import Settings
+from ctloop.vertex import label_value, resource_id, run_alias
+from serving.app import ServedModel, create_app
+from serving.background import running_server
+from tests.recording_server import RecordedRequest, RecordingServer
+from tests.serving_fixtures import make_constant_model_dir, make_model_dir, synthetic_frame, write_split_dir
+
+PROJECT, REGION = "ctloop-test", "europe-west4"
+P = f"projects/{PROJECT}/locations/{REGION}"
+IMAGE = "europe-west4-docker.pkg.dev/ctloop-test/ctloop/serving:1.2.3"
+TIME = "2026-01-01T00:00:{:02d}Z"
+
+
+@dataclass
+class FakeVertex:
+    """Canned Vertex AI answers that remember what was created."""
+
+    server: RecordingServer
+    model_dirs: dict[str, Path]  # artifactUri -> local model directory, for :predict
+    versions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model id -> versions
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1001))
+    clock: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def install(self) -> None:
+        r = self.server.route
+        r("GET", rf"/v1/{P}/models", self.list_models)
+        r("POST", rf"/v1/{P}/models:upload", self.upload)
+        r("GET", rf"/v1/{P}/models/([^/:]+)", self.get_model)
+        r("POST", rf"/v1/{P}/models/([^/:]+):mergeVersionAliases", self.merge_aliases)
+        r("GET", rf"/v1/{P}/endpoints", self.list_endpoints)
+        r("POST", rf"/v1/{P}/endpoints", self.create_endpoint)
+        r("GET", rf"/v1/{P}/endpoints/([^/:]+)", self.get_endpoint)
+        r("POST", rf"/v1/{P}/endpoints/([^/:]+):deployModel", self.deploy)
+        r("POST", rf"/v1/{P}/endpoints/([^/:]+):undeployModel", self.undeploy)
+        r("POST", rf"/v1/{P}/endpoints/([^/:]+):predict", self.predict)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _last(req: RecordedRequest) -> str:
+        return req.path.rsplit("/", 1)[-1].split(":")[0]
+
+    @staticmethod
+    def _display_filter(req: RecordedRequest) -> str | None:
+        m = re.fullmatch(r'display_name="(.*)"', req.query.get("filter", [""])[0])
+        return m.group(1) if m else None
+
+    @staticmethod
+    def _lro(type_name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        kind = f"type.googleapis.com/google.cloud.aiplatform.v1.{type_name}"
+        return 200, {"name": f"{P}/operations/1", "done": True, "response": {"@type": kind, **body}}
+
+    def _find_version(self, model_id: str, ref: str) -> dict[str, Any] | None:
+        for v in self.versions.get(model_id, []):
+            if v["versionId"] == ref or ref in v["versionAliases"]:
+                return v
+        return None
+
+    def add_version(self, model_id: str, display_name: str, artifact_uri: str, aliases: list[str]) -> dict:
+        versions = self.versions.setdefault(model_id, [])
+        for alias in aliases:  # an alias lives on one version only
+            for v in versions:
+                if alias in v["versionAliases"]:
+                    raise AssertionError(f"alias {alias} already on version {v['versionId']}")
+        if not versions and "default" not in aliases:
+            aliases = [*aliases, "default"]
+        version = {"name": f"{P}/models/{model_id}", "displayName": display_name,
+                   "versionId": str(len(versions) + 1), "versionAliases": list(aliases),
+                   "artifactUri": artifact_uri, "createTime": TIME.format(next(self.clock)),
+                   "supportedDeploymentResourcesTypes": ["DEDICATED_RESOURCES"]}
+        versions.append(version)
+        return version
+
+    # -- models ----------------------------------------------------------------------------------------
+    def list_models(self, req: RecordedRequest) -> tuple[int, dict]:
+        name = self._display_filter(req)
+        found = [self._find_version(mid, "default") for mid, vs in self.versions.items()
+                 if vs and vs[0]["displayName"] == name]
+        return 200, {"models": found} if found else {}
+
+    def upload(self, req: RecordedRequest) -> tuple[int, dict]:
+        body = req.json
+        spec = body["model"]
+        if "parentModel" in body:
+            model_id = body["parentModel"].rsplit("/", 1)[-1]
+        else:
+            model_id = body.get("modelId") or str(next(self.ids))
+            if model_id in self.versions:
+                return 409, {"error": {"code": 409, "message": "model exists", "status": "ALREADY_EXISTS"}}
+        version = self.add_version(model_id, spec["displayName"], spec["artifactUri"],
+                                   spec.get("versionAliases", []))
+        return self._lro("UploadModelResponse", {"model": f"{P}/models/{model_id}",
+                                                 "modelVersionId": version["versionId"]})
+
+    def get_model(self, req: RecordedRequest) -> tuple[int, dict]:
+        model_id, _, ref = self._last(req).partition("@")
+        version = self._find_version(model_id, ref or "default")
+        if version is None:
+            return 404, {"error": {"code": 404, "message": f"{req.path} not found", "status": "NOT_FOUND"}}
+        return 200, version
+
+    def merge_aliases(self, req: RecordedRequest) -> tuple[int, dict]:
+        model_id, _, ref = self._last(req).partition("@")
+        version = self._find_version(model_id, ref)
+        for alias in req.json["versionAliases"]:
+            if alias.startswith("-"):
+                version["versionAliases"].remove(alias[1:])
+            else:
+                holder = self._find_version(model_id, alias)
+                if holder is not None and holder is not version:
+                    return 400, {"error": {"code": 400, "message": f"alias {alias} is in use",
+                                           "status": "INVALID_ARGUMENT"}}
+                version["versionAliases"].append(alias)
+        return 200, version
+
+    # -- endpoints -------------------------------------------------------------------------------------
+    def list_endpoints(self, req: RecordedRequest) -> tuple[int, dict]:
+        name = self._display_filter(req)
+        found = [e for e in self.endpoints.values() if e["displayName"] == name]
+        return 200, {"endpoints": found} if found else {}
+
+    def create_endpoint(self, req: RecordedRequest) -> tuple[int, dict]:
+        endpoint_id = req.query["endpointId"][0]
+        if endpoint_id in self.endpoints:
+            return 409, {"error": {"code": 409, "message": "exists", "status": "ALREADY_EXISTS"}}
+        self.endpoints[endpoint_id] = {"name": f"{P}/endpoints/{endpoint_id}", **req.json,
+                                       "createTime": TIME.format(next(self.clock)), "deployedModels": [],
+                                       "trafficSplit": {}}
+        return self._lro("Endpoint", self.endpoints[endpoint_id])
+
+    def get_endpoint(self, req: RecordedRequest) -> tuple[int, dict]:
+        endpoint = self.endpoints.get(self._last(req))
+        if endpoint is None:
+            return 404, {"error": {"code": 404, "message": "no such endpoint", "status": "NOT_FOUND"}}
+        return 200, endpoint
+
+    def deploy(self, req: RecordedRequest) -> tuple[int, dict]:
+        endpoint = self.endpoints[self._last(req)]
+        spec = req.json["deployedModel"]
+        deployed_id = str(next(self.ids))
+        model_id, _, version = spec["model"].rsplit("/", 1)[-1].partition("@")
+        # Vertex answers with the project number, not the id, in model names.
+        endpoint["deployedModels"].append({"id": deployed_id, "model": f"projects/123456/locations/{REGION}/"
+                                           f"models/{model_id}", "modelVersionId": version,
+                                           "displayName": spec.get("displayName", ""),
+                                           "createTime": TIME.format(next(self.clock))})
+        split = {(deployed_id if k == "0" else k): v for k, v in req.json["trafficSplit"].items()}
+        endpoint["trafficSplit"] = {k: v for k, v in split.items() if v}
+        artifact = self._find_version(model_id, version)["artifactUri"]
+        self.servers[deployed_id] = self.model_dirs[artifact]
+        return self._lro("DeployModelResponse", {"deployedModel": {"id": deployed_id}})
+
+    def undeploy(self, req: RecordedRequest) -> tuple[int, dict]:
+        endpoint = self.endpoints[self._last(req)]
+        gone = req.json["deployedModelId"]
+        endpoint["deployedModels"] = [d for d in endpoint["deployedModels"] if d["id"] != gone]
+        endpoint["trafficSplit"] = {k: v for k, v in req.json.get("trafficSplit", {}).items() if v}
+        return self._lro("UndeployModelResponse", {})
+
+    def predict(self, req: RecordedRequest) -> tuple[int, Any]:
+        """Forward to the real prediction server for the deployed model that has the traffic."""
+        endpoint = self.endpoints[self._last(req)]
+        deployed_id = max(endpoint["trafficSplit"], key=endpoint["trafficSplit"].get)
+        app = create_app([ServedModel(deployed_id, self.servers[deployed_id])])
+        with running_server(app) as url:
+            resp = httpx.post(f"{url}/predict", json=req.json, timeout=60)
+        if resp.status_code != 200:
+            # Vertex wraps a container's error answer in a Google API error carrying the container's message.
+            return resp.status_code, {"error": {"code": resp.status_code, "message": resp.text,
+                                                "status": "INTERNAL" if resp.status_code >= 500 else
+                                                "INVALID_ARGUMENT"}}
+        return 200, resp.json()
+
+    def traffic(self, endpoint_id: str) -> dict[str, int]:
+        endpoint = self.endpoints[endpoint_id]
+        split = endpoint["trafficSplit"]
+        return {f"{d['model'].rsplit('/', 1)[-1]}@{d['modelVersionId']}": split.get(d["id"], 0)
+                for d in endpoint["deployedModels"]}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "gs://ctloop-test-root/run-1/model": make_model_dir(root / "m1", seed=0),
+        "gs://ctloop-test-root/run-2/model": make_model_dir(root / "m2", seed=1),
+        "gs://ctloop-test-root/run-3/model": make_model_dir(root / "m3", seed=2),
+        "gs://ctloop-test-root/run-bad/model": make_constant_model_dir(root / "bad", float("nan")),
+    }
+
+
+@pytest.fixture
+def vertex(recording_server: RecordingServer, model_dirs: dict[str, Path]) -> FakeVertex:
+    aiplatform.init(project=PROJECT, location=REGION, credentials=AnonymousCredentials(),
+                    api_endpoint=recording_server.url, api_transport="rest")
+    fake = FakeVertex(recording_server, model_dirs)
+    fake.install()
+    return fake
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_split_dir(tmp_path_factory.mktemp("split") / "test", synthetic_frame(n=30, seed=4))
+
+
+def _settings(**overrides: object) -> Settings:
+    base = {"backend": "cloud", "gcp.project": PROJECT, "gcp.region": REGION, "gcp.serving_image": IMAGE,
+            "deploy.smoke_instances": 3, "labels": {"app": "ctloop", "env": "Test"}}
+    return Settings().with_overrides({**base, **overrides})
+
+
+def _register(settings: Settings, run: str, model_dirs: dict[str, Path]):
+    uri = f"gs://ctloop-test-root/{run}/model"
+    lineage = {"training_data_checksum": "f" * 64, "git_sha": "abc1234", "model_type": "logistic_regression"}
+    return run_register(settings, run, model_dirs[uri], uri, {"roc_auc": 0.8123}, lineage)
+
+
+# -- register ----------------------------------------------------------------------------------------------
+
+
+def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex,
+                                                         model_dirs: dict[str, Path]) -> None:
+    result = _register(_settings(), "run-1", model_dirs)
+    assert (result.model_name, result.version, result.created) == (f"{P}/models/ctloop-churn", "1", True)
+    (upload,) = vertex.server.find("POST", rf"/v1/{P}/models:upload")
+    body = upload.json
+    assert "parentModel" not in body and body["modelId"] == resource_id("ctloop-churn") == "ctloop-churn"
+    spec = body["model"]
+    assert spec["displayName"] == "ctloop-churn"
+    assert spec["artifactUri"] == "gs://ctloop-test-root/run-1/model"
+    assert spec["containerSpec"] == {"imageUri": IMAGE, "predictRoute": "/predict", "healthRoute": "/health",
+                                     "ports": [{"containerPort": 8080}]}
+    assert sorted(spec["versionAliases"]) == ["default", "run-run-1"]
+    assert spec["labels"] == {"app": "ctloop", "env": "test", "ctloop-run": "run-1",
+                              "ctloop-pipeline": "ctloop-training", "ctloop-data-checksum": "f" * 63,
+                              "ctloop-git-sha": "abc1234", "ctloop-model-type": "logistic_regression"}
+    assert "roc_auc=0.8123" in spec["versionDescription"]
+
+
+def test_next_register_is_a_non_default_version_of_the_parent(vertex: FakeVertex,
+                                                              model_dirs: dict[str, Path]) -> None:
+    _register(_settings(), "run-1", model_dirs)
+    result = _register(_settings(), "run-2", model_dirs)
+    assert (result.version, result.created) == ("2", True)
+    body = vertex.server.find("POST", rf"/v1/{P}/models:upload")[-1].json
+    assert body["parentModel"] == f"{P}/models/ctloop-churn"
+    assert body["model"]["versionAliases"] == ["run-run-2"]  # not "default": deploy decides what serves
+    assert body["model"]["artifactUri"] == "gs://ctloop-test-root/run-2/model"
+
+
+def test_register_is_idempotent_per_run(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
+    first = _register(_settings(), "run-1", model_dirs)
+    again = _register(_settings(), "run-1", model_dirs)
+    assert (again.model_name, again.version, again.created) == (first.model_name, first.version, False)
+    assert len(vertex.server.find("POST", rf"/v1/{P}/models:upload")) == 1
+    # The retry found the version by its run alias.
+    assert vertex.server.find("GET", rf"/v1/{P}/models/ctloop-churn@{run_alias('run-1')}")
+
+
+def test_register_race_on_the_first_model_becomes_a_version(vertex: FakeVertex,
+                                                            model_dirs: dict[str, Path]) -> None:
+    """Another run created the model between our list and our upload: 409, then upload as a version."""
+    vertex.add_version("ctloop-churn", "ctloop-churn", "gs://elsewhere", ["run-other"])
+    vertex.server.route("GET", rf"/v1/{P}/models", {})  # the list raced: it saw nothing
+    result = _register(_settings(), "run-1", model_dirs)
+    assert (result.version, result.created) == ("2", True)
+    uploads = vertex.server.find("POST", rf"/v1/{P}/models:upload")
+    assert [u.json.get("parentModel") for u in uploads] == [None, f"{P}/models/ctloop-churn"]
+    assert uploads[1].json["model"]["versionAliases"] == ["run-run-1"]
+
+
+def test_register_refuses_a_local_uri_for_vertex(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
+    local = next(iter(model_dirs.values()))
+    with pytest.raises(ValueError, match="Vertex AI registers models from gs:// URIs"):
+        run_register(_settings(), "run-1", local, str(local), {}, {})
+
+
+def test_label_values_are_made_valid() -> None:
+    assert label_value("Run_2026-01-01T10:00:00.123Z") == "run_2026-01-01t10-00-00-123z"
+    assert len(label_value("x" * 100)) == 63
+
+
+# -- lookup ------------------------------------------------------------------------------------------------
+
+
+def test_lookup_without_model_or_champion_is_empty(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
+    assert run_lookup_step(_settings().to_param(), "r") == ("", "")
+    _register(_settings(), "run-1", model_dirs)
+    assert find_champion(_settings()) is None
+    assert vertex.server.find("GET", rf"/v1/{P}/models/ctloop-churn@champion")
+
+
+# -- deploy ------------------------------------------------------------------------------------------------
+
+
+def _deploy_bodies(vertex: FakeVertex, endpoint: str) -> list[dict]:
+    return [r.json for r in vertex.server.find("POST", rf"/v1/{P}/endpoints/{endpoint}:deployModel")]
+
+
+def test_first_deploy_staging_smoke_production_and_champion(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                           test_split: Path) -> None:
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+    result = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+
+    creates = vertex.server.find("POST", rf"/v1/{P}/endpoints")
+    assert [(c.query["endpointId"][0], c.json["displayName"]) for c in creates] == [
+        ("ctloop-staging", "ctloop-staging"), ("ctloop-production", "ctloop-production")]
+    (staging_deploy,) = _deploy_bodies(vertex, "ctloop-staging")
+    assert staging_deploy["trafficSplit"] == {"0": 100}
+    assert staging_deploy["deployedModel"] == {
+        "model": f"{P}/models/ctloop-churn@1", "displayName": "ctloop-churn-v1",
+        "dedicatedResources": {"machineSpec": {"machineType": "n1-standard-2"}, "minReplicaCount": 1,
+                               "maxReplicaCount": 2}}
+    # Smoke test: one batch of 3, then 3 single instances, features only.
+    predicts = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:predict")
+    assert [len(p.json["instances"]) for p in predicts] == [3, 1, 1, 1]
+    assert sorted(predicts[0].json["instances"][0]) == ["contract_type", "monthly_charges", "tenure_months"]
+    (prod_deploy,) = _deploy_bodies(vertex, "ctloop-production")
+    assert prod_deploy["trafficSplit"] == {"0": 100}
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 100}
+    assert result.endpoint == f"{P}/endpoints/ctloop-production" and result.smoke.ok
+    merges = vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@1:mergeVersionAliases")
+    assert [m.json for m in merges] == [{"versionAliases": ["champion"]}]
+    champion = find_champion(s)
+    assert (champion.version, champion.artifact_uri) == ("1", "gs://ctloop-test-root/run-1/model")
+
+
+def test_canary_prunes_the_oldest_and_moves_both_aliases(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                         test_split: Path) -> None:
+    s = _settings(**{"deploy.canary_percent": 10, "deploy.keep_versions": 2})
+    for run in ("run-1", "run-2"):
+        reg = _register(s, run, model_dirs)
+        run_deploy(s, run, reg.model_name, reg.version, test_split)
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 90, "ctloop-churn@2": 10}
+    v1_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
+    assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v1_id: 90, "0": 10}
+    # Staging: the old candidate was undeployed once the new one passed.
+    assert vertex.traffic("ctloop-staging") == {"ctloop-churn@2": 100}
+
+    reg = _register(s, "run-3", model_dirs)
+    result = run_deploy(s, "run-3", reg.model_name, reg.version, test_split)
+    v2_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
+    # v1 gives its share back before the canary lands: it is left out of the split (0%) and undeployed after.
+    assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v2_id: 90, "0": 10}
+    undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-production:undeployModel")
+    assert [u.json["deployedModelId"] for u in undeploys] == [v1_id]
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@2": 90, "ctloop-churn@3": 10}
+    assert result.previous_champion == "2"
+    versions = {v["versionId"]: sorted(v["versionAliases"]) for v in vertex.versions["ctloop-churn"]}
+    assert versions == {"1": ["default", "run-run-1"], "2": ["previous-champion", "run-run-2"],
+                        "3": ["champion", "run-run-3"]}
+
+
+def test_deploying_the_deployed_champion_again_changes_nothing(vertex: FakeVertex,
+                                                               model_dirs: dict[str, Path],
+                                                               test_split: Path) -> None:
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+    first = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    posts_before = len([r for r in vertex.server.requests if r.method == "POST"])
+    again = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    assert not again.changed and (again.endpoint, again.deployed_model_id) == (first.endpoint,
+                                                                                first.deployed_model_id)
+    assert len([r for r in vertex.server.requests if r.method == "POST"]) == posts_before
+
+
+def test_failed_smoke_test_rolls_back_staging_and_leaves_production(vertex: FakeVertex,
+                                                                    model_dirs: dict[str, Path],
+                                                                    test_split: Path) -> None:
+    s = _settings()
+    good = _register(s, "run-1", model_dirs)
+    run_deploy(s, "run-1", good.model_name, good.version, test_split)
+    production_before = vertex.traffic("ctloop-production")
+    staged_v1 = vertex.endpoints["ctloop-staging"]["deployedModels"][0]["id"]
+
+    bad = _register(s, "run-bad", model_dirs)
+    with pytest.raises(SmokeTestFailed, match="returned probability nan"):
+        run_deploy(s, "run-bad", bad.model_name, bad.version, test_split)
+    (undeploy,) = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:undeployModel")
+    assert undeploy.json["trafficSplit"] == {staged_v1: 100}  # the previous staging split, restored
+    assert vertex.traffic("ctloop-staging") == {"ctloop-churn@1": 100}
+    assert vertex.traffic("ctloop-production") == production_before
+    assert len(_deploy_bodies(vertex, "ctloop-production")) == 1
+    assert not vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@2:mergeVersionAliases")
+    assert find_champion(s).version == "1"
