@@ -3,10 +3,13 @@
 Cloud: Vertex AI Model Registry (``Model.upload`` as a version of the existing model, serving container = the
 ctloop serving image). Local: the SQLite registry, with the model files copied into the registry's own store.
 Idempotent per pipeline run: the version carries the alias ``run-<run id>`` (and, locally, the run id as its
-run key), and a retried step returns that version instead of registering a second one.
+run key), and a retried step returns that version instead of registering a second one. Idempotent per model
+too: the version also carries ``fp-<fingerprint>`` (training data, features, estimator, parameters), so a rerun
+on the same data with the same settings returns the version that already holds that model.
 """
 
 
+import json
 import os
 import shutil
 import tempfile
@@ -74,9 +77,19 @@ def run_register(settings: Settings, run_id: str, model_dir: str | Path, model_u
     if missing:
         raise FileNotFoundError(f"model directory {model_dir}: missing {missing}; the train step writes "
                                 f"{list(MODEL_FILES)}")
+    aliases = version_aliases(run_id, Path(model_dir))
     if settings.backend == "cloud":
-        return _register_vertex(settings, run_id, model_uri, metrics, lineage)
-    return _register_local(settings, run_id, Path(model_dir), metrics, lineage)
+        return _register_vertex(settings, run_id, model_uri, metrics, lineage, aliases)
+    return _register_local(settings, run_id, Path(model_dir), metrics, lineage, aliases)
+
+
+def version_aliases(run_id: str, model_dir: Path) -> list[str]:
+    """``run-<run id>`` and ``fp-<model fingerprint>``: each names at most one version of the model."""
+    from ctloop.modeling import CARD_FILE, model_fingerprint
+    from ctloop.vertex import run_alias
+
+    card = json.loads((model_dir / CARD_FILE).read_text())
+    return [run_alias(run_id), f"fp-{model_fingerprint(card)}"]
 
 
 def _version_labels(settings: Settings, run_id: str, lineage: dict[str, Any]) -> dict[str, str]:
@@ -92,21 +105,20 @@ def _version_labels(settings: Settings, run_id: str, lineage: dict[str, Any]) ->
 
 
 def _register_local(settings: Settings, run_id: str, model_dir: Path, metrics: dict[str, float],
-                    lineage: dict[str, Any]) -> RegisterResult:
+                    lineage: dict[str, Any], aliases: list[str]) -> RegisterResult:
     from ctloop.registry import LocalRegistry
-    from ctloop.vertex import run_alias
 
     name = settings.model.display_name
     registry = LocalRegistry(settings.local.registry_db)
-    existing = registry.find_by_run_key(name, run_id)
+    existing = registry.find_by_run_key(name, run_id) or registry.get_alias(name, aliases[1])
     if existing is not None:
         return RegisterResult(name, str(existing.version_id), False, existing.artifact_uri)
-    alias = run_alias(run_id)
+    alias = aliases[0]
     # The registry keeps its own copy, as Vertex does: cleaning the pipeline root must not break serving.
     stored = _store_copy(model_dir, settings.local.path("models", name, alias))
     version = registry.register_version(name, str(stored), run_key=run_id,
                                         labels=_version_labels(settings, run_id, lineage), metrics=metrics,
-                                        lineage=lineage, aliases=[alias])
+                                        lineage=lineage, aliases=aliases)
     return RegisterResult(name, str(version.version_id), True, version.artifact_uri)
 
 
@@ -131,28 +143,32 @@ def _store_copy(source: Path, target: Path) -> Path:
 
 
 def _register_vertex(settings: Settings, run_id: str, model_uri: str, metrics: dict[str, float],
-                     lineage: dict[str, Any]) -> RegisterResult:
+                     lineage: dict[str, Any], aliases: list[str]) -> RegisterResult:
     from google.api_core import exceptions as gexc
     from google.cloud import aiplatform
 
-    from ctloop.vertex import Where, find_parent_model, get_model_version, resource_id, run_alias
+    from ctloop.vertex import Where, find_parent_model, get_model_version, resource_id
 
     if not model_uri.startswith("gs://"):
         raise ValueError(f"model uri {model_uri!r}: Vertex AI registers models from gs:// URIs")
     where = Where(settings.gcp.project, settings.gcp.region)
     name = settings.model.display_name
-    alias = run_alias(run_id)
+
+    def existing(parent_name: str) -> Any:
+        for alias in aliases:  # this run's version, else the version holding the same model
+            done = get_model_version(parent_name, alias, where)
+            if done is not None:
+                return RegisterResult(parent_name, str(done.version_id), False, done.uri or model_uri)
+        return None
 
     parent = find_parent_model(name, where)
     parent_name = parent.resource_name if parent is not None else None
-    if parent_name is not None:
-        done = get_model_version(parent_name, alias, where)
-        if done is not None:
-            return RegisterResult(parent_name, str(done.version_id), False, done.uri or model_uri)
+    if parent_name is not None and (found := existing(parent_name)) is not None:
+        return found
 
     def upload(**kw: Any) -> Any:
         # Fresh keyword arguments per call: the SDK appends "default" to the version_aliases list it is given.
-        return aiplatform.Model.upload(version_aliases=[alias], **common, **kw)
+        return aiplatform.Model.upload(version_aliases=list(aliases), **common, **kw)
 
     common = dict(
         display_name=name,
@@ -176,9 +192,8 @@ def _register_vertex(settings: Settings, run_id: str, model_uri: str, metrics: d
             model = upload(model_id=model_id)
         except gexc.Conflict:
             parent_name = f"{where.parent}/models/{model_id}"
-            done = get_model_version(parent_name, alias, where)
-            if done is not None:
-                return RegisterResult(parent_name, str(done.version_id), False, done.uri or model_uri)
+            if (found := existing(parent_name)) is not None:
+                return found
             model = upload(parent_model=parent_name, is_default_version=False)
     return RegisterResult(model.resource_name, str(model.version_id), True, model_uri)
 

@@ -66,13 +66,15 @@ def _confusion_svg(matrix: list[list[float]], labels: list[str]) -> str:
             )
     ticks = "".join(
         f'<text x="{pad + k * cell + cell / 2}" y="{pad - 8}" font-size="11" text-anchor="middle">pred {_e(lbl)}</text>'
-        f'<text x="{pad - 8}" y="{pad + k * cell + cell / 2 + 4}" font-size="11" text-anchor="end">true {_e(lbl)}</text>'
+        f'<text x="{pad - 8}" y="{pad + k * cell + cell / 2 + 4}" font-size="11" '
+        f'text-anchor="end">true {_e(lbl)}</text>'
         for k, lbl in enumerate(labels)
     )
     n = len(matrix)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{pad + n * cell + 20}" height="{pad + n * cell + 20}" '
             f'role="img" aria-label="confusion matrix">'
-            f'<text x="4" y="16" font-size="13" font-weight="600">Confusion matrix (test)</text>{ticks}{"".join(cells)}</svg>')
+            f'<text x="4" y="16" font-size="13" font-weight="600">Confusion matrix (test)</text>'
+            f'{ticks}{"".join(cells)}</svg>')
 
 
 def _plots(classification: dict[str, Any]) -> str:
@@ -120,6 +122,8 @@ def render_run_report(record: RunRecord) -> str:
     extract_meta = record.artifact("extract", "dataset").get("metadata", {})
     model_meta = record.artifact("train", "model").get("metadata", {})
     dq = record.artifact("transform", "report")
+    register, deploy = record.step("register"), record.step("deploy")
+    rollout = {**register.outputs, **deploy.outputs} if register and deploy else {}
     parts = [
         f"<h1>ctloop run <code>{_e(record.run_id)}</code></h1>",
         f"<p>Status: <b>{_e(record.status)}</b> · started {_e(record.started_at)} · {record.seconds:.1f}s total · "
@@ -133,8 +137,7 @@ def render_run_report(record: RunRecord) -> str:
         "<h2>Gate decision</h2>",
         _reasons(record.output("evaluate-gate", "reasons", "")) if gate else "<p>The gate did not run.</p>",
         "<h2>Deployment</h2>",
-        _table([[_e(k), _e(v)] for k, v in {**record.step("register").outputs, **record.step("deploy").outputs}.items()],
-               ["field", "value"]) if record.step("register") and record.step("deploy") else
+        _table([[_e(k), _e(v)] for k, v in rollout.items()], ["field", "value"]) if rollout else
         "<p>Nothing was registered or deployed in this run.</p>",
         "<h2>Lineage</h2>",
         _table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted({**extract_meta, **model_meta}.items())],

@@ -15,7 +15,7 @@ from sklearn.pipeline import Pipeline
 
 from ctloop.config import ModelSettings
 from ctloop.features import FeatureSpec
-from ctloop.modeling import build_pipeline, write_model
+from ctloop.modeling import build_pipeline, data_checksum, write_model
 
 NUMERIC = ["tenure_months", "monthly_charges"]
 CATEGORICAL = ["contract_type"]
@@ -69,12 +69,17 @@ def write_model_dir(directory: Path, pipeline: object, threshold: float = 0.5, c
     else:
         card = {"features": {"numeric": NUMERIC, "categorical": CATEGORICAL},
                 "sklearn_version": sklearn.__version__}
+    estimator = pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline
+    # What the model is, as the train step records it: the registry keys model identity on these fields.
+    card["hyperparameters"] = {k: repr(v) for k, v in sorted(estimator.get_params(deep=False).items())}
     card.update({"label": "churned", "threshold": threshold, "model_type": classifier, **card_extra})
     return write_model(directory, pipeline, card)
 
 
 def make_model_dir(directory: Path, seed: int = 0, threshold: float = 0.5, **card_extra: object) -> Path:
-    return write_model_dir(directory, fit_pipeline(synthetic_frame(seed=seed)), threshold, **card_extra)
+    frame = synthetic_frame(seed=seed)
+    card_extra.setdefault("training_data", {"checksum": data_checksum(frame)})
+    return write_model_dir(directory, fit_pipeline(frame), threshold, **card_extra)
 
 
 class ConstantClassifier(ClassifierMixin, BaseEstimator):

@@ -10,7 +10,7 @@ import pytest
 
 from components.deploy import SmokeTestFailed, check_predictions, run_deploy, smoke_instances
 from components.lookup import find_champion, run_lookup_step
-from components.register import numeric_metrics, run_register
+from components.register import numeric_metrics, run_register, version_aliases
 from ctloop.config import Settings
 from ctloop.registry import LocalRegistry
 from serving.app import create_app, endpoint_deployments
@@ -179,7 +179,10 @@ def test_a_failing_smoke_test_rolls_back_and_leaves_production_alone(
     if bad == "corrupt":
         (tmp_path / "corrupt").mkdir()
         (tmp_path / "corrupt" / "model.joblib").write_bytes(b"not a pickle")
-        (tmp_path / "corrupt" / "model_card.json").write_text((models["a"] / "model_card.json").read_text())
+        # A corrupt file from another training run (its own data checksum, so not model "a" again).
+        card = json.loads((models["a"] / "model_card.json").read_text())
+        card["training_data"] = {"checksum": "sha256:corrupt-run"}
+        (tmp_path / "corrupt" / "model_card.json").write_text(json.dumps(card))
         candidate = _register(s, "run-2", tmp_path / "corrupt")
     else:
         candidate = _register(s, "run-2", models[bad])
@@ -291,7 +294,8 @@ def test_components_run_under_the_kfp_local_runner(tmp_path: Path, models: dict[
     (version,) = registry.list_versions(NAME)
     assert version.run_key == "kfp-run-1" and version.metrics == {"roc_auc": 0.75}
     assert version.labels["ctloop-data-checksum"] == "c0ffee"
-    assert set(version.aliases) == {"champion", "default", "run-kfp-run-1"}
+    fingerprint = version_aliases("kfp-run-1", Path(version.artifact_uri))[1]
+    assert set(version.aliases) == {"champion", "default", "run-kfp-run-1", fingerprint}
     assert _split(s, "ctloop-production") == {f"{NAME}-v1": 100}
     outputs = [json.loads(o.read_text())["parameterValues"]
                for o in sorted((tmp_path / "root").glob("register-deploy-*/deploy/executor_output.json"))]

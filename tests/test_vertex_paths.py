@@ -22,7 +22,7 @@ from google.cloud import aiplatform
 
 from components.deploy import SmokeTestFailed, run_deploy
 from components.lookup import find_champion, run_lookup_step
-from components.register import run_register
+from components.register import run_register, version_aliases
 from ctloop.config import Settings
 from ctloop.vertex import label_value, resource_id, run_alias
 from serving.app import ServedModel, create_app
@@ -244,6 +244,11 @@ def _register(settings: Settings, run: str, model_dirs: dict[str, Path]):
 # -- register ----------------------------------------------------------------------------------------------
 
 
+def _fp(model_dirs: dict[str, Path], run: str) -> str:
+    """The model-identity alias of the model that ``run`` registers."""
+    return version_aliases(run, model_dirs[f"gs://ctloop-test-root/{run}/model"])[1]
+
+
 def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex,
                                                          model_dirs: dict[str, Path]) -> None:
     result = _register(_settings(), "run-1", model_dirs)
@@ -256,7 +261,7 @@ def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex,
     assert spec["artifactUri"] == "gs://ctloop-test-root/run-1/model"
     assert spec["containerSpec"] == {"imageUri": IMAGE, "predictRoute": "/predict", "healthRoute": "/health",
                                      "ports": [{"containerPort": 8080}]}
-    assert sorted(spec["versionAliases"]) == ["default", "run-run-1"]
+    assert sorted(spec["versionAliases"]) == sorted(["default", "run-run-1", _fp(model_dirs, "run-1")])
     assert spec["labels"] == {"app": "ctloop", "env": "test", "ctloop-run": "run-1",
                               "ctloop-pipeline": "ctloop-training", "ctloop-data-checksum": "f" * 63,
                               "ctloop-git-sha": "abc1234", "ctloop-model-type": "logistic_regression"}
@@ -270,7 +275,8 @@ def test_next_register_is_a_non_default_version_of_the_parent(vertex: FakeVertex
     assert (result.version, result.created) == ("2", True)
     body = vertex.server.find("POST", rf"/v1/{P}/models:upload")[-1].json
     assert body["parentModel"] == f"{P}/models/ctloop-churn"
-    assert body["model"]["versionAliases"] == ["run-run-2"]  # not "default": deploy decides what serves
+    # not "default": deploy decides what serves
+    assert body["model"]["versionAliases"] == ["run-run-2", _fp(model_dirs, "run-2")]
     assert body["model"]["artifactUri"] == "gs://ctloop-test-root/run-2/model"
 
 
@@ -292,7 +298,7 @@ def test_register_race_on_the_first_model_becomes_a_version(vertex: FakeVertex,
     assert (result.version, result.created) == ("2", True)
     uploads = vertex.server.find("POST", rf"/v1/{P}/models:upload")
     assert [u.json.get("parentModel") for u in uploads] == [None, f"{P}/models/ctloop-churn"]
-    assert uploads[1].json["model"]["versionAliases"] == ["run-run-1"]
+    assert uploads[1].json["model"]["versionAliases"] == ["run-run-1", _fp(model_dirs, "run-1")]
 
 
 def test_register_refuses_a_local_uri_for_vertex(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
@@ -374,8 +380,10 @@ def test_canary_prunes_the_oldest_and_moves_both_aliases(vertex: FakeVertex, mod
     assert vertex.traffic("ctloop-production") == {"ctloop-churn@2": 90, "ctloop-churn@3": 10}
     assert result.previous_champion == "2"
     versions = {v["versionId"]: sorted(v["versionAliases"]) for v in vertex.versions["ctloop-churn"]}
-    assert versions == {"1": ["default", "run-run-1"], "2": ["previous-champion", "run-run-2"],
-                        "3": ["champion", "run-run-3"]}
+    fps = {run: _fp(model_dirs, run) for run in ("run-1", "run-2", "run-3")}
+    assert versions == {"1": sorted(["default", "run-run-1", fps["run-1"]]),
+                        "2": sorted(["previous-champion", "run-run-2", fps["run-2"]]),
+                        "3": sorted(["champion", "run-run-3", fps["run-3"]])}
 
 
 def test_deploying_the_deployed_champion_again_changes_nothing(vertex: FakeVertex,
