@@ -20,7 +20,7 @@ from ctloop.config import Settings
 from ctloop.errors import ChampionError, CtloopError
 from ctloop.features import FeatureSpec
 from ctloop.gate import GateDecision, decide
-from ctloop.metrics import classification_metrics, confusion, roc_curve_points
+from ctloop.metrics import classification_metrics, confusion, pr_curve_points, roc_curve_points
 from ctloop.modeling import LoadedModel, data_checksum, load_model, predict_proba, read_split
 
 # Step output ``champion_metric`` when there is no champion (every gate metric lies in [0, 1]).
@@ -51,6 +51,7 @@ class EvaluationResult:
     champion_metrics: dict[str, float | int] | None
     decision: GateDecision
     roc: dict[str, list[float]]
+    pr: dict[str, list[float]]
     confusion: list[list[int]]
     champion_dir: str | None
     test_checksum: str
@@ -123,6 +124,7 @@ def run_evaluate(settings: Settings, model_dir: str | Path, test_dir: str | Path
         champion_metrics=champ_metrics,
         decision=decision,
         roc=roc_curve_points(y, proba),
+        pr=pr_curve_points(y, proba),
         confusion=confusion(y, proba, candidate.threshold),
         champion_dir=champion_dir,
         test_checksum=data_checksum(test),
@@ -184,6 +186,8 @@ def run_evaluate_step(config: dict, run_id: str, model: Any, test: Any, champion
 
     classification.log_roc_curve(result.roc["fpr"], result.roc["tpr"], result.roc["thresholds"])
     classification.log_confusion_matrix(["0", "1"], result.confusion)
+    # Not drawn by the Vertex UI, but kept with the artifact so reports can plot the PR curve.
+    classification.metadata["prCurve"] = {"precision": result.pr["precision"], "recall": result.pr["recall"]}
 
     out = Path(report.path)
     out.parent.mkdir(parents=True, exist_ok=True)

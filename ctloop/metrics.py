@@ -79,6 +79,20 @@ def roc_curve_points(y: Any, p: Any, max_points: int = 200) -> dict[str, list[fl
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
 
 
+def pr_curve_points(y: Any, p: Any, max_points: int = 200) -> dict[str, list[float]]:
+    """Precision-recall curve as ``precision``, ``recall``, ``thresholds`` lists, thinned to ``max_points``."""
+    if max_points < 2:
+        raise ValueError(f"pr_curve_points: max_points must be >= 2, found {max_points}")
+    y_arr, p_arr = _validate(y, p)
+    precision, recall, thr = skm.precision_recall_curve(y_arr, p_arr, drop_intermediate=True)
+    # sklearn appends the (recall 0, precision 1) end point without a threshold: keep the pairs that have one.
+    precision, recall = precision[:-1], recall[:-1]
+    if len(thr) > max_points:
+        idx = np.unique(np.linspace(0, len(thr) - 1, max_points).round().astype(int))
+        precision, recall, thr = precision[idx], recall[idx], thr[idx]
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": thr.tolist()}
+
+
 def confusion(y: Any, p: Any, threshold: float) -> list[list[int]]:
     """2x2 confusion matrix ``[[tn, fp], [fn, tp]]``: rows are the actual class 0/1, columns the predicted."""
     y_arr, p_arr = _validate(y, p, threshold)

@@ -72,7 +72,7 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
     echo(f"status: {record.status} in {record.seconds:.1f}s; gate decision: {decision}")
     if metrics:
         echo(f"candidate (test split): {line('')}")
-    if any(k.startswith("champion_") for k in metrics):
+    if any(k.startswith("champion_") and isinstance(v, float) for k, v in metrics.items()):  # not only its uri
         echo(f"champion  (same split): {line('champion_')}")
     if decision == "pass":
         echo(f"registered: {record.output('register', 'model_resource', '?')} "

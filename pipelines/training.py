@@ -13,16 +13,14 @@ Steps, in order:
 
 from kfp import dsl
 
-from components import (
-    deploy,
-    evaluate_gate,
-    extract,
-    lookup_champion,
-    register,
-    report_rejection,
-    train,
-    transform,
-)
+from components.deploy import deploy
+from components.evaluate import evaluate_gate
+from components.extract import extract
+from components.lookup import lookup_champion
+from components.register import register
+from components.report import report_rejection
+from components.train import train
+from components.transform import transform
 
 PIPELINE_NAME = "ctloop-training"
 GATE_PASS = "pass"

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ctloop.metrics import METRIC_NAMES, classification_metrics, confusion, roc_curve_points
+from ctloop.metrics import METRIC_NAMES, classification_metrics, confusion, pr_curve_points, roc_curve_points
 
 Y = [0, 0, 1, 1, 0, 1]
 P = [0.1, 0.4, 0.35, 0.8, 0.6, 0.9]
@@ -74,3 +74,22 @@ def test_one_class_is_a_clear_error() -> None:
 def test_malformed_input_is_rejected(y: list, p: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         classification_metrics(y, p, 0.5)
+
+
+def test_pr_points_match_average_precision_and_are_thinned() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 4000)
+    p = np.clip(y * 0.25 + rng.random(4000) * 0.75, 0, 1)
+    full = pr_curve_points(y, p, max_points=100_000)
+    thin = pr_curve_points(y, p, max_points=40)
+    assert 2 <= len(thin["thresholds"]) <= 40 < len(full["thresholds"])
+    for curve in (full, thin):
+        assert len(curve["precision"]) == len(curve["recall"]) == len(curve["thresholds"])
+        assert all(0.0 <= v <= 1.0 for key in ("precision", "recall") for v in curve[key])
+        assert curve["recall"] == sorted(curve["recall"], reverse=True)  # thresholds ascend, recall falls
+    # The step-wise area under the full curve is average precision (the pr_auc the gate uses).
+    r = full["recall"] + [0.0]
+    area = sum((r[i] - r[i + 1]) * full["precision"][i] for i in range(len(full["precision"])))
+    assert area == pytest.approx(classification_metrics(y, p, 0.5)["pr_auc"], abs=1e-9)
+    with pytest.raises(ValueError, match="max_points"):
+        pr_curve_points(y, p, max_points=1)

@@ -268,7 +268,9 @@ def test_components_run_under_the_kfp_local_runner(tmp_path: Path, models: dict[
     from kfp import dsl, local
     from kfp.dsl import Dataset, Metrics, Model
 
-    from components import deploy, lookup_champion, register
+    from components.deploy import deploy
+    from components.lookup import lookup_champion
+    from components.register import register
 
     s = _settings(tmp_path)
     (tmp_path / "metrics").write_text("{}")
