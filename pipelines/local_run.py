@@ -123,7 +123,8 @@ def run_local(
             echo(f"run {run_id} already succeeded; not running it again ({record_path})")
             return previous
     run_dir.mkdir(parents=True, exist_ok=True)
-    root = settings.local.pipeline_root
+    # One pipeline root per run: concurrent runs (two triggers at once) never pick up each other's outputs.
+    root = settings.local.pipeline_root / run_id
     root.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "pipeline.log"
     steps: dict[str, StepRecord] = {}

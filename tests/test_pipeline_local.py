@@ -136,10 +136,10 @@ def test_rejected_candidate_leaves_the_champion_serving(settings: Settings) -> N
 
 
 def test_a_run_id_that_already_succeeded_is_not_run_again(settings: Settings) -> None:
-    before = sorted(p.name for p in settings.local.pipeline_root.iterdir())
+    before = sorted(p.name for p in (settings.local.pipeline_root / "run-first").iterdir())
     lines: list[str] = []
     record = run_local(training_pipeline, settings, run_id="run-first",
                        arguments=pipeline_arguments(settings, "run-first", "", ""), echo=lines.append)
     assert record.status == "SUCCEEDED"
     assert any("already succeeded" in ln for ln in lines)
-    assert sorted(p.name for p in settings.local.pipeline_root.iterdir()) == before
+    assert sorted(p.name for p in (settings.local.pipeline_root / "run-first").iterdir()) == before
