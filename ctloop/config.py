@@ -163,6 +163,58 @@ class LocalSettings(_Strict):
         return self.path("runs")
 
 
+_CRON_FIELDS = 5
+
+
+class MonitoringSettings(_Strict):
+    """Drift and skew checks against the champion's training data, prediction logging, the retrain policy.
+
+    What each threshold means, and the false-alarm and detection rates measured with them: docs/monitoring.md.
+    """
+
+    # The recent batch: the extract SQL over the last ``recent_days`` (ending at ``window_end``, else the run's
+    # snapshot time), or the prediction log of the production endpoint over the same window.
+    source: Literal["extract", "prediction_log"] = "extract"
+    recent_days: int = Field(default=7, gt=0)
+    window_end: str | None = None
+    min_rows: int = Field(default=1000, gt=0)
+    max_rows: int = Field(default=200_000, gt=0)  # larger inputs are sampled down (deterministically)
+    bins: int = Field(default=10, ge=2, le=100)  # quantile bins of the reference, for numeric PSI
+    max_categories: int = Field(default=50, ge=1)  # rarer reference categories share the "other" bucket
+    epsilon: float = Field(default=1e-4, gt=0, lt=0.01)  # empty bins count as this fraction in PSI
+    psi_warn: float = Field(default=0.1, gt=0)
+    psi_alert: float = Field(default=0.2, gt=0)
+    # Family-wise significance level; each test (2 per feature, 2 for the scores) uses p_value / (tests run).
+    p_value: float = Field(default=0.01, gt=0, lt=1)
+    min_drifted_features: int = Field(default=1, ge=1)
+    # Features left out of the comparison, e.g. cumulative history counts that grow with time by construction.
+    exclude_features: list[str] = Field(default_factory=list)
+    max_missing_rate_change: float = Field(default=0.05, gt=0, le=1)
+    score_psi_alert: float = Field(default=0.2, gt=0)
+    max_positive_rate_change: float = Field(default=0.10, gt=0, le=1)
+    retrain_policy: Literal["always", "on_drift"] = "always"
+    schedule: str = "0 6 * * *"  # cron, UTC: the scheduled check (terraform/monitoring.tf)
+    # Cloud: the training template a drift launches (Artifact Registry URI); empty = compile it in the step.
+    training_template: str = ""
+    # Prediction logging (serving): the share of requests logged, 0 = off.
+    sample_rate: float = Field(default=0.0, ge=0, le=1)
+    # Where logs go: a directory or gs://bucket/prefix; "" = <workdir>/prediction_log (local backend) or
+    # gs://<gcp.staging_bucket>/prediction_log (cloud). Each endpoint writes below <log_uri>/<endpoint>/.
+    log_uri: str = ""
+    log_flush_rows: int = Field(default=2000, gt=0)
+    log_flush_seconds: float = Field(default=30.0, gt=0)
+    log_max_pending_rows: int = Field(default=100_000, gt=0)  # beyond this, sampled rows are dropped (counted)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MonitoringSettings:
+        if self.psi_warn > self.psi_alert:
+            raise ValueError(f"monitoring: psi_warn ({self.psi_warn}) must not exceed psi_alert ({self.psi_alert})")
+        if len(self.schedule.split()) != _CRON_FIELDS:
+            raise ValueError(f"monitoring.schedule: expected a 5-field cron expression such as '0 6 * * *', "
+                             f"found {self.schedule!r}")
+        return self
+
+
 class Settings(_Strict):
     """Everything a run needs. Serialisable, so it can be a pipeline parameter."""
 
@@ -175,6 +227,7 @@ class Settings(_Strict):
     gate: GateSettings = Field(default_factory=GateSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     @model_validator(mode="after")
     def _roles_distinct(self) -> Settings:

@@ -73,6 +73,7 @@ class ManagedProcess:
     log_path: Path
     process: subprocess.Popen[bytes]
     stop_signal: int = signal.SIGTERM
+    signal_group: bool = True  # False: ``stop_signal`` goes to the leader only (it stops its own children)
 
     @property
     def running(self) -> bool:
@@ -85,10 +86,14 @@ class ManagedProcess:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Signal the whole group, then SIGKILL it if it has not exited after ``timeout`` seconds."""
+        """Signal the whole group (or its leader), then SIGKILL the group if the leader has not exited after
+        ``timeout`` seconds."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, self.stop_signal)
+                if self.signal_group:
+                    os.killpg(self.process.pid, self.stop_signal)
+                else:
+                    self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -128,14 +133,18 @@ def wait_ready(proc: ManagedProcess, url: str, timeout: float,
                ready: Callable[[int], bool] = lambda status: status == 200) -> None:
     """Poll ``url`` until ``ready(status)``; fail early, with the log tail, when the process exits."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.running:
-            raise EmulatorError(f"{proc.name} exited with code {proc.process.returncode} before it was "
-                                f"ready; log {proc.log_path}:\n{proc.log_tail()}")
-        status = http_status(url)
-        if status is not None and ready(status):
-            return
-        time.sleep(0.05)
+    try:
+        while time.monotonic() < deadline:
+            if not proc.running:
+                raise EmulatorError(f"{proc.name} exited with code {proc.process.returncode} before it was "
+                                    f"ready; log {proc.log_path}:\n{proc.log_tail()}")
+            status = http_status(url)
+            if status is not None and ready(status):
+                return
+            time.sleep(0.05)
+    except BaseException:  # e.g. Ctrl-C while waiting: nobody holds the process yet to stop it later
+        proc.stop()
+        raise
     proc.stop()
     raise EmulatorError(f"{proc.name} did not answer {url} within {timeout:.0f}s; log {proc.log_path}:\n"
                         f"{proc.log_tail()}")
@@ -319,8 +328,11 @@ def start_function(source: Path, target: str, log_dir: Path, *, env: Mapping[str
             "--signature-type", signature_type, "--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, **(env or {})}
     proc = start_process(name, argv, log_dir / f"{name}.log", env=full_env, cwd=source.parent)
-    # gunicorn: SIGTERM waits out idle keep-alive connections (seconds); SIGINT is its quick shutdown.
+    # gunicorn: SIGTERM waits out idle keep-alive connections (seconds); SIGINT is its quick shutdown. To the
+    # master only: it sends its workers SIGQUIT, and a worker hit by our SIGINT too runs its quit handler nested
+    # in itself, deadlocking on its thread pool's lock until SIGKILL (seen intermittently: 10 s per stop).
     proc.stop_signal = signal.SIGINT
+    proc.signal_group = False
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url, timeout, ready=lambda status: True)  # any HTTP answer: the server is up
     return FunctionServer(process=proc, url=url)

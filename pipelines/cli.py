@@ -153,6 +153,29 @@ def run_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, trig
     sys.exit(code)
 
 
+@cli.command("monitor")
+@click.option("--target", type=click.Choice(["local", "vertex"]), default="local", show_default=True)
+@click.option("--run-id", default=None, help="Idempotency key: also keys the training run a drift launches.")
+@click.option("--snapshot-time", default="", help="ISO timestamp the recent window ends at (default: now).")
+@click.option("--trigger-uri", default="", help="What started this check (the new batch, or the schedule).")
+@click.option("--template", default=None, help="--target vertex: compiled YAML or Artifact Registry URI.")
+@pass_ctx
+@_fail_cleanly
+def monitor_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, trigger_uri: str,
+                template: str | None) -> None:
+    """Check the recent data for drift against the champion; launch training when it drifted."""
+    from pipelines.monitoring import run_monitoring_local, submit_monitoring
+
+    if target == "vertex":
+        result = submit_monitoring(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
+                                   trigger_uri=trigger_uri, template=template)
+        click.echo(f"{'submitted' if result.created else 'already submitted'}: {result.job_name}")
+        return
+    code, _ = run_monitoring_local(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
+                                   trigger_uri=trigger_uri, echo=click.echo)
+    sys.exit(code)
+
+
 @cli.command("compile")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("build/pipelines"), show_default=True)
 @click.option("--component-image", default=None, help="Image every component runs in (default: gcp.component_image).")
@@ -209,7 +232,11 @@ def serve_cmd(ctx: _Ctx, endpoint: str | None, host: str, port: int) -> None:
     from serving.app import serve_endpoint
 
     s = ctx.settings
-    serve_endpoint(LocalRegistry(s.local.registry_db), endpoint or s.deploy.production_endpoint, host, port)
+    from serving.prediction_log import config_from_settings
+
+    name = endpoint or s.deploy.production_endpoint
+    serve_endpoint(LocalRegistry(s.local.registry_db), name, host, port,
+                   prediction_log=config_from_settings(s, name))
 
 
 @cli.command("registry")

@@ -3,6 +3,10 @@
 Vertex sets ``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE``, ``AIP_STORAGE_URI`` (a ``gs://``
 copy of the model's artifact directory) and ``AIP_DEPLOYED_MODEL_ID``. ``AIP_STORAGE_URI`` may also be a local
 directory, which is how the container is run by hand. ``CTLOOP_MAX_INSTANCES`` caps instances per request.
+
+Prediction logging: ``CTLOOP_PREDICTION_LOG_RATE`` (share of requests, default 0 = off) and
+``CTLOOP_PREDICTION_LOG_URI`` (the endpoint's log root, ``gs://bucket/prefix`` or a directory; required when the
+rate is above 0); optional ``CTLOOP_PREDICTION_LOG_FLUSH_ROWS`` and ``CTLOOP_PREDICTION_LOG_FLUSH_SECONDS``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from serving.app import (
     create_app,
 )
 from serving.model import ModelLoadError, fetch_model_dir
+from serving.prediction_log import PredictionLogConfig
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class ContainerEnv:
     health_route: str
     deployed_model_id: str
     max_instances: int
+    prediction_log: PredictionLogConfig | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ContainerEnv:
@@ -43,7 +49,30 @@ class ContainerEnv:
             health_route=env.get("AIP_HEALTH_ROUTE") or DEFAULT_HEALTH_ROUTE,
             deployed_model_id=env.get("AIP_DEPLOYED_MODEL_ID") or "0",
             max_instances=_int(env, "CTLOOP_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
+            prediction_log=_prediction_log(env),
         )
+
+
+def _prediction_log(env: Mapping[str, str]) -> PredictionLogConfig | None:
+    raw = env.get("CTLOOP_PREDICTION_LOG_RATE") or "0"
+    try:
+        rate = float(raw)
+    except ValueError:
+        raise ValueError(f"CTLOOP_PREDICTION_LOG_RATE={raw!r}: expected a number in [0, 1]") from None
+    if rate <= 0:
+        return None
+    uri = env.get("CTLOOP_PREDICTION_LOG_URI", "")
+    if not uri:
+        raise ValueError("CTLOOP_PREDICTION_LOG_URI is not set: expected gs://bucket/prefix (or a directory) "
+                         f"since CTLOOP_PREDICTION_LOG_RATE={raw}")
+    seconds = env.get("CTLOOP_PREDICTION_LOG_FLUSH_SECONDS")
+    try:
+        flush_seconds = float(seconds) if seconds else 30.0
+    except ValueError:
+        raise ValueError(f"CTLOOP_PREDICTION_LOG_FLUSH_SECONDS={seconds!r}: expected a number") from None
+    return PredictionLogConfig(uri=uri, sample_rate=rate,
+                               flush_rows=_int(env, "CTLOOP_PREDICTION_LOG_FLUSH_ROWS", 2000),
+                               flush_seconds=flush_seconds)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -67,6 +96,7 @@ def main(env: Mapping[str, str] | None = None) -> None:
             predict_route=cfg.predict_route,
             health_route=cfg.health_route,
             max_instances=cfg.max_instances,
+            prediction_log=cfg.prediction_log,
         )
     except (ValueError, ModelLoadError) as exc:
         print(f"serving: {exc}", file=sys.stderr)

@@ -11,6 +11,9 @@ row costs about as much as on a hundred), so throughput grows with concurrency a
 
 One app serves all deployed models of an endpoint and honours its traffic split: each request picks one
 deployed model at random, weighted by its traffic percentage.
+
+Prediction logging (off unless a ``PredictionLogConfig`` is given): a sample of requests, with the features as
+the model scored them and the answers, written in batches by a background thread (serving/prediction_log.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request, Response
 
 from serving.model import Columns, InstanceError, InstanceValidator, LoadedModel, load_model_dir
+from serving.prediction_log import PredictionLogConfig, PredictionLogger
 
 if TYPE_CHECKING:
     from ctloop.registry import LocalRegistry
@@ -59,11 +63,13 @@ class PredictionError(RuntimeError):
 class _Deployed:
     """A loaded model plus the queue that coalesces concurrent requests into one model call."""
 
-    def __init__(self, served: ServedModel, loaded: LoadedModel) -> None:
+    def __init__(self, served: ServedModel, loaded: LoadedModel, log: PredictionLogConfig | None = None) -> None:
         self.served = served
         self.model = loaded
         self.validator = InstanceValidator(loaded.card)
         self.threshold = loaded.card.threshold
+        self.logger = (PredictionLogger(log, loaded.card.numeric, loaded.card.categorical)
+                       if log is not None and log.sample_rate > 0 else None)
         # One scoring thread per model: scikit-learn runs off the event loop, which keeps accepting requests.
         self._executor: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[tuple[Columns, int, asyncio.Future[list[float]]]] | None = None
@@ -92,6 +98,9 @@ class _Deployed:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self.logger is not None:
+            # Writes what is still buffered; off the event loop, which may still be answering health checks.
+            await asyncio.to_thread(self.logger.close)
 
     async def _run(self) -> None:
         assert self._queue is not None and self._executor is not None
@@ -172,10 +181,12 @@ def create_app(
     health_route: str = DEFAULT_HEALTH_ROUTE,
     max_instances: int = DEFAULT_MAX_INSTANCES,
     seed: int | None = None,
+    prediction_log: PredictionLogConfig | None = None,
 ) -> FastAPI:
     """Load every deployed model now (never per request) and build the app.
 
     Traffic percentages must sum to 100; a model with 0% stays loaded but receives no requests.
+    ``prediction_log``: log a sample of requests there (each deployed model writes its own files).
     """
     if not deployments:
         raise ValueError("create_app: no deployed models to serve")
@@ -189,7 +200,7 @@ def create_app(
     if max_instances < 1:
         raise ValueError(f"create_app: max_instances must be at least 1, found {max_instances}")
 
-    served = [_Deployed(d, load_model_dir(d.model_dir)) for d in deployments]
+    served = [_Deployed(d, load_model_dir(d.model_dir), prediction_log) for d in deployments]
     live = [s for s in served if s.served.traffic_percent > 0]
     weights = [s.served.traffic_percent for s in live]
     rng = random.Random(seed)
@@ -211,6 +222,8 @@ def create_app(
         body = {"status": "ok", "deployedModels": [
             {"deployedModelId": s.served.deployed_id, "model": s.served.model,
              "modelVersionId": s.served.version, "trafficPercent": s.served.traffic_percent} for s in served]}
+        if prediction_log is not None:
+            body["predictionLog"] = [s.logger.stats() for s in served if s.logger is not None]
         return Response(json.dumps(body), media_type="application/json")
 
     async def predict(request: Request) -> Response:
@@ -244,6 +257,9 @@ def create_app(
         except PredictionError as exc:
             return Response(json.dumps({"error": str(exc)}), status_code=500, media_type="application/json")
         threshold = target.threshold
+        if target.logger is not None:
+            target.logger.offer(columns, probs, threshold, target.served.deployed_id, target.served.model,
+                                target.served.version)
         answer = {
             "predictions": [{"label": int(p >= threshold), "probability": p} for p in probs],
             "deployedModelId": target.served.deployed_id,
@@ -273,9 +289,12 @@ def endpoint_deployments(registry: LocalRegistry, endpoint_name: str) -> list[Se
 
 
 def serve_endpoint(registry: LocalRegistry, endpoint_name: str, host: str = "127.0.0.1",
-                   port: int = 8080) -> None:
-    """Serve a local endpoint's deployed models (its traffic split as of now) until interrupted."""
+                   port: int = 8080, prediction_log: PredictionLogConfig | None = None) -> None:
+    """Serve a local endpoint's deployed models (its traffic split as of now) until interrupted.
+
+    ``prediction_log``: e.g. ``serving.prediction_log.config_from_settings(settings, endpoint_name)``.
+    """
     import uvicorn
 
-    app = create_app(endpoint_deployments(registry, endpoint_name))
+    app = create_app(endpoint_deployments(registry, endpoint_name), prediction_log=prediction_log)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -55,6 +55,9 @@ resource "google_cloudfunctions2_function" "trigger" {
       CTLOOP_TRIGGER_PREFIX   = local.landing_prefix
       CTLOOP_TRIGGER_TEMPLATE = local.template_uri
       CTLOOP_TRIGGER_CONFIG   = local.config_uri
+      # New batches follow monitoring.retrain_policy of the settings file; ticks launch the monitoring pipeline.
+      CTLOOP_TRIGGER_POLICY           = "config"
+      CTLOOP_TRIGGER_MONITOR_TEMPLATE = local.monitoring_template_uri
     }, var.function_env)
   }
 

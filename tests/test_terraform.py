@@ -40,6 +40,7 @@ NOT_LABELABLE = {
     "google_artifact_registry_repository_iam_member",
     "google_bigquery_dataset_iam_member",
     "google_cloud_run_service_iam_member",
+    "google_cloud_scheduler_job",
     "google_cloudbuild_trigger",  # has `tags`, not labels
     "google_project_iam_member",
     "google_project_service",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 _VERTEX_JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
 
@@ -17,6 +18,7 @@ class LaunchRequest:
     bucket: str
     name: str
     generation: str
+    pipeline: Literal["training", "monitoring"] = "training"
 
 
 def job_id_for(bucket: str, name: str, generation: str, prefix: str = "ctloop-train") -> str:
@@ -29,7 +31,8 @@ def job_id_for(bucket: str, name: str, generation: str, prefix: str = "ctloop-tr
     return job_id
 
 
-def launch_request(bucket: str, name: str, generation: str, batch: str, prefix: str) -> LaunchRequest:
+def launch_request(bucket: str, name: str, generation: str, batch: str, prefix: str,
+                   pipeline: Literal["training", "monitoring"] = "training") -> LaunchRequest:
     return LaunchRequest(
         job_id=job_id_for(bucket, name, generation, prefix),
         trigger_uri=f"gs://{bucket}/{name}#{generation}",
@@ -37,4 +40,5 @@ def launch_request(bucket: str, name: str, generation: str, batch: str, prefix: 
         bucket=bucket,
         name=name,
         generation=generation,
+        pipeline=pipeline,
     )

@@ -1,4 +1,6 @@
-"""Local launch: ledger claim, optional mirror of the batch into the landing area, detached pipeline run."""
+"""Local launch: ledger claim, optional mirror of the batch into the landing area, detached pipeline run.
+
+A schedule tick has no batch: nothing is mirrored for it."""
 
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
 def launch_argv(settings: TriggerSettings, request: LaunchRequest) -> list[str]:
-    """The configured command with its placeholders filled; each value stays one argv element (no shell)."""
+    """The configured command (training, or monitoring for a monitoring request) with its placeholders filled;
+    each value stays one argv element (no shell)."""
     values = {"python": sys.executable, "config": settings.resolve_bundle_path(settings.config),
               "run_id": request.job_id, "trigger_uri": request.trigger_uri}
-    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in settings.launch_command]
+    command = settings.monitor_command if request.pipeline == "monitoring" else settings.launch_command
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
 
 
 class LocalLauncher:
@@ -46,7 +50,7 @@ class LocalLauncher:
         if state == "busy":
             raise LedgerBusy(f"job {request.job_id} is being launched by another delivery; retry later")
         try:
-            if self.settings.mirror_dir:
+            if self.settings.mirror_dir and request.bucket:
                 mirror_batch(request, self.settings)
             pid, argv, log_path = self._spawn(request)
         except BaseException as exc:

@@ -21,7 +21,15 @@ DEFAULT_LAUNCH_COMMAND = (
     "{python}", "-m", "pipelines.cli", "--config", "{config}",
     "run", "--run-id", "{run_id}", "--trigger-uri", "{trigger_uri}", "--no-serve",
 )
+# The monitoring pipeline (retrain policy on_drift, and schedule ticks): ``ctloop monitor``.
+DEFAULT_MONITOR_COMMAND = (
+    "{python}", "-m", "pipelines.cli", "--config", "{config}",
+    "monitor", "--run-id", "{run_id}", "--trigger-uri", "{trigger_uri}",
+)
 LAUNCH_PLACEHOLDERS = frozenset({"python", "config", "run_id", "trigger_uri"})
+# always: every new batch launches training; on_drift: it launches the monitoring pipeline, which retrains only
+# when the batch drifted; config: the ctloop config's monitoring.retrain_policy, read at each launch.
+POLICIES = ("always", "on_drift", "config")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _JOB_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,90}[a-z0-9]$")
@@ -58,6 +66,12 @@ class TriggerSettings:
     ledger_timeout: float = 5.0  # seconds to wait on a locked ledger before failing the delivery (retried)
     claim_seconds: float = 120.0  # a launch claimed longer ago than this without finishing may be taken over
     mirror_dir: str = ""  # when set, the triggering object(s) are copied here before a local launch
+    # retrain policy and the monitoring pipeline it (and every schedule tick) launches
+    policy: Literal["always", "on_drift", "config"] = "always"
+    monitor_template: str = ""  # cloud: the compiled monitoring pipeline (path, gs:// or Artifact Registry URI)
+    monitor_display_name: str = "ctloop-monitoring"
+    monitor_job_prefix: str = "ctloop-monitor"
+    monitor_command: tuple[str, ...] = DEFAULT_MONITOR_COMMAND
 
     @property
     def batch_mode(self) -> bool:
@@ -94,11 +108,12 @@ def _number(environ: Mapping[str, str], name: str, default: float, minimum: floa
     return value
 
 
-def _launch_command(environ: Mapping[str, str]) -> tuple[str, ...]:
-    name = ENV_PREFIX + "LAUNCH_COMMAND"
+def _launch_command(environ: Mapping[str, str], var: str = "LAUNCH_COMMAND",
+                    default: tuple[str, ...] = DEFAULT_LAUNCH_COMMAND) -> tuple[str, ...]:
+    name = ENV_PREFIX + var
     raw = environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_LAUNCH_COMMAND
+        return default
     try:
         argv = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -113,6 +128,14 @@ def _launch_command(environ: Mapping[str, str]) -> tuple[str, ...]:
     if not any("{run_id}" in a for a in argv):
         raise SettingsError(f"{name}: the command must pass {{run_id}} (the idempotency key) to the pipeline")
     return tuple(argv)
+
+
+def _job_prefix(environ: Mapping[str, str], var: str, default: str) -> str:
+    prefix = _env(environ, var, default)
+    if not _JOB_PREFIX.match(prefix):
+        raise SettingsError(f"{ENV_PREFIX}{var}: expected [a-z][a-z0-9-]* (at most 92 chars, "
+                            f"no trailing '-'), found {prefix!r}")
+    return prefix
 
 
 def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
@@ -138,10 +161,14 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
         if "/" in marker:
             raise SettingsError(f"{ENV_PREFIX}MARKERS: expected base names such as '_SUCCESS', "
                                 f"found {marker!r}")
-    job_prefix = _env(environ, "JOB_PREFIX", "ctloop-train")
-    if not _JOB_PREFIX.match(job_prefix):
-        raise SettingsError(f"{ENV_PREFIX}JOB_PREFIX: expected [a-z][a-z0-9-]* (at most 92 chars, "
-                            f"no trailing '-'), found {job_prefix!r}")
+    job_prefix = _job_prefix(environ, "JOB_PREFIX", "ctloop-train")
+    monitor_prefix = _job_prefix(environ, "MONITOR_JOB_PREFIX", "ctloop-monitor")
+    if monitor_prefix == job_prefix:
+        raise SettingsError(f"{ENV_PREFIX}MONITOR_JOB_PREFIX: must differ from {ENV_PREFIX}JOB_PREFIX "
+                            f"({job_prefix!r}), or a batch's monitoring and training runs would share a job id")
+    policy = _env(environ, "POLICY", "always")
+    if policy not in POLICIES:
+        raise SettingsError(f"{ENV_PREFIX}POLICY: expected one of {list(POLICIES)}, found {policy!r}")
     config = _env(environ, "CONFIG", "ctloop.yaml")
     settings = TriggerSettings(
         bucket=bucket,
@@ -163,10 +190,18 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
         ledger_timeout=_number(environ, "LEDGER_TIMEOUT", 5.0, 0.0),
         claim_seconds=_number(environ, "CLAIM_SECONDS", 120.0, 1.0),
         mirror_dir=_env(environ, "MIRROR_DIR"),
+        policy=policy,  # type: ignore[arg-type]
+        monitor_template=_env(environ, "MONITOR_TEMPLATE"),
+        monitor_display_name=_env(environ, "MONITOR_DISPLAY_NAME", "ctloop-monitoring"),
+        monitor_job_prefix=monitor_prefix,
+        monitor_command=_launch_command(environ, "MONITOR_COMMAND", DEFAULT_MONITOR_COMMAND),
     )
     if backend == "cloud" and not settings.template:
         raise SettingsError(f"{ENV_PREFIX}TEMPLATE: required when {ENV_PREFIX}BACKEND=cloud (a compiled "
                             "pipeline YAML in the bundle, a gs:// URI or an Artifact Registry https:// URI)")
+    if backend == "cloud" and policy != "always" and not settings.monitor_template:
+        raise SettingsError(f"{ENV_PREFIX}MONITOR_TEMPLATE: required when {ENV_PREFIX}BACKEND=cloud and "
+                            f"{ENV_PREFIX}POLICY={policy} (the compiled monitoring pipeline)")
     if backend == "local" and not settings.state_dir:
         raise SettingsError(f"{ENV_PREFIX}STATE_DIR: required when {ENV_PREFIX}BACKEND=local "
                             "(a directory for the launch ledger and run logs)")

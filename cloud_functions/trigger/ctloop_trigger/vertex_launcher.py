@@ -1,4 +1,6 @@
-"""Cloud launch: create the Vertex AI PipelineJob named by the job id; a 409 = it exists already = success."""
+"""Cloud launch: create the Vertex AI PipelineJob named by the job id; a 409 = it exists already = success.
+
+The training and the monitoring pipeline take the same parameters (config, run_id, trigger_uri)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 TRIGGER_LABELS = {"trigger": "gcs"}
 
 
-def pipeline_labels(config: dict[str, Any], location: str) -> dict[str, str]:
-    """The ctloop config's labels plus ``trigger=gcs``, checked against Vertex's label rules."""
+def pipeline_labels(config: dict[str, Any], location: str, trigger: str = "gcs") -> dict[str, str]:
+    """The ctloop config's labels plus ``trigger=gcs`` (``schedule`` for a tick), checked against Vertex's rules."""
     labels = config.get("labels") or {}
     if not isinstance(labels, dict):
         raise ConfigError(f"ctloop config {location}: labels must be a mapping, "
                           f"found {type(labels).__name__}")
-    merged = {str(k): str(v) for k, v in labels.items()} | TRIGGER_LABELS
+    merged = {str(k): str(v) for k, v in labels.items()} | TRIGGER_LABELS | {"trigger": trigger}
     for key, value in merged.items():
         if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
             raise ConfigError(f"ctloop config {location}: label {key}={value!r} is not a valid Vertex label "
@@ -30,7 +32,7 @@ def pipeline_labels(config: dict[str, Any], location: str) -> dict[str, str]:
 
 
 def pipeline_parameters(config: dict[str, Any], request: LaunchRequest) -> dict[str, Any]:
-    """The training pipeline's inputs: the settings dict (backend forced to cloud), run id, trigger URI."""
+    """The pipeline's inputs: the settings dict (backend forced to cloud), run id, trigger URI."""
     return {"config": {**config, "backend": "cloud"}, "run_id": request.job_id,
             "trigger_uri": request.trigger_uri}
 
@@ -61,16 +63,21 @@ class VertexLauncher:
         region = require(config, "gcp.region", location)
         pipeline_root = require(config, "gcp.pipeline_root", location)
         service_account = require(config, "gcp.service_account", location)
-        labels = pipeline_labels(config, location)
+        labels = pipeline_labels(config, location, "gcs" if request.bucket else "schedule")
         init: dict[str, Any] = {"project": project, "location": region}
         if self.settings.api_endpoint:
             init |= {"api_endpoint": self.settings.api_endpoint, "api_transport": "rest"}
         if self.credentials is not None:
             init["credentials"] = self.credentials
         aiplatform.init(**init)
+        monitoring = request.pipeline == "monitoring"
+        template = self.settings.monitor_template if monitoring else self.settings.template
+        if not template:
+            raise ConfigError(f"no template for the {request.pipeline} pipeline: set CTLOOP_TRIGGER_"
+                              f"{'MONITOR_TEMPLATE' if monitoring else 'TEMPLATE'}")
         job = aiplatform.PipelineJob(
-            display_name=self.settings.display_name,
-            template_path=self.settings.resolve_bundle_path(self.settings.template),
+            display_name=self.settings.monitor_display_name if monitoring else self.settings.display_name,
+            template_path=self.settings.resolve_bundle_path(template),
             job_id=request.job_id,
             pipeline_root=pipeline_root,
             parameter_values=pipeline_parameters(config, request),

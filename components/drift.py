@@ -1,0 +1,173 @@
+"""check_drift: compare the recent batch with the champion's training data and decide drift / no_drift.
+
+The reference is the champion's own train split, found through its model card (``lineage.train_uri``, written by
+the train step), so nothing extra is stored at training time and the reference is exactly the rows the champion
+learned from. Its score reference is the champion's valid split (``lineage.valid_uri``): scores on rows the model
+was fitted on are more confident than on new rows, which would read as a shift by itself.
+
+Features compared: every model feature the recent batch has. The source features must be there; the derived
+history features are only in the prediction log (the extract has raw rows), and the champion's scores need every
+model feature, so on an extract with history features on, the score shift is reported as not measured.
+No champion yet: the decision is ``drift`` (training is what creates one).
+Outputs: per-feature metrics, an HTML report with histograms, and decision / drifted_features / reasons.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+
+# The executor imports this module with _KFP_RUNTIME=true, under which ``kfp.dsl`` leaves out its compile-time
+# half (``dsl.component`` among it): take the decorator from its own module so both work.
+from kfp.dsl.component_decorator import component
+
+from components.images import COMPONENT_IMAGE
+from ctloop.config import Settings
+from ctloop.drift import DRIFT, DriftReport, Reason, compare, sample_rows
+from ctloop.drift_report import render_html
+from ctloop.errors import ChampionError, CtloopError, DataValidationError
+from ctloop.modeling import LoadedModel, load_model, predict_proba, read_split
+from ctloop.prediction_log import META_COLUMNS, local_path
+
+
+@component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+def check_drift(
+    config: dict,
+    run_id: str,
+    recent: Input[Dataset],
+    champion_uri: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+) -> NamedTuple("Outputs", decision=str, drifted_features=int, reasons=str):
+    """Recent batch vs the champion's training data: decision "drift"/"no_drift", reasons a JSON list."""
+    from components.drift import run_drift_step
+
+    return run_drift_step(config, run_id, recent, champion_uri, metrics, report)
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    report: DriftReport
+    champion_dir: str | None
+    reference_uri: str
+    compared: list[str]
+
+
+def _lineage_uri(champion: LoadedModel, key: str) -> str:
+    uri = str((champion.card.get("lineage") or {}).get(key) or "")
+    if not uri:
+        raise ChampionError(f"champion model {champion.model_dir}: model_card.json has no lineage.{key}; the drift "
+                            f"check needs the champion's {key.removesuffix('_uri')} split to compare with")
+    return uri
+
+
+def _read_reference(champion: LoadedModel, key: str, name: str) -> tuple[pd.DataFrame, str]:
+    uri = _lineage_uri(champion, key)
+    path = local_path(uri)
+    if not path.is_dir():
+        raise ChampionError(f"champion model {champion.model_dir}: its {name} split {uri} ({path}) is gone; the "
+                            f"drift check compares with it (keep pipeline-root outputs as long as their models serve)")
+    return read_split(path, champion.spec, name), uri
+
+
+def read_recent(directory: str | Path) -> pd.DataFrame:
+    path = Path(directory)
+    files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise DataValidationError(f"recent batch {path}: no Parquet files")
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return frame.drop(columns=[c for c in META_COLUMNS if c in frame.columns])
+
+
+def no_champion_report(recent_rows: int) -> DriftReport:
+    reason = Reason(check="no_champion", subject="batch", value=0.0, threshold=0.0, p_value=None, alpha=None,
+                    drifted=True, message="DRIFT: no champion model yet, so nothing to compare with; training "
+                                          "creates the first one")
+    return DriftReport(decision=DRIFT, features=[], scores=None, reasons=[reason], alpha=0.0, tests=0,
+                       rows_reference=0, rows_recent=recent_rows, notes=["no champion"])
+
+
+def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: str | None) -> DriftCheck:
+    """Compare the recent batch in ``recent_dir`` with the champion at ``champion_dir`` (None: no champion)."""
+    m = settings.monitoring
+    recent = read_recent(recent_dir)
+    if len(recent) < m.min_rows:
+        raise DataValidationError(f"recent batch {recent_dir}: {len(recent)} rows; expected at least "
+                                  f"{m.min_rows} (monitoring.min_rows)")
+    if not champion_dir:
+        return DriftCheck(no_champion_report(len(recent)), None, "", [])
+    try:
+        champion = load_model(champion_dir)
+    except CtloopError as exc:
+        raise ChampionError(f"champion model {champion_dir} cannot be loaded: {exc}") from exc
+    spec = champion.spec
+    reference, reference_uri = _read_reference(champion, "train_uri", "train")
+    missing_source = [c for c in spec.numeric + spec.categorical if c not in recent.columns]
+    if missing_source:
+        raise DataValidationError(f"recent batch {recent_dir}: missing feature column(s) {missing_source} the "
+                                  f"champion was trained on; found {list(recent.columns)}")
+    unknown = [c for c in m.exclude_features if c not in spec.model_features]
+    if unknown:
+        raise DataValidationError(f"monitoring.exclude_features: {unknown} are not features of the champion "
+                                  f"{champion_dir}; its features are {spec.model_features}")
+    numeric = [c for c in spec.model_numeric if c in recent.columns and c not in m.exclude_features]
+    categorical = [c for c in spec.categorical if c not in m.exclude_features]
+    notes = [f"excluded by monitoring.exclude_features: {m.exclude_features}"] if m.exclude_features else []
+    absent = [c for c in spec.model_features if c not in recent.columns]
+    if absent:
+        notes.append(f"derived feature(s) {absent} are not in the recent batch (only the prediction log has "
+                     f"them), so they and the champion's scores were not compared")
+    reference = sample_rows(reference, m.max_rows)
+    recent = sample_rows(recent, m.max_rows)
+    scores: dict[str, Any] = {}
+    if not absent:
+        valid, _ = _read_reference(champion, "valid_uri", "valid")
+        scores = {"reference_scores": _score(champion, sample_rows(valid, m.max_rows), "reference (valid split)"),
+                  "recent_scores": _score(champion, recent, "recent batch"), "threshold": champion.threshold}
+    report = compare(reference, recent, numeric, categorical, m, notes=notes, **scores)
+    return DriftCheck(report, str(champion_dir), reference_uri, numeric + categorical)
+
+
+def _score(champion: LoadedModel, frame: pd.DataFrame, what: str) -> np.ndarray:
+    try:
+        return predict_proba(champion, frame)
+    except Exception as exc:  # whatever the champion's own pipeline raises on these rows
+        raise ChampionError(f"champion model {champion.model_dir} cannot score the {what}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def run_drift_step(config: dict, run_id: str, recent: Any, champion_uri: str, metrics: Any,
+                   report: Any) -> tuple[str, int, str]:
+    """The component body: check, fill the metrics and the HTML report, return the step outputs."""
+    from components.evaluate import champion_path
+
+    settings = Settings.from_param(config)
+    check = run_drift_check(settings, recent.path, champion_path(champion_uri))
+    r = check.report
+    for f in r.features:
+        if np.isfinite(f.psi):
+            metrics.log_metric(f"psi_{f.name}", round(float(f.psi), 6))
+    metrics.log_metric("drifted_features", len(r.drifted_features))
+    metrics.log_metric("recent_rows", r.rows_recent)
+    metrics.log_metric("reference_rows", r.rows_reference)
+    if r.scores is not None:
+        metrics.log_metric("score_psi", round(r.scores.psi, 6))
+        metrics.log_metric("positive_rate_reference", round(r.scores.positive_rate_reference, 6))
+        metrics.log_metric("positive_rate_recent", round(r.scores.positive_rate_recent, 6))
+    metrics.metadata.update({"run_id": run_id, "decision": r.decision, "champion_uri": champion_uri or "",
+                             "reference_uri": check.reference_uri, "alpha": r.alpha})
+
+    described = ("source", "origin", "window_start", "window_end")
+    context = {"run id": run_id, "champion": champion_uri or "none", "reference (train split)": check.reference_uri,
+               "recent batch": recent.uri,
+               **{f"recent {k}": v for k, v in (recent.metadata or {}).items() if k in described}}
+    out = Path(report.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(render_html(r, context))
+    tmp.replace(out)
+    report.metadata.update({"run_id": run_id, "decision": r.decision})
+    return r.decision, len(r.drifted_features), r.reasons_json()
