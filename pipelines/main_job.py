@@ -154,19 +154,39 @@ def submit_training(
     enable_caching: bool | None = None,
     client_options: dict[str, Any] | None = None,
 ) -> SubmitResult:
-    """Submit to Vertex AI Pipelines; compiles the training pipeline first when no template is given."""
-    from pipelines.compile import compile_pipeline
-    from pipelines.training import training_pipeline
+    """Submit the training pipeline to Vertex AI Pipelines (compiled now when no template is given)."""
+    from pipelines.training import PIPELINE_NAME, training_pipeline
 
-    job_id = job_id_for(run_id or new_run_id())
+    return submit_compiled(settings, training_pipeline, display_name=PIPELINE_NAME,
+                           job_id=job_id_for(run_id or new_run_id()), snapshot_time=snapshot_time,
+                           trigger_uri=trigger_uri, template=template, enable_caching=enable_caching,
+                           client_options=client_options)
+
+
+def submit_compiled(
+    settings: Settings,
+    pipeline_func: Callable[..., Any],
+    *,
+    display_name: str,
+    job_id: str,
+    snapshot_time: str,
+    trigger_uri: str,
+    template: str | None,
+    enable_caching: bool | None = None,
+    client_options: dict[str, Any] | None = None,
+) -> SubmitResult:
+    """Submit one of the project's pipelines with the cloud backend; compiles ``pipeline_func`` when no template
+    (a compiled file or an Artifact Registry URI) is given."""
+    from pipelines.compile import compile_pipeline
+
     cloud = settings.with_overrides({"backend": "cloud"})
     with tempfile.TemporaryDirectory() as tmp:
         if template is None:
-            template = str(compile_pipeline(training_pipeline, Path(tmp) / "training.yaml",
+            template = str(compile_pipeline(pipeline_func, Path(tmp) / f"{display_name}.yaml",
                                             settings.gcp.component_image))
         return submit_pipeline(
             cloud, template_path=template, run_id=job_id,
             parameter_values=pipeline_arguments(cloud, job_id, snapshot_time, trigger_uri),
             enable_caching=enable_caching, labels={"trigger": "manual" if not trigger_uri else "gcs"},
-            client_options=client_options,
+            display_name=display_name, client_options=client_options,
         )

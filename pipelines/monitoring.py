@@ -13,9 +13,7 @@ It runs on a schedule (terraform/monitoring.tf: Cloud Scheduler -> the trigger f
 
 
 import json
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from kfp import dsl
@@ -26,7 +24,7 @@ from components.lookup import lookup_champion
 from components.recent import collect_recent
 from ctloop.config import Settings
 from pipelines.local_run import RunRecord, new_run_id, run_local
-from pipelines.submit import SubmitResult, job_id_for, submit_pipeline
+from pipelines.submit import SubmitResult, job_id_for
 
 PIPELINE_NAME = "ctloop-monitoring"
 DRIFT = "drift"
@@ -117,18 +115,9 @@ def submit_monitoring(
     client_options: dict[str, Any] | None = None,
 ) -> SubmitResult:
     """Submit the monitoring pipeline to Vertex AI Pipelines (compiled now when no template is given)."""
-    from pipelines.compile import compile_pipeline
-    from pipelines.main_job import pipeline_arguments
+    from pipelines.main_job import submit_compiled
 
-    job_id = job_id_for(run_id or new_run_id("ctloop-monitor"), prefix="ctloop-monitor")
-    cloud = settings.with_overrides({"backend": "cloud"})
-    with tempfile.TemporaryDirectory() as tmp:
-        if template is None:
-            template = str(compile_pipeline(monitoring_pipeline, Path(tmp) / "monitoring.yaml",
-                                            settings.gcp.component_image))
-        return submit_pipeline(
-            cloud, template_path=template, run_id=job_id,
-            parameter_values=pipeline_arguments(cloud, job_id, snapshot_time, trigger_uri),
-            labels={"trigger": "manual" if not trigger_uri else "gcs"}, display_name=PIPELINE_NAME,
-            client_options=client_options,
-        )
+    return submit_compiled(settings, monitoring_pipeline, display_name=PIPELINE_NAME,
+                           job_id=job_id_for(run_id or new_run_id("ctloop-monitor"), prefix="ctloop-monitor"),
+                           snapshot_time=snapshot_time, trigger_uri=trigger_uri, template=template,
+                           client_options=client_options)

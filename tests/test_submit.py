@@ -88,3 +88,20 @@ def test_job_id_is_derived_deterministically_from_any_key() -> None:
     assert job_id_for(key) == job_id_for(key)
     assert job_id_for(key) != job_id_for(key + "1")
     assert job_id_for(key).startswith("ctloop-train-") and len(job_id_for(key)) <= 128
+
+
+def test_monitoring_pipeline_submits_through_the_same_path(vertex: RecordingServer) -> None:
+    from pipelines.monitoring import submit_monitoring
+
+    vertex.route("POST", JOBS, lambda r: (200, {"name": f"{JOB_NAMES}/{r.query['pipelineJobId'][0]}"}))
+    result = submit_monitoring(
+        load_settings(REPO / "ctloop.yaml"), run_id="tick 2026-11-26T06:00", snapshot_time="2026-11-26T06:00:00Z",
+        client_options={"api_endpoint": vertex.url, "credentials": AnonymousCredentials(), "api_transport": "rest"},
+    )
+    (req,) = vertex.find("POST", JOBS)
+    assert result.created and result.job_id.startswith("ctloop-monitor-")
+    assert req.query["pipelineJobId"] == [result.job_id]
+    assert req.json["displayName"] == "ctloop-monitoring"
+    assert req.json["pipelineSpec"]["pipelineInfo"]["name"] == "ctloop-monitoring"
+    assert req.json["runtimeConfig"]["parameterValues"]["config"]["backend"] == "cloud"
+    assert req.json["runtimeConfig"]["parameterValues"]["run_id"] == result.job_id
