@@ -59,8 +59,10 @@ def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigge
         version = _retry(register(config=config, run_id=run_id, model=model.outputs["model"],
                                   metrics=gate.outputs["metrics"]))
         version.set_display_name("register (Model Registry)").set_caching_options(False)
-        rollout = _retry(deploy(config=config, run_id=run_id, model_name=version.outputs["model_resource"],
-                                version=version.outputs["version"], test=splits.outputs["test"]))
+        # No step-level retry: a failed smoke test is deterministic and already rolled back; the Google
+        # clients retry transient API errors inside the step.
+        rollout = deploy(config=config, run_id=run_id, model_name=version.outputs["model_resource"],
+                         version=version.outputs["version"], test=splits.outputs["test"])
         rollout.set_display_name("deploy (staging, smoke, production)").set_caching_options(False)
     with dsl.Else(name="gate-failed"):
         rejected = report_rejection(config=config, run_id=run_id, reasons=gate.outputs["reasons"],

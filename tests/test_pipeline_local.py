@@ -86,6 +86,11 @@ def test_compiled_yaml_pins_the_image_and_installs_nothing_at_run_time(compiled:
     assert tasks["extract"]["cachingOptions"].get("enableCache", False) is False
     assert tasks["extract"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["transform"]["retryPolicy"]["maxRetryCount"] == 2
+    # Inside the gate-passed branch: register retries; deploy does not (a failed smoke test is deterministic and
+    # already rolled back, so rerunning the whole step would only repeat it).
+    passed_branch = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    assert passed_branch["register"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in passed_branch["deploy"]
 
 
 def test_first_run_of_the_compiled_yaml_trains_gates_registers_deploys_and_serves(
