@@ -177,6 +177,7 @@ def _register_vertex(settings: Settings, run_id: str, model_uri: str, metrics: d
         serving_container_predict_route=PREDICT_ROUTE,
         serving_container_health_route=HEALTH_ROUTE,
         serving_container_ports=[SERVING_PORT],
+        serving_container_environment_variables=serving_environment(settings) or None,
         version_description=_describe(run_id, metrics),
         labels=_version_labels(settings, run_id, lineage),
         sync=True,
@@ -196,6 +197,21 @@ def _register_vertex(settings: Settings, run_id: str, model_uri: str, metrics: d
                 return found
             model = upload(parent_model=parent_name, is_default_version=False)
     return RegisterResult(model.resource_name, str(model.version_id), True, model_uri)
+
+
+def serving_environment(settings: Settings) -> dict[str, str]:
+    """The serving container's prediction-log settings (empty when logging is off).
+
+    The variables belong to the model version, so its smoke traffic on the staging endpoint lands in the same log
+    as production traffic; the smoke test sends only ``deploy.smoke_instances`` rows.
+    """
+    from ctloop.prediction_log import log_root
+
+    rate = settings.monitoring.sample_rate
+    if rate <= 0:
+        return {}
+    return {"CTLOOP_PREDICTION_LOG_RATE": str(rate),
+            "CTLOOP_PREDICTION_LOG_URI": log_root(settings, settings.deploy.production_endpoint)}
 
 
 def _describe(run_id: str, metrics: dict[str, float]) -> str:

@@ -268,6 +268,16 @@ def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex,
     assert "roc_auc=0.8123" in spec["versionDescription"]
 
 
+def test_prediction_logging_settings_ride_on_the_serving_container(vertex: FakeVertex,
+                                                                   model_dirs: dict[str, Path]) -> None:
+    _register(_settings(**{"monitoring.sample_rate": 0.1, "gcp.staging_bucket": "ctloop-test-staging"}),
+              "run-1", model_dirs)
+    (upload,) = vertex.server.find("POST", rf"/v1/{P}/models:upload")
+    env = {e["name"]: e["value"] for e in upload.json["model"]["containerSpec"]["env"]}
+    assert env == {"CTLOOP_PREDICTION_LOG_RATE": "0.1",
+                   "CTLOOP_PREDICTION_LOG_URI": "gs://ctloop-test-staging/prediction_log/ctloop-production"}
+
+
 def test_next_register_is_a_non_default_version_of_the_parent(vertex: FakeVertex,
                                                               model_dirs: dict[str, Path]) -> None:
     _register(_settings(), "run-1", model_dirs)
