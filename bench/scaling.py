@@ -1,0 +1,252 @@
+"""Suite ``scaling``: transform (Spark job vs the pandas baseline) and train at growing row counts.
+
+Each measurement runs in a fresh process (``python -m bench.worker``) whose process tree (Python plus, for
+Spark, the JVM) is sampled every 50 ms for RSS, so the peaks of different runs never mix. Input: the sample
+data's Parquet part files (``write_sample_data`` streams them, so generating 20M rows stays flat in memory).
+Train runs on the Spark job's splits, as in the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.machine import meminfo_bytes
+from bench.report import Figure, Section, Table, fmt_number
+from bench.rss import run_sampled
+from bench.stats import growth_exponent
+from bench.svg import line_chart
+from bench.workspace import REPO, Context, batch_dir, ensure_sample_data, python_module
+
+_MB = 2**20
+KINDS = ("spark-transform", "pandas-transform", "train")
+LABELS = {"spark-transform": "transform, Spark job", "pandas-transform": "transform, pandas baseline",
+          "train": "train (on the Spark splits)"}
+QUANTILE_RELATIVE_ERROR = 1e-4  # the job's approxQuantile error: how far its cut points may sit from exact
+MEMORY_SHARE = 0.5  # run a measurement only if its extrapolated peak fits in this share of available memory
+
+
+def measure(kind: str, input_dir: Path, out: Path, work: Path, timeout: float,
+            env: dict[str, str] | None = None, tag: str = "") -> dict[str, Any]:
+    """One worker run; the result carries wall seconds, peak tree RSS, CPU seconds, or the failure.
+
+    ``env`` is added to this process's environment for the run; ``tag`` keeps its log and result apart.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    name = f"{kind}{tag}"
+    result_file = work / f"{name}.json"
+    result_file.unlink(missing_ok=True)
+    argv = python_module("bench.worker", kind, "--input", str(input_dir), "--out", str(out), "--workdir",
+                         str(work), "--result", str(result_file))
+    run = run_sampled(argv, work / f"{name}.log", cwd=REPO, timeout=timeout,
+                      env={**os.environ, **env} if env else None)
+    measured: dict[str, Any] = {"wall": run.wall_seconds, "peak_rss_bytes": run.peak_rss_bytes,
+                                "peak_anon_bytes": run.peak_anon_bytes, "peak_by_process": run.peak_by_name,
+                                "cpu": run.cpu_seconds, "samples": run.samples, "returncode": run.returncode}
+    if run.returncode != 0 or not result_file.is_file():
+        reason = "timed out" if run.returncode == -9 else f"exit {run.returncode}"
+        measured["error"] = f"{LABELS[kind]} {reason}; log {run.log_path}: {run.log_tail(600)}"
+    else:
+        measured.update(json.loads(result_file.read_text()))
+    return measured
+
+
+def estimated_peak_bytes(sizes: list[int], peaks: list[int], n: int) -> float | None:
+    """Peak memory at ``n`` rows extrapolated on a log-log line through the two largest measured sizes."""
+    if len(sizes) < 2:
+        return None
+    (n0, p0), (n1, p1) = sorted(zip(sizes, peaks, strict=True))[-2:]
+    if n1 == n0 or p0 <= 0 or p1 <= 0:
+        return None
+    slope = max(0.0, math.log(p1 / p0) / math.log(n1 / n0))
+    return p1 * (n / n1) ** slope
+
+
+def memory_guard(kind: str, n: int, results: dict[int, dict[str, dict[str, Any]]],
+                 share: float = MEMORY_SHARE) -> str:
+    """Why ``kind`` at ``n`` rows should not run here ('' = it may): its extrapolated peak RSS would exceed
+    ``share`` of the memory available now. On a shared machine an out-of-memory kill may hit someone else."""
+    done = [m for m in sorted(results) if m < n and "error" not in results[m].get(kind, {"error": ""})]
+    estimate = estimated_peak_bytes(done, [results[m][kind]["peak_rss_bytes"] for m in done], n)
+    available = meminfo_bytes("MemAvailable")
+    if estimate is None or available is None or estimate <= share * available:
+        return ""
+    return (f"needs about {estimate / 2**30:.1f} GiB (extrapolated from {done[-2]:,} and {done[-1]:,} rows), "
+            f"more than {share:.0%} of the {available / 2**30:.1f} GiB available")
+
+
+def _spec(settings: Any, input_dir: Path) -> Any:
+    from components.transform import read_column_types
+    from ctloop.features import resolve_feature_spec
+
+    return resolve_feature_spec(settings, read_column_types(str(input_dir)))
+
+
+def run(ctx: Context) -> Section:
+    from bench.pandas_transform import compare_splits
+
+    sizes = ctx.scaling_sizes()
+    section = Section("scaling", f"Scaling: transform and train at {', '.join(f'{n:,}' for n in sizes)} rows")
+    settings = ctx.settings("scaling")
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    generation: dict[int, float] = {}
+    parity: dict[str, Any] | None = None
+    for n in sizes:
+        t = time.perf_counter()
+        ctx.echo(f"  scaling: sample data, {n:,} rows ...")
+        landing = ensure_sample_data(ctx.data_root, n, settings)
+        generation[n] = time.perf_counter() - t
+        input_dir = batch_dir(landing, settings)
+        work = ctx.workdir / "scaling" / f"rows-{n}"
+        work.mkdir(parents=True, exist_ok=True)
+        timeout = max(600.0, n / 1_000_000 * 600.0)
+        results[n] = {}
+        for kind in KINDS:
+            source = work / "spark-transform" if kind == "train" else input_dir
+            if kind == "train" and "error" in results[n]["spark-transform"]:
+                results[n][kind] = {"error": "no splits: the Spark transform failed"}
+                continue
+            too_big = memory_guard(kind, n, results)
+            if too_big:
+                ctx.echo(f"  scaling: {LABELS[kind]}, {n:,} rows: skipped, {too_big}")
+                results[n][kind] = {"error": f"skipped: {too_big}"}
+                continue
+            ctx.echo(f"  scaling: {LABELS[kind]}, {n:,} rows ...")
+            results[n][kind] = measure(kind, source, work / kind, work, timeout)
+        if parity is None and not any("error" in results[n][k] for k in ("spark-transform", "pandas-transform")):
+            parity = compare_splits(work / "spark-transform", work / "pandas-transform", _spec(settings, input_dir))
+            parity["rows_compared_at"] = n
+        if n != sizes[0]:  # keep the smallest size's outputs to look at; the big ones only cost disk
+            for kind in KINDS:
+                shutil.rmtree(work / kind, ignore_errors=True)
+
+    _figures(section, sizes, results)
+    _tables(section, sizes, results, generation)
+    _plots(section, sizes, results)
+    if parity is not None:
+        n = parity["rows_compared_at"]
+        allowed = 2 * math.ceil(QUANTILE_RELATIVE_ERROR * n) + 2
+        ok = (parity["only_spark"] == 0 and parity["only_pandas"] == 0 and parity["features_agree"]
+              and parity["split_disagreements"] <= allowed)
+        section.notes.append(
+            f"Baseline check at {n:,} rows: the pandas output {'matches' if ok else 'DOES NOT match'} the Spark "
+            f"job's: {parity['only_spark']} rows only in Spark, {parity['only_pandas']} only in pandas, "
+            f"derived features within {max(parity['max_relative_difference'].values()):.1e} relative, "
+            f"{parity['split_disagreements']} rows in another split (allowed {allowed}: Spark's cut points come "
+            f"from a quantile sketch with relative rank error {QUANTILE_RELATIVE_ERROR}, pandas' are exact).")
+    section.notes += [
+        "Wall time is the whole fresh process (interpreter, imports, Spark's JVM start), as a pipeline step "
+        "pays it; the work alone is in the table.",
+        "Spark runs with the project's local settings (local[2], driver memory 2g, 8 shuffle partitions).",
+    ]
+    section.data = {"sizes": sizes, "results": {str(n): r for n, r in results.items()}, "generation": generation,
+                    "parity": parity}
+    return section
+
+
+def _peak_mb(r: dict[str, Any]) -> float | None:
+    return None if "error" in r or "peak_rss_bytes" not in r else r["peak_rss_bytes"] / _MB
+
+
+def _wall(r: dict[str, Any]) -> float | None:
+    return None if "error" in r or "wall" not in r else r["wall"]
+
+
+def _figures(section: Section, sizes: list[int], results: dict[int, dict[str, dict[str, Any]]]) -> None:
+    for n in sizes:
+        spark, pandas = results[n]["spark-transform"], results[n]["pandas-transform"]
+        label = f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k"
+        section.figures.append(Figure(f"transform {label} rows: Spark wall", _wall(spark), "s",
+                                      "pandas baseline", _wall(pandas)))
+        section.figures.append(Figure(f"transform {label} rows: Spark peak RSS", _peak_mb(spark), "MB",
+                                      "pandas baseline", _peak_mb(pandas)))
+    big = [n for n in sizes if n >= 1_000_000]
+    if len(big) >= 2:
+        low, high = big[0], big[-1]
+        span = f"{low / 1e6:g}M→{high / 1e6:g}M"
+
+        def growth(kind: str) -> float | None:
+            a, b = _peak_mb(results[low][kind]), _peak_mb(results[high][kind])
+            return None if a is None or b is None else b / a
+
+        section.figures.append(Figure(f"Spark peak RSS growth {span}", growth("spark-transform"), "x",
+                                      "pandas growth", growth("pandas-transform"), target=("<", 2.0)))
+        section.figures.append(Figure(f"train peak RSS growth {span}", growth("train"), "x", "row growth",
+                                      high / low))
+    low, high = sizes[0], sizes[-1]
+    if high > low:
+        t0, t1 = _wall(results[low]["train"]), _wall(results[high]["train"])
+        section.figures.append(Figure(f"train wall growth {low / 1e3:g}k→{high / 1e3:g}k rows",
+                                      None if t0 is None or t1 is None else t1 / t0, "x", "row growth",
+                                      high / low, note="ratio < 1: cheaper per row at scale"))
+
+
+def _tables(section: Section, sizes: list[int], results: dict[int, dict[str, dict[str, Any]]],
+            generation: dict[int, float]) -> None:
+    time_rows, mem_rows = [], []
+    for n in sizes:
+        r = results[n]
+        spark, pandas, train = r["spark-transform"], r["pandas-transform"], r["train"]
+
+        def cell(x: dict[str, Any], key: str, scale: float = 1.0) -> str:
+            if "error" in x:
+                return "failed"
+            value = x.get(key)
+            return fmt_number(None if value is None else value / scale)
+
+        def proc(x: dict[str, Any], name: str) -> str:
+            if "error" in x:
+                return "failed"
+            peaks = x.get("peak_by_process", {})
+            value = max((v for k, v in peaks.items() if k.startswith(name)), default=None)
+            return fmt_number(None if value is None else value / _MB)
+
+        time_rows.append([f"{n:,}", fmt_number(generation[n]), cell(spark, "wall"), cell(spark, "seconds"),
+                          cell(spark, "session_start_seconds"), cell(spark, "cpu"), cell(pandas, "wall"),
+                          cell(pandas, "seconds"), cell(pandas, "cpu"), cell(train, "wall"), cell(train, "seconds"),
+                          cell(train, "cpu"),
+                          fmt_number(train.get("valid_roc_auc")) if "error" not in train else "failed"])
+        mem_rows.append([f"{n:,}", cell(spark, "peak_rss_bytes", _MB), cell(spark, "peak_anon_bytes", _MB),
+                         proc(spark, "java"), proc(spark, "python"), cell(pandas, "peak_rss_bytes", _MB),
+                         cell(pandas, "peak_anon_bytes", _MB), cell(train, "peak_rss_bytes", _MB),
+                         cell(train, "peak_anon_bytes", _MB)])
+    section.tables.append(Table(
+        "Time per size (seconds): wall = the fresh process; work = inside it",
+        ["rows", "sample data (0 = reused)", "Spark wall", "Spark work", "Spark session start", "Spark CPU",
+         "pandas wall", "pandas work", "pandas CPU", "train wall", "train work", "train CPU", "valid ROC AUC"],
+        time_rows))
+    section.tables.append(Table(
+        "Peak memory per size (MB): RSS of the process tree; anonymous = RssAnon (without mapped files)",
+        ["rows", "Spark RSS", "Spark anonymous", "Spark: JVM alone", "Spark: Python driver alone", "pandas RSS",
+         "pandas anonymous", "train RSS", "train anonymous"], mem_rows))
+    exp_rows = []
+    for kind in KINDS:
+        ok = [n for n in sizes if "error" not in results[n][kind]]
+        t = growth_exponent(ok, [results[n][kind]["wall"] for n in ok]) if len(ok) > 1 else None
+        m = growth_exponent(ok, [results[n][kind]["peak_rss_bytes"] for n in ok]) if len(ok) > 1 else None
+        exp_rows.append([LABELS[kind], fmt_number(t), fmt_number(m)])
+    section.tables.append(Table("Growth exponents (slope of log cost over log rows: 1 = linear, 0 = flat)",
+                                ["what", "wall time", "peak RSS"], exp_rows))
+    errors = [f"{n:,} rows: {results[n][k]['error']}" for n in sizes for k in KINDS if "error" in results[n][k]]
+    section.notes += errors
+
+
+def _plots(section: Section, sizes: list[int], results: dict[int, dict[str, dict[str, Any]]]) -> None:
+    if len(sizes) < 2:
+        return
+    time_series = {LABELS[k]: [(n, results[n][k]["wall"]) for n in sizes if "error" not in results[n][k]]
+                   for k in KINDS}
+    mem_series = {LABELS[k]: [(n, results[n][k]["peak_rss_bytes"] / _MB) for n in sizes
+                              if "error" not in results[n][k]] for k in KINDS}
+    if any(time_series.values()):
+        section.plots["scaling_time.svg"] = line_chart(
+            "Wall time vs rows (fresh process each)", "rows", "seconds",
+            {k: v for k, v in time_series.items() if v}, log_x=True, x_ticks=sizes)
+        section.plots["scaling_memory.svg"] = line_chart(
+            "Peak RSS of the process tree vs rows", "rows", "MB",
+            {k: v for k, v in mem_series.items() if v}, log_x=True, x_ticks=sizes)
