@@ -35,7 +35,7 @@ class BenchFailed(RuntimeError):
     """A measured command failed; the message carries its log tail."""
 
 
-def _fresh(path: Path, landing: Path) -> Path:
+def fresh_workdir(path: Path, landing: Path) -> Path:
     """An empty workdir whose ``landing`` is the shared sample data (read-only for the steps)."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -61,6 +61,43 @@ def import_seconds(module: str, repeat: int = 2) -> float:
         subprocess.run([PYTHON, "-c", code], cwd=REPO, check=True, capture_output=True, env=env)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RUNNER_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) - INFO - (Executing task|Task) '([^']+)'")
+_EXECUTOR_LINE = re.compile(r"\[KFP Executor \S+ (\d\d):(\d\d):(\d\d),(\d{3}) INFO\]: "
+                            r"(Looking for component|Wrote executor output)")
+
+
+def _seconds_of_day(h: str, m: str, s: str, ms: str) -> float:
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def step_phases(log_path: Path) -> dict[str, dict[str, float]]:
+    """Per step, from the runner's log: executor start (task start -> the executor looks for the component),
+    component body (-> executor output written: imports, work, artifacts) and process exit (-> task end)."""
+    marks: dict[str, dict[str, float]] = {}
+    task = None
+    for raw in log_path.read_text(errors="replace").splitlines():
+        line = _ANSI.sub("", raw).strip()
+        if m := _RUNNER_LINE.match(line):
+            t = _seconds_of_day(*m.group(1, 2, 3, 4))
+            if m.group(5) == "Executing task":
+                task = m.group(6)
+                marks[task] = {"start": t}
+            elif m.group(6) in marks:
+                marks[m.group(6)]["end"] = t
+        elif task is not None and (m := _EXECUTOR_LINE.search(line)):
+            key = "body_start" if m.group(5).startswith("Looking") else "body_end"
+            marks[task].setdefault(key, _seconds_of_day(*m.group(1, 2, 3, 4)))
+    phases = {}
+    for name, t in marks.items():
+        if {"start", "body_start", "body_end", "end"} <= t.keys():
+            # A run across midnight wraps the time of day: modulo one day keeps each interval right.
+            phases[name] = {"executor_start": (t["body_start"] - t["start"]) % 86400,
+                            "body": (t["body_end"] - t["body_start"]) % 86400,
+                            "exit": (t["end"] - t["body_end"]) % 86400}
+    return phases
 
 
 def run_pipeline(workdir: Path, run_id: str, snapshot: str) -> tuple[SampledRun, Any]:
@@ -97,19 +134,19 @@ def run(ctx: Context) -> Section:
     for i in range(repeat):
         # Alternate the two, so a burst of load from elsewhere on the machine hits both alike.
         ctx.echo(f"  loop: ctloop run (KFP local runner), {i + 1}/{repeat} ...")
-        loop_dir = _fresh(ctx.workdir / "loop", landing / "landing")
+        loop_dir = fresh_workdir(ctx.workdir / f"loop-{i}", landing / "landing")
         loop_run, record = run_pipeline(loop_dir, f"bench-loop-{stamp}-{i}", snapshot)
         if record.status != "SUCCEEDED":
             raise BenchFailed(f"ctloop run: {record.status}: {record.error}")
         loops.append((loop_run, record))
         ctx.echo(f"  loop: the same steps in one process (floor), {i + 1}/{repeat} ...")
-        floor_dir = _fresh(ctx.workdir / "floor", landing / "landing")
+        floor_dir = fresh_workdir(ctx.workdir / f"floor-{i}", landing / "landing")
         floors.append(run_floor_process(floor_dir, landing, f"bench-floor-{stamp}-{i}", snapshot,
                                         profile=False))
     if not ctx.quick:
         # Profiling slows the profiled steps: a separate run, not one of the timed ones.
         ctx.echo("  loop: profiling the floor's train and evaluate ...")
-        floor_dir = _fresh(ctx.workdir / "floor-profile", landing / "landing")
+        floor_dir = fresh_workdir(ctx.workdir / "floor-profile", landing / "landing")
         profiles = run_floor_process(floor_dir, landing, f"bench-profile-{stamp}", snapshot,
                                      profile=True)[1]["profiles"]
     else:
@@ -156,31 +193,38 @@ def run(ctx: Context) -> Section:
         Figure("peak RSS of the process tree", loop_run.peak_rss_bytes / _MB, "MB", "floor process tree",
                floor_run.peak_rss_bytes / _MB),
     ]
+    phases = step_phases(Path(record.log_path))
+
+    def phase(step: str, key: str) -> str:
+        return fmt_number(phases[step][key]) if step in phases else "n/a"
+
     rows = []
     for step in STEPS:
-        start_cost = imports[step]
         rows.append([step, fmt_number(walls[step]), fmt_number(own[step]), fmt_number(walls[step] - own[step]),
                      f"{100 * (walls[step] - own[step]) / walls[step]:.0f}%" if walls[step] else "n/a",
-                     fmt_number(start_cost)])
+                     fmt_number(imports[step]), phase(step, "executor_start"), phase(step, "body"),
+                     phase(step, "exit")])
     rows.append(["all steps", fmt_number(sum(walls.values())), fmt_number(own_total),
                  fmt_number(sum(walls.values()) - own_total),
                  f"{100 * (sum(walls.values()) - own_total) / sum(walls.values()):.0f}%",
-                 fmt_number(sum(imports.values()))])
+                 fmt_number(sum(imports.values())),
+                 *[fmt_number(sum(p[k] for p in phases.values())) for k in ("executor_start", "body", "exit")]])
     section.tables.append(Table(
-        "Per step: pipeline wall time vs the step's own work (seconds)",
+        "Per step: pipeline wall time vs the step's own work (seconds); the last three columns split the "
+        "fastest run's step wall time using its log",
         ["step", "pipeline step wall", "own work (in-process)", "overhead", "overhead share",
-         "fresh interpreter + step module imports"], rows))
+         "fresh interpreter + step module imports", "executor start", "component body", "process exit"], rows))
     if contention_results is not None:
         from bench import contention
 
         contention.add_to(section, contention_results)
-    phases = floor["phases"]
+    floor_phases = floor["phases"]
     section.tables.append(Table("Where the floor's time goes (seconds)", ["phase", "seconds"], [
         ["interpreter start (python -c pass)", fmt_number(bare)],
-        ["imports of all steps' modules, once", fmt_number(phases["imports"])],
-        ["transform: Spark session start (JVM)", fmt_number(phases.get("spark_session_start"))],
-        ["transform: the Spark job", fmt_number(phases.get("spark_job"))],
-        ["transform: Spark session stop", fmt_number(phases.get("spark_session_stop"))],
+        ["imports of all steps' modules, once", fmt_number(floor_phases["imports"])],
+        ["transform: Spark session start (JVM)", fmt_number(floor_phases.get("spark_session_start"))],
+        ["transform: the Spark job", fmt_number(floor_phases.get("spark_job"))],
+        ["transform: Spark session stop", fmt_number(floor_phases.get("spark_session_stop"))],
         *[[f"step {s}", fmt_number(own[s])] for s in STEPS],
         ["whole floor process", fmt_number(floor["process_seconds"])],
     ]))
@@ -202,7 +246,7 @@ def run(ctx: Context) -> Section:
                     "run_records": [{"seconds": r.seconds, "steps": {s.name: s.seconds for s in r.steps}}
                                     for _, r in loops],
                     "floors": [{k: v for k, v in f.items() if k != "profiles"} for _, f in floors],
-                    "imports": imports, "interpreter_start": bare,
+                    "imports": imports, "interpreter_start": bare, "step_phases": phases,
                     "loop_process": {"wall": loop_run.wall_seconds, "cpu": loop_run.cpu_seconds,
                                      "peak_rss_bytes": loop_run.peak_rss_bytes},
                     "floor_process": {"wall": floor_run.wall_seconds, "cpu": floor_run.cpu_seconds,

@@ -2,7 +2,9 @@
 
 RSS of the tree = the sum of ``VmRSS`` over a process and all its descendants, found through
 ``/proc/<pid>/task/*/children`` (or, on kernels without that file, by scanning every ``/proc/<pid>/stat`` for
-its parent). Shared pages count once per process, so forked workers are over-counted, never under-counted.
+its parent), each address space once (a child not yet past exec repeats its parent's memory). Pages shared by
+independent processes (forked workers after exec, shared libraries) count once per process, so the sum
+over-counts those, never under-counts.
 """
 
 from __future__ import annotations
@@ -100,18 +102,44 @@ def process_name(pid: int) -> str:
         return "?"
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of one process so far (not its children); None once it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3 of stat is index 0 here)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (not its children); None once it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
+def address_space(pid: int) -> tuple[str, ...] | int:
+    """What identifies the process's memory: its code and stack addresses (fields 26-28 of stat).
+
+    A child between fork/vfork and exec has its parent's layout: with vfork it *is* the parent's memory (the
+    JVM starts every helper process that way), with fork its pages are shared copy-on-write. Either way its
+    VmRSS repeats the parent's, and counting both would double the tree. Independent processes get different
+    addresses (ASLR). Where the fields are hidden (0), the pid stands for itself.
+    """
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 26 or fields[23:26] == ["0", "0", "0"]:
+        return pid
+    return tuple(fields[23:26])
+
+
 def tree_rss_bytes(pid: int) -> int:
-    return sum(rss_bytes(p) for p in process_tree(pid))
+    """RSS of the tree, each address space counted once."""
+    per_space: dict[tuple[str, ...] | int, int] = {}
+    for p in process_tree(pid):
+        space = address_space(p)
+        per_space[space] = max(per_space.get(space, 0), rss_bytes(p))
+    return sum(per_space.values())
 
 
 @dataclass
@@ -146,18 +174,22 @@ class TreeSampler:
 
     def sample(self) -> int:
         pids = process_tree(self.pid)
-        total = anon = 0
+        spaces: dict[tuple[str, ...] | int, tuple[int, int, str]] = {}
         for p in pids:
             detail = rss_detail(p)
             rss = detail.get("VmRSS", 0)
-            total += rss
-            anon += detail.get("RssAnon", rss)
             # Read every time: a launcher script (spark-submit) becomes the JVM by exec under the same pid.
             name = process_name(p)
-            self.peak_by_name[name] = max(self.peak_by_name.get(name, 0), rss)
+            space = address_space(p)
+            if rss >= spaces.get(space, (-1, 0, ""))[0]:
+                spaces[space] = (rss, detail.get("RssAnon", rss), name)
             cpu = cpu_seconds(p)
             if cpu is not None:
                 self._cpu[p] = cpu
+        total = sum(rss for rss, _, _ in spaces.values())
+        anon = sum(a for _, a, _ in spaces.values())
+        for rss, _, name in spaces.values():
+            self.peak_by_name[name] = max(self.peak_by_name.get(name, 0), rss)
         self.samples += 1
         self.peak_bytes = max(self.peak_bytes, total)
         self.peak_anon_bytes = max(self.peak_anon_bytes, anon)

@@ -1,7 +1,8 @@
 """Suite ``serving``: the prediction server's throughput and latency vs the raw in-process model call.
 
 The model is a real one trained on sample data (the loop suite's, or trained here the same way). The server is
-the product's app (serving.app.create_app) under uvicorn on 127.0.0.1, with one worker and with two; the load
+the product's app (serving.app.create_app) under uvicorn on 127.0.0.1: one worker, two workers started by
+``uvicorn --workers 2``, and two workers over a TCP_NODELAY-capable socket (bench/serving_app.py); the load
 comes from bench.loadgen (closed loop, keep-alive clients in threads of this process, bounded by count and
 time). The floor is ``pipeline.predict_proba`` on the same rows in this process, one row or 100 rows per call.
 """
@@ -34,12 +35,12 @@ def ensure_model(ctx: Context) -> tuple[Path, Path]:
         return Path(ctx.shared["model_dir"]), Path(ctx.shared["test_dir"])
     from datetime import UTC, datetime
 
-    from bench.loop import _fresh, run_floor_process
+    from bench.loop import fresh_workdir, run_floor_process
 
     ctx.echo("  serving: training a model on sample data (the loop's steps in one process) ...")
     settings = ctx.settings("serving-model")
     landing = ensure_sample_data(ctx.data_root, ctx.loop_rows, settings).parent
-    workdir = _fresh(ctx.workdir / "serving-model", landing / "landing")
+    workdir = fresh_workdir(ctx.workdir / "serving-model", landing / "landing")
     snapshot = datetime.now(UTC).replace(microsecond=0).isoformat()
     _, floor = run_floor_process(workdir, landing, "bench-serving-model", snapshot, profile=False)
     ctx.shared.update(model_dir=floor["model_dir"], test_dir=floor["test_dir"])

@@ -103,6 +103,36 @@ def test_tree_rss_counts_a_grandchild_that_allocates(allocating_tree: subprocess
     assert sampler.cpu_seconds >= 0.0
 
 
+_FORKER = """
+import os, sys
+b = b'x' * (200 << 20)
+if os.fork() == 0:  # a child that never execs: the same pages as its parent, copy-on-write
+    sys.stdin.read()
+    os._exit(0)
+print('ready', flush=True)
+sys.stdin.read()
+os.wait()
+"""
+
+
+def test_a_child_not_yet_past_exec_counts_once() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        tree = rss.process_tree(proc.pid)
+        assert len(tree) == 2 and rss.address_space(tree[0]) == rss.address_space(tree[1])
+        naive = sum(rss.rss_bytes(p) for p in tree)
+        assert naive > 400 * MB  # each process reports the 200 MB
+        sampler = rss.TreeSampler(proc.pid)
+        sampler.sample()
+        assert 200 * MB < sampler.peak_bytes < 300 * MB
+        assert 200 * MB < rss.tree_rss_bytes(proc.pid) < 300 * MB
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
 def test_tree_walk_falls_back_to_parent_scan(allocating_tree: subprocess.Popen[bytes],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     expected = rss.process_tree(allocating_tree.pid)
@@ -298,3 +328,23 @@ def test_memory_guard_extrapolates_and_skips_what_would_not_fit(monkeypatch: pyt
     assert reason.startswith("needs about 20.0 GiB") and "16.0 GiB available" in reason
     assert scaling.memory_guard("pandas-transform", 6 * 10**6, results) == ""  # ~6 GiB fits in half of 16
     assert scaling.memory_guard("train", 20 * 10**6, results) == ""  # nothing measured to extrapolate from
+
+
+def test_step_phases_split_a_runner_log(tmp_path: Path) -> None:
+    from bench.loop import step_phases
+
+    log = tmp_path / "pipeline.log"
+    log.write_text(
+        "\x1b[1m10:00:00.000 - INFO - Executing task \x1b[96m'train'\x1b[0m\n"
+        "    [KFP Executor 2026-01-01 10:00:00,050 INFO]: Looking for component `train` in ...\n"
+        "    [KFP Executor 2026-01-01 10:00:02,550 INFO]: Wrote executor output file to /x.json.\n"
+        "10:00:03.000 - INFO - Task 'train' finished with status SUCCESS\n"
+        "23:59:59.900 - INFO - Executing task 'deploy'\n"
+        "    [KFP Executor 2026-01-01 23:59:59,950 INFO]: Looking for component `deploy` in ...\n"
+        "    [KFP Executor 2026-01-02 00:00:00,950 INFO]: Wrote executor output file to /y.json.\n"
+        "00:00:01.000 - INFO - Task 'deploy' finished with status SUCCESS\n"
+        "00:00:01.100 - INFO - Executing task 'register'\n")  # never finished: left out
+    phases = step_phases(log)
+    assert set(phases) == {"train", "deploy"}
+    assert phases["train"] == pytest.approx({"executor_start": 0.05, "body": 2.5, "exit": 0.45})
+    assert phases["deploy"] == pytest.approx({"executor_start": 0.05, "body": 1.0, "exit": 0.05})
