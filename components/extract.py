@@ -32,6 +32,7 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.errors import CtloopError, DataValidationError
+from ctloop.launching import label_value
 from ctloop.sql import (
     duckdb_connect,
     load_template,
@@ -320,8 +321,7 @@ def job_id_for(run_id: str, statement: str, step: str = STEP) -> str:
 
 def job_labels(settings: Settings, run_id: str, step: str = STEP) -> dict[str, str]:
     """Settings labels plus the run and step, as BigQuery label values (lowercase, [a-z0-9_-], <= 63)."""
-    run_label = re.sub(r"[^a-z0-9_-]", "-", run_id.lower())[:63]
-    return {**settings.labels, "ctloop-run": run_label, "ctloop-step": step}
+    return {**settings.labels, "ctloop-run": label_value(run_id), "ctloop-step": step}
 
 
 def export_statement(query: str, output_uri: str) -> str:

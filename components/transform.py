@@ -31,6 +31,7 @@ from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.errors import CtloopError, DataValidationError
 from ctloop.features import FeatureSpec, resolve_feature_spec
+from ctloop.launching import label_value
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -250,7 +251,7 @@ def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str])
         pyspark_batch=dataproc_v1.PySparkBatch(main_python_file_uri=main_uri, args=args),
         runtime_config=dataproc_v1.RuntimeConfig(container_image=gcp.component_image),
         environment_config=dataproc_v1.EnvironmentConfig(execution_config=execution),
-        labels={**settings.labels, "ctloop-step": "transform", "ctloop-run": _label_value(run_id)},
+        labels={**settings.labels, "ctloop-step": "transform", "ctloop-run": label_value(run_id)},
     )
 
 
@@ -436,11 +437,6 @@ def _non_negative(settings: Settings, spec: FeatureSpec) -> list[str]:
         raise ValueError(f"columns.non_negative: {unknown} are not numeric features; "
                          f"the numeric features are {spec.numeric}")
     return list(configured)
-
-
-def _label_value(text: str) -> str:
-    """A GCP label value: lowercase letters, digits, - and _, at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]+", "-", text.lower())[:63]
 
 
 def _replace(src: Path, dst: Path) -> None:

@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ctloop.errors import CtloopError
+from ctloop.ports import free_port
 
 PUBSUB_JAR_GLOB = "platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar"
 PUBSUB_INSTALL_HINT = (
@@ -45,13 +45,6 @@ FAKE_GCS_INSTALL_HINT = (
 
 class EmulatorError(CtloopError):
     """An emulator could not be found, started or reached; the message says which and how to fix it."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the service binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-_LABEL_BAD = re.compile(r"[^a-z0-9_-]+")
+from ctloop.launching import label_value, labels  # noqa: F401  - the label sanitiser, re-exported for callers
+
 _SLUG_BAD = re.compile(r"[^a-z0-9-]+")
 
 
@@ -30,18 +31,6 @@ class Where:
     @property
     def kw(self) -> dict[str, str]:
         return {"project": self.project, "location": self.location}
-
-
-def label_value(text: str) -> str:
-    """A Vertex label value: lowercase letters, digits, ``_`` and ``-``, at most 63 characters."""
-    return _LABEL_BAD.sub("-", str(text).lower())[:63]
-
-
-def labels(base: Mapping[str, str], **extra: str) -> dict[str, str]:
-    """``base`` plus ``extra`` (underscores in keys become dashes), keys and values made label-safe."""
-    out = {label_value(k): label_value(v) for k, v in base.items()}
-    out.update({label_value(k.replace("_", "-")): label_value(v) for k, v in extra.items() if v})
-    return out
 
 
 def _slug(text: str, limit: int, letter_first: bool) -> str:

@@ -141,7 +141,8 @@ def transform_cmd(ctx: _Ctx, input_dir: Path, out: Path, run_id: str | None) -> 
 def run_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, trigger_uri: str, serve: bool,
             template: str | None) -> None:
     """Run the training pipeline: locally with the KFP local runner, or on Vertex AI Pipelines."""
-    from pipelines.main_job import run_training_local, submit_training
+    from pipelines.main_job import run_training_local
+    from pipelines.submit import submit_training
 
     if target == "vertex":
         result = submit_training(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
@@ -164,7 +165,8 @@ def run_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, trig
 def monitor_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, trigger_uri: str,
                 template: str | None) -> None:
     """Check the recent data for drift against the champion; launch training when it drifted."""
-    from pipelines.monitoring import run_monitoring_local, submit_monitoring
+    from pipelines.monitoring import run_monitoring_local
+    from pipelines.submit import submit_monitoring
 
     if target == "vertex":
         result = submit_monitoring(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
@@ -194,16 +196,17 @@ def compile_cmd(ctx: _Ctx, out: Path, component_image: str | None) -> None:
 @click.option("--run-id", default=None, help="Idempotency key; the same key never creates a second job.")
 @click.option("--snapshot-time", default="")
 @click.option("--trigger-uri", default="")
-@click.option("--cache/--no-cache", default=None, help="Override the per-step caching settings.")
+@click.option("--cache/--no-cache", default=None, help="Reuse cached step results (default: no).")
 @pass_ctx
 @_fail_cleanly
 def submit_cmd(ctx: _Ctx, template: str | None, run_id: str | None, snapshot_time: str, trigger_uri: str,
                cache: bool | None) -> None:
     """Submit the training pipeline to Vertex AI Pipelines."""
-    from pipelines.main_job import submit_training
+    from pipelines.submit import submit_training
 
+    caching = {} if cache is None else {"enable_caching": cache}  # default: no cache, as every launch
     result = submit_training(ctx.settings, run_id=run_id, snapshot_time=snapshot_time, trigger_uri=trigger_uri,
-                             template=template, enable_caching=cache)
+                             template=template, **caching)
     click.echo(f"{'submitted' if result.created else 'already submitted'}: {result.job_name}")
 
 

@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +36,8 @@ import yaml
 from ctloop.config import Settings
 from ctloop.emulators import FunctionServer, LocalCloud
 from ctloop.errors import CtloopError
+from ctloop.launch_ledger import LaunchRecord, Ledger
+from ctloop.local_launch import stop_unfinished
 
 REPO = Path(__file__).resolve().parents[1]
 TRIGGER_MAIN = REPO / "cloud_functions" / "trigger" / "main.py"
@@ -44,7 +45,6 @@ ENTRY_POINT = "on_object_finalized"
 MARKER = "_SUCCESS"
 SETTINGS_FILE = "ctloop.demo.yaml"
 LAUNCH_TIMEOUT = 60.0  # marker upload -> ledger row "launched"; measured at 0.1-0.4 s
-STOP_TIMEOUT = 15.0  # SIGTERM -> SIGKILL for a run's process group (Spark's JVM runs its shutdown hooks)
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 Echo = Callable[[str], None]
@@ -52,21 +52,6 @@ Echo = Callable[[str], None]
 
 def _print(line: str) -> None:
     print(line, flush=True)
-
-
-@dataclass(frozen=True)
-class LaunchedRun:
-    """A ledger row of the trigger function (``<state_dir>/ledger.sqlite``, table ``launches``)."""
-
-    job_id: str
-    status: str
-    pid: int | None
-    log_path: str | None
-    exit_code: int | None
-    error: str | None
-
-
-_LAUNCH_COLUMNS = "job_id, status, pid, log_path, exit_code, error"
 
 
 def write_settings_file(settings: Settings, path: Path) -> Path:
@@ -81,25 +66,6 @@ def write_settings_file(settings: Settings, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def find_launch(ledger: Path, trigger_uri: str) -> LaunchedRun | None:
-    """The ledger row of the run ``trigger_uri`` launched, if any."""
-    if not ledger.is_file():
-        return None
-    with contextlib.closing(sqlite3.connect(ledger, timeout=5)) as db:
-        row = db.execute(f"SELECT {_LAUNCH_COLUMNS} FROM launches WHERE trigger_uri = ?", (trigger_uri,)).fetchone()
-    return LaunchedRun(*row) if row else None
-
-
-def unfinished_launches(ledger: Path) -> list[LaunchedRun]:
-    """Rows with a process and no recorded exit code (still running, or their exit went unrecorded)."""
-    if not ledger.is_file():
-        return []
-    with contextlib.closing(sqlite3.connect(ledger, timeout=5)) as db:
-        rows = db.execute(f"SELECT {_LAUNCH_COLUMNS} FROM launches "
-                          "WHERE pid IS NOT NULL AND exit_code IS NULL").fetchall()
-    return [LaunchedRun(*row) for row in rows]
 
 
 def prepare_demo_dir(root: Path) -> None:
@@ -126,45 +92,6 @@ def demo_lock(workdir: Path) -> Iterator[None]:
         yield  # closing the file releases the lock, also when the process dies
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid``; zombies are dead and do not count."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # no procfs: ask the kernel whether the group has any process at all
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        except PermissionError:
-            pass
-        return [pgid]
-    members = []
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # exited meanwhile
-        state, _ppid, pgrp = text[text.rfind(")") + 2:].split()[:3]  # the name in (...) may hold spaces
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def stop_groups(pgids: list[int], timeout: float = STOP_TIMEOUT) -> list[int]:
-    """SIGTERM each group, SIGKILL what is left after ``timeout`` s; returns the groups that needed SIGKILL."""
-    for pgid in pgids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    alive = [g for g in pgids if group_members(g)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [g for g in alive if group_members(g)]
-    for pgid in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    return alive
-
-
 class Demo:
     """The running loop: emulators, the trigger function and the runs it launched."""
 
@@ -178,7 +105,7 @@ class Demo:
         self.run_timeout = run_timeout
         self.launch_timeout = launch_timeout
         self.state_dir = self.root / "trigger"
-        self.ledger = self.state_dir / "ledger.sqlite"
+        self.ledger_path = self.state_dir / "ledger.sqlite"
         self.staging = self.root / "staging"
         self.prefix = f"{self.settings.data.bq_dataset}/{self.settings.data.bq_table}/"
         self.cloud = LocalCloud(log_dir=self.root / "logs", project=self.settings.gcp.project)
@@ -220,28 +147,36 @@ class Demo:
         """Stop the runs the function launched, then every service; bounded in time, safe to call twice."""
         started = time.monotonic()
         was_up = self.cloud.pubsub is not None
-        runs = self._unfinished()
+        ledger = self._ledger()
+        runs = self._unfinished(ledger)
         for run in runs:
             self._say(f"stopping run {run.job_id} (process group {run.pid})")
         # While the function server lives, it reaps the run's leader and records its exit code.
-        killed = stop_groups([r.pid for r in runs if r.pid])
+        killed = stop_unfinished(ledger) if ledger and runs else []
         self.cloud.stop()
         # A run launched between the look-up and the function's stop: nobody else will stop it.
-        seen = {r.job_id for r in runs}
-        late = [r.pid for r in self._unfinished() if r.pid and r.job_id not in seen]
-        killed += stop_groups([pid for pid in late if group_members(pid)], timeout=2.0)
+        if ledger:
+            killed += stop_unfinished(ledger, timeout=2.0, skip={r.job_id for r in runs})
         if was_up:
             forced = f" ({len(killed)} run(s) needed SIGKILL)" if killed else ""
             self._say(f"stopped the trigger function, fake-gcs-server and the Pub/Sub emulator in "
                       f"{time.monotonic() - started:.1f}s{forced}")
 
-    def _unfinished(self) -> list[LaunchedRun]:
+    def _ledger(self) -> Ledger | None:
+        """The function's launch ledger (None before this demo prepared its directory, or when unreadable)."""
         if not self.prepared:
-            return []
+            return None
         try:
-            return unfinished_launches(self.ledger)
+            return Ledger(self.ledger_path)
         except sqlite3.Error as exc:  # the services must still be stopped
-            self._say(f"cannot read the launch ledger {self.ledger} ({exc}); runs may be left running")
+            self._say(f"cannot read the launch ledger {self.ledger_path} ({exc}); runs may be left running")
+            return None
+
+    def _unfinished(self, ledger: Ledger | None) -> list[LaunchRecord]:
+        try:
+            return ledger.unfinished() if ledger else []
+        except sqlite3.Error as exc:
+            self._say(f"cannot read the launch ledger {self.ledger_path} ({exc}); runs may be left running")
             return []
 
     def _say(self, line: str) -> None:
@@ -260,12 +195,13 @@ class Demo:
         self.echo(f"  uploaded {', '.join(names)}, then {MARKER}")
         return f"gs://{self.bucket.name}/{marker.name}#{marker.generation}"
 
-    def wait_launch(self, trigger_uri: str) -> LaunchedRun:
+    def wait_launch(self, trigger_uri: str) -> LaunchRecord:
         """The run the function launched for ``trigger_uri``; fails after ``launch_timeout`` s."""
         uploaded = time.monotonic()
         deadline = uploaded + self.launch_timeout
+        ledger = Ledger(self.ledger_path)
         while True:
-            run = find_launch(self.ledger, trigger_uri)
+            run = ledger.find(trigger_uri)
             if run is not None and run.status == "launched":
                 break
             if time.monotonic() > deadline:
@@ -277,9 +213,10 @@ class Demo:
                   "the marker landed")
         return run
 
-    def follow(self, run: LaunchedRun, trigger_uri: str) -> LaunchedRun:
+    def follow(self, run: LaunchRecord, trigger_uri: str) -> LaunchRecord:
         """Stream the run's log until its process ends; returns the final ledger row."""
         deadline = time.monotonic() + self.run_timeout
+        ledger = Ledger(self.ledger_path)
         log_path = Path(run.log_path or "")
         with contextlib.ExitStack() as stack:
             log: IO[bytes] | None = None
@@ -287,7 +224,7 @@ class Demo:
             while True:
                 if log is None and log_path.is_file():
                     log = stack.enter_context(log_path.open("rb"))
-                run = find_launch(self.ledger, trigger_uri) or run
+                run = ledger.find(trigger_uri) or run
                 if log is not None:
                     pending = self._echo_lines(pending + log.read())
                 if run.exit_code is not None:

@@ -1,37 +1,24 @@
-"""The main job: run the training pipeline locally end to end, or submit it to Vertex AI Pipelines."""
+"""The main job: run the training pipeline locally end to end and ask the model it deployed for a prediction."""
 
 from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
+from ctloop.launching import pipeline_parameters
+from ctloop.ports import free_port
 from pipelines.local_run import RunRecord, new_run_id, run_local
 from pipelines.report_html import write_run_report
-from pipelines.submit import SubmitResult, job_id_for, submit_pipeline
-
-
-def pipeline_arguments(settings: Settings, run_id: str, snapshot_time: str, trigger_uri: str) -> dict[str, Any]:
-    """The training pipeline's parameters: the whole settings object travels as ``config``.
-
-    The snapshot time is fixed here, once per run, so a retried extract reads the same window (and reuses the
-    same BigQuery job id) instead of a later one.
-    """
-    from datetime import UTC, datetime
-
-    snapshot = snapshot_time or datetime.now(UTC).replace(microsecond=0).isoformat()
-    return {"config": settings.to_param(), "run_id": run_id, "snapshot_time": snapshot, "trigger_uri": trigger_uri}
 
 
 def run_training_local(
@@ -49,7 +36,7 @@ def run_training_local(
     run_id = run_id or new_run_id()
     echo(f"ctloop run {run_id} (local: DuckDB, Spark {settings.local.spark_master}, scikit-learn, SQLite registry)")
     record = run_local(training_pipeline, settings, run_id=run_id,
-                       arguments=pipeline_arguments(settings, run_id, snapshot_time, trigger_uri), echo=echo)
+                       arguments=pipeline_parameters(settings, run_id, snapshot_time, trigger_uri), echo=echo)
     report = write_run_report(record, settings.local.runs_dir / run_id / "report.html")
     record.report_path = str(report)
     echo_summary(record, echo)
@@ -86,12 +73,6 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
         echo("the champion keeps serving")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _example_instance(record: RunRecord) -> dict[str, Any]:
     import pandas as pd
 
@@ -107,7 +88,7 @@ def _example_instance(record: RunRecord) -> dict[str, Any]:
 
 def predict_from_served_endpoint(settings: Settings, record: RunRecord, echo: Callable[[str], None]) -> dict:
     """Start the production endpoint's prediction server, send one test instance, print the answer, stop."""
-    port = _free_port()
+    port = free_port()
     endpoint = settings.deploy.production_endpoint
     cmd = [sys.executable, "-m", "pipelines.cli", "--set", f"local.workdir={settings.local.workdir}",
            "serve", "--endpoint", endpoint, "--port", str(port)]
@@ -142,51 +123,3 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Any, timeout: float = 
             pass
         time.sleep(0.2)
     raise CtloopError(f"prediction server at {base} not healthy after {timeout:.0f}s")
-
-
-def submit_training(
-    settings: Settings,
-    *,
-    run_id: str | None,
-    snapshot_time: str = "",
-    trigger_uri: str = "",
-    template: str | None = None,
-    enable_caching: bool | None = None,
-    client_options: dict[str, Any] | None = None,
-) -> SubmitResult:
-    """Submit the training pipeline to Vertex AI Pipelines (compiled now when no template is given)."""
-    from pipelines.training import PIPELINE_NAME, training_pipeline
-
-    return submit_compiled(settings, training_pipeline, display_name=PIPELINE_NAME,
-                           job_id=job_id_for(run_id or new_run_id()), snapshot_time=snapshot_time,
-                           trigger_uri=trigger_uri, template=template, enable_caching=enable_caching,
-                           client_options=client_options)
-
-
-def submit_compiled(
-    settings: Settings,
-    pipeline_func: Callable[..., Any],
-    *,
-    display_name: str,
-    job_id: str,
-    snapshot_time: str,
-    trigger_uri: str,
-    template: str | None,
-    enable_caching: bool | None = None,
-    client_options: dict[str, Any] | None = None,
-) -> SubmitResult:
-    """Submit one of the project's pipelines with the cloud backend; compiles ``pipeline_func`` when no template
-    (a compiled file or an Artifact Registry URI) is given."""
-    from pipelines.compile import compile_pipeline
-
-    cloud = settings.with_overrides({"backend": "cloud"})
-    with tempfile.TemporaryDirectory() as tmp:
-        if template is None:
-            template = str(compile_pipeline(pipeline_func, Path(tmp) / f"{display_name}.yaml",
-                                            settings.gcp.component_image))
-        return submit_pipeline(
-            cloud, template_path=template, run_id=job_id,
-            parameter_values=pipeline_arguments(cloud, job_id, snapshot_time, trigger_uri),
-            enable_caching=enable_caching, labels={"trigger": "manual" if not trigger_uri else "gcs"},
-            display_name=display_name, client_options=client_options,
-        )

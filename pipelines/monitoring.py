@@ -14,7 +14,6 @@ It runs on a schedule (terraform/monitoring.tf: Cloud Scheduler -> the trigger f
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 from kfp import dsl
 
@@ -23,16 +22,12 @@ from components.launch import launch_training
 from components.lookup import lookup_champion
 from components.recent import collect_recent
 from ctloop.config import Settings
+from ctloop.launching import pipeline_parameters
 from pipelines.local_run import RunRecord, new_run_id, run_local
-from pipelines.submit import SubmitResult, job_id_for
+from pipelines.retry import retry_transient
 
 PIPELINE_NAME = "ctloop-monitoring"
 DRIFT = "drift"
-
-
-def _retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Steps that call external services retry transient failures with backoff."""
-    return task.set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0, backoff_max_duration="60s")
 
 
 @dsl.pipeline(name="retrain-on-drift", description="Launch training when the decision is drift.")
@@ -40,7 +35,7 @@ def retrain_on_drift(config: dict, run_id: str, snapshot_time: str, trigger_uri:
     # A sub-DAG of its own: the KFP local runner resolves a condition on the sub-DAG's inputs, not on a sibling
     # task's output at the root (it would skip the branch), and Vertex runs it the same either way.
     with dsl.If(decision == DRIFT, name="drifted"):
-        launch = _retry(launch_training(config=config, run_id=run_id, snapshot_time=snapshot_time,
+        launch = retry_transient(launch_training(config=config, run_id=run_id, snapshot_time=snapshot_time,
                                         trigger_uri=trigger_uri, reasons=reasons))
         launch.set_display_name("launch training").set_caching_options(False)
 
@@ -48,10 +43,10 @@ def retrain_on_drift(config: dict, run_id: str, snapshot_time: str, trigger_uri:
 @dsl.pipeline(name=PIPELINE_NAME, description="Drift check against the champion's training data; retrain on drift.")
 def monitoring_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = ""):
     # Every step reads moving state (new rows, the current champion) or has side effects: never cached.
-    recent = _retry(collect_recent(config=config, run_id=run_id, snapshot_time=snapshot_time))
+    recent = retry_transient(collect_recent(config=config, run_id=run_id, snapshot_time=snapshot_time))
     recent.set_display_name("collect recent batch").set_caching_options(False)
 
-    champion = _retry(lookup_champion(config=config, run_id=run_id))
+    champion = retry_transient(lookup_champion(config=config, run_id=run_id))
     champion.set_display_name("look up champion").set_caching_options(False)
 
     drift = check_drift(config=config, run_id=run_id, recent=recent.outputs["recent"],
@@ -75,13 +70,11 @@ def run_monitoring_local(
 
     Returns (exit code, run record): 0 when the run succeeded, whatever it decided.
     """
-    from pipelines.main_job import pipeline_arguments
-
     run_id = run_id or new_run_id("ctloop-monitor")
     echo(f"ctloop monitor {run_id} (local; recent batch from {settings.monitoring.source}, "
          f"last {settings.monitoring.recent_days} days)")
     record = run_local(monitoring_pipeline, settings, run_id=run_id,
-                       arguments=pipeline_arguments(settings, run_id, snapshot_time, trigger_uri), echo=echo)
+                       arguments=pipeline_parameters(settings, run_id, snapshot_time, trigger_uri), echo=echo)
     echo_summary(record, echo)
     if record.status != "SUCCEEDED":
         echo(f"error: {record.error}")
@@ -103,21 +96,3 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
              f"({record.output('launch-training', 'job_name')})")
     elif decision == "no_drift":
         echo("no retraining needed")
-
-
-def submit_monitoring(
-    settings: Settings,
-    *,
-    run_id: str | None,
-    snapshot_time: str = "",
-    trigger_uri: str = "",
-    template: str | None = None,
-    client_options: dict[str, Any] | None = None,
-) -> SubmitResult:
-    """Submit the monitoring pipeline to Vertex AI Pipelines (compiled now when no template is given)."""
-    from pipelines.main_job import submit_compiled
-
-    return submit_compiled(settings, monitoring_pipeline, display_name=PIPELINE_NAME,
-                           job_id=job_id_for(run_id or new_run_id("ctloop-monitor"), prefix="ctloop-monitor"),
-                           snapshot_time=snapshot_time, trigger_uri=trigger_uri, template=template,
-                           client_options=client_options)

@@ -1,73 +1,55 @@
-"""Submit a compiled pipeline to Vertex AI Pipelines with a deterministic job id when an idempotency key is given."""
+"""``ctloop submit`` / ``--target vertex``: submit the training or monitoring pipeline to Vertex AI Pipelines.
+
+The request itself is ``ctloop.launching.create_pipeline_job`` (the same call the trigger function and the
+monitoring pipeline make); this module only picks the template: the one given (a compiled file or an Artifact
+Registry URI), else the pipeline compiled now with ``gcp.component_image``.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import re
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ctloop.config import Settings
+from ctloop.launching import JOB_PREFIXES, PIPELINE_NAMES, Launched, Pipeline, create_pipeline_job, job_id_for
+from pipelines.compile import compile_pipeline
+from pipelines.local_run import new_run_id
+from pipelines.monitoring import monitoring_pipeline
+from pipelines.training import training_pipeline
 
-_JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
-
-
-@dataclass(frozen=True)
-class SubmitResult:
-    job_name: str
-    job_id: str
-    created: bool  # False when the job id already existed (a duplicate trigger): that is success too
+PIPELINE_FUNCS: dict[str, Callable[..., Any]] = {"training": training_pipeline, "monitoring": monitoring_pipeline}
 
 
-def job_id_for(key: str, prefix: str = "ctloop-train") -> str:
-    """A valid Vertex PipelineJob id: ``key`` itself when it already is one, else prefix + a hash of it."""
-    if _JOB_ID.match(key):
-        return key
-    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
-
-
-def submit_pipeline(
+def submit(
     settings: Settings,
+    pipeline: Pipeline,
     *,
-    template_path: str,
-    run_id: str,
-    parameter_values: dict[str, Any],
-    enable_caching: bool | None = None,
-    labels: dict[str, str] | None = None,
-    display_name: str = "ctloop-training",
+    run_id: str | None,
+    snapshot_time: str = "",
+    trigger_uri: str = "",
+    template: str | None = None,
+    enable_caching: bool | None = False,
     client_options: dict[str, Any] | None = None,
-) -> SubmitResult:
-    """Create the PipelineJob ``run_id`` (a Conflict means it exists already: fetch it and report success).
+) -> Launched:
+    """Submit ``pipeline`` once under the job id derived from ``run_id`` (a new id when none is given)."""
+    prefix = JOB_PREFIXES[pipeline]
+    job_id = job_id_for(run_id or new_run_id(prefix), prefix=prefix)
+    with tempfile.TemporaryDirectory() as tmp:
+        if template is None:
+            template = str(compile_pipeline(PIPELINE_FUNCS[pipeline], Path(tmp) / f"{PIPELINE_NAMES[pipeline]}.yaml",
+                                            settings.gcp.component_image))
+        return create_pipeline_job(settings, pipeline=pipeline, template_path=template, job_id=job_id,
+                                   snapshot=snapshot_time, trigger_uri=trigger_uri, enable_caching=enable_caching,
+                                   client_options=client_options)
 
-    ``template_path`` is a local compiled YAML or an Artifact Registry template URI
-    (``https://REGION-kfp.pkg.dev/PROJECT/REPO/NAME/TAG``). ``client_options`` (api_endpoint, credentials,
-    api_transport) exist so tests can point the real client at a local server.
-    """
-    from google.api_core import exceptions
-    from google.cloud import aiplatform
 
-    options = dict(client_options or {})
-    aiplatform.init(
-        project=settings.gcp.project,
-        location=settings.gcp.region,
-        credentials=options.pop("credentials", None),
-        api_endpoint=options.pop("api_endpoint", None),
-        api_transport=options.pop("api_transport", None),
-    )
-    job_id = job_id_for(run_id)
-    job = aiplatform.PipelineJob(
-        display_name=display_name,
-        template_path=template_path,
-        job_id=job_id,
-        pipeline_root=settings.gcp.pipeline_root,
-        parameter_values=parameter_values,
-        enable_caching=enable_caching,
-        labels={**settings.labels, **(labels or {})},
-    )
-    try:
-        job.submit(service_account=settings.gcp.service_account)
-    except exceptions.Conflict:
-        name = (f"projects/{settings.gcp.project}/locations/{settings.gcp.region}/pipelineJobs/{job_id}")
-        existing = aiplatform.PipelineJob.get(resource_name=name)
-        return SubmitResult(job_name=existing.resource_name, job_id=job_id, created=False)
-    return SubmitResult(job_name=job.resource_name, job_id=job_id, created=True)
+def submit_training(settings: Settings, *, run_id: str | None, **kw: Any) -> Launched:
+    """Submit the training pipeline (see ``submit``)."""
+    return submit(settings, "training", run_id=run_id, **kw)
+
+
+def submit_monitoring(settings: Settings, *, run_id: str | None, **kw: Any) -> Launched:
+    """Submit the monitoring pipeline (see ``submit``)."""
+    return submit(settings, "monitoring", run_id=run_id, **kw)

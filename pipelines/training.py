@@ -21,29 +21,25 @@ from components.register import register
 from components.report import report_rejection
 from components.train import train
 from components.transform import transform
+from pipelines.retry import retry_transient
 
 PIPELINE_NAME = "ctloop-training"
 GATE_PASS = "pass"
 
 
-def _retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Steps that call external services retry transient failures with backoff."""
-    return task.set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0, backoff_max_duration="60s")
-
-
 @dsl.pipeline(name=PIPELINE_NAME, description="Continuous training: extract, transform, train, gate, register, deploy.")
 def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = ""):
     # Extract reads a moving table: never serve it from cache. Side-effecting steps are never cached either.
-    data = _retry(extract(config=config, run_id=run_id, snapshot_time=snapshot_time))
+    data = retry_transient(extract(config=config, run_id=run_id, snapshot_time=snapshot_time))
     data.set_display_name("extract (BigQuery)").set_caching_options(False)
 
-    splits = _retry(transform(config=config, run_id=run_id, dataset=data.outputs["dataset"]))
+    splits = retry_transient(transform(config=config, run_id=run_id, dataset=data.outputs["dataset"]))
     splits.set_display_name("transform (Dataproc PySpark)")
 
     model = train(config=config, run_id=run_id, train=splits.outputs["train"], valid=splits.outputs["valid"])
     model.set_display_name("train (scikit-learn)")
 
-    champion = _retry(lookup_champion(config=config, run_id=run_id))
+    champion = retry_transient(lookup_champion(config=config, run_id=run_id))
     champion.set_display_name("look up champion").set_caching_options(False)
 
     gate = evaluate_gate(
@@ -56,7 +52,7 @@ def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigge
     gate.set_display_name("evaluate gate").set_caching_options(False)
 
     with dsl.If(gate.outputs["decision"] == GATE_PASS, name="gate-passed"):
-        version = _retry(register(config=config, run_id=run_id, model=model.outputs["model"],
+        version = retry_transient(register(config=config, run_id=run_id, model=model.outputs["model"],
                                   metrics=gate.outputs["metrics"]))
         version.set_display_name("register (Model Registry)").set_caching_options(False)
         # No step-level retry: a failed smoke test is deterministic and already rolled back; the Google

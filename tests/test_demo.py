@@ -23,7 +23,8 @@ import pytest
 from ctloop.config import Settings, load_settings
 from ctloop.emulators import http_status
 from ctloop.errors import CtloopError
-from pipelines.demo import demo_lock, group_members, prepare_demo_dir, run_demo, stop_groups
+from ctloop.local_launch import group_members, stop_groups
+from pipelines.demo import demo_lock, prepare_demo_dir, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,11 +25,11 @@ import yaml
 from kfp import components as kfp_components
 
 from ctloop.config import Settings, load_settings
+from ctloop.launching import pipeline_parameters as pipeline_arguments
 from ctloop.registry import LocalRegistry
 from ctloop.sample_data import write_sample_data
 from pipelines.compile import all_pipelines, compile_pipeline
 from pipelines.local_run import RunRecord, run_local
-from pipelines.main_job import pipeline_arguments
 from pipelines.monitoring import PIPELINE_NAME, monitoring_pipeline, run_monitoring_local
 from pipelines.training import training_pipeline
 from serving.app import create_app, endpoint_deployments

@@ -18,11 +18,15 @@ from kfp.dsl import HTML, Dataset, Metrics
 
 import components.launch as launch_module
 from components.drift import run_drift_check, run_drift_step
-from components.launch import launch_env, launch_training_run, training_run_id
+from components.launch import LAUNCH_LEDGER, launch_training_run
 from components.recent import collect_recent_to_artifact, gather_recent, recent_window
 from ctloop.config import Settings, load_settings
 from ctloop.errors import ChampionError, DataValidationError
 from ctloop.features import FeatureSpec
+from ctloop.launch_ledger import Ledger
+from ctloop.launching import LaunchError
+from ctloop.launching import retrain_job_id as training_run_id
+from ctloop.local_launch import launch_env
 from ctloop.modeling import CARD_FILE, train_model
 from ctloop.prediction_log import log_root
 from ctloop.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
@@ -228,8 +232,10 @@ def test_local_launch_starts_one_detached_run(tmp_path: Path, monkeypatch: pytes
                                "2026-05-01T00:00:00Z"]
     launched = load_settings(s.local.runs_dir / "mon-7-retrain" / "launch-settings.yaml")
     assert launched.local.workdir == str(tmp_path.resolve()) and launched.model == s.model
-    marker = json.loads((s.local.runs_dir / "mon-7-retrain" / "launch.json").read_text())
-    assert marker["argv"] == [sys.executable, str(script), str(tmp_path / "ran.json"), *ran["argv"][1:]]
+    # One "launch once" record: the launch ledger, the same one the trigger function keeps.
+    [record] = Ledger(s.local.path(LAUNCH_LEDGER)).records()
+    assert (record.job_id, record.status, record.trigger_uri) == ("mon-7-retrain", "launched", "gs://b/o#1")
+    assert record.command == [sys.executable, str(script), str(tmp_path / "ran.json"), *ran["argv"][1:]]
     assert "_KFP_RUNTIME" not in launch_env()
 
 
@@ -250,8 +256,14 @@ def vertex(recording_server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -
 
 def test_cloud_launch_submits_the_training_pipeline_once(vertex: RecordingServer, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    s = _settings(tmp_path, backend="cloud")
-    monkeypatch.setenv("_KFP_RUNTIME", "true")  # as inside the component: the template is compiled all the same
+    from pipelines.compile import compile_pipeline
+    from pipelines.training import training_pipeline
+
+    # The released template (Artifact Registry in production; a compiled file here): the step compiles nothing.
+    image = _settings(tmp_path).gcp.component_image
+    template = compile_pipeline(training_pipeline, tmp_path / "released" / "training.yaml", image)
+    s = _settings(tmp_path, backend="cloud", **{"monitoring.training_template": str(template)})
+    monkeypatch.setenv("_KFP_RUNTIME", "true")  # as inside the component
     options = {"api_endpoint": vertex.url, "credentials": AnonymousCredentials(), "api_transport": "rest"}
     vertex.route("POST", JOBS, lambda r: (200, {"name": f"{JOBS[4:]}/{r.query['pipelineJobId'][0]}"}))
     launched = launch_training_run(s, run_id="ctloop-monitor-5d1f", snapshot_time="2026-05-01T00:00:00Z",
@@ -276,3 +288,11 @@ def test_cloud_launch_submits_the_training_pipeline_once(vertex: RecordingServer
     again = launch_training_run(s, run_id="ctloop-monitor-5d1f", snapshot_time="2026-05-01T00:00:00Z",
                                 trigger_uri="gs://b/o#3", client_options=options)
     assert not again.created and again.job_name == name
+
+
+def test_cloud_launch_needs_the_released_training_template(vertex: RecordingServer, tmp_path: Path) -> None:
+    s = _settings(tmp_path, backend="cloud")
+    options = {"api_endpoint": vertex.url, "credentials": AnonymousCredentials(), "api_transport": "rest"}
+    with pytest.raises(LaunchError, match=r"monitoring.training_template: required on the cloud backend"):
+        launch_training_run(s, run_id="ctloop-monitor-5d1f", client_options=options)
+    assert vertex.requests == []

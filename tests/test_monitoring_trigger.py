@@ -30,7 +30,8 @@ JOBS_PATH = rf"/v1/projects/{PROJECT}/locations/{REGION}/pipelineJobs"
 
 
 def settings(**env: str) -> TriggerSettings:
-    base = {"CTLOOP_TRIGGER_BUCKET": BUCKET, "CTLOOP_TRIGGER_PREFIX": PREFIX,
+    # Per-object mode unless a test sets markers (the deployed default is batch mode, see the batch tests).
+    base = {"CTLOOP_TRIGGER_BUCKET": BUCKET, "CTLOOP_TRIGGER_PREFIX": PREFIX, "CTLOOP_TRIGGER_MARKERS": "",
             "CTLOOP_TRIGGER_TEMPLATE": "training.yaml", "CTLOOP_TRIGGER_MONITOR_TEMPLATE": "monitoring.yaml"}
     base.update({f"CTLOOP_TRIGGER_{k.upper()}": v for k, v in env.items()})
     return load_settings(base)
@@ -99,7 +100,7 @@ def test_policy_config_follows_the_ctloop_settings_file_at_each_launch(tmp_path:
     handle_event(cloud_event(BUCKET, NAME, "2"), s, recorder)
     assert [r.pipeline for r in recorder.requests] == ["monitoring", "training"]
     config.write_text("monitoring: {retrain_policy: weekly}\n")
-    with pytest.raises(ConfigError, match=r"monitoring.retrain_policy must be one of \['always', 'on_drift'\], "
+    with pytest.raises(ConfigError, match=r"monitoring.retrain_policy: Input should be 'always' or 'on_drift', "
                                           r"found 'weekly'"):
         handle_event(cloud_event(BUCKET, NAME, "3"), s, recorder)
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -140,7 +141,7 @@ def test_local_launcher_starts_the_monitor_command_without_mirroring_a_tick(tmp_
     request = launch_request(BUCKET, NAME, GEN, "", "ctloop-monitor", "monitoring")
     assert launch_argv(default, request) == [
         sys.executable, "-m", "pipelines.cli", "--config", "/etc/ctloop.yaml", "monitor", "--run-id",
-        request.job_id, "--trigger-uri", request.trigger_uri]
+        request.job_id, "--trigger-uri", request.trigger_uri, "--snapshot-time", request.snapshot_time]
     from click.testing import CliRunner
 
     from pipelines.cli import cli

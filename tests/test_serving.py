@@ -313,11 +313,9 @@ def test_python_m_serving_exits_with_a_clear_error_without_a_model(tmp_path: Pat
 
 @pytest.fixture
 def free_port() -> int:
-    import socket
+    from ctloop.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:

@@ -9,8 +9,8 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 
 from ctloop.config import load_settings
-from pipelines.main_job import submit_training
-from pipelines.submit import job_id_for
+from ctloop.launching import job_id_for
+from pipelines.submit import submit_training
 from tests.recording_server import RecordingServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_job_id_is_derived_deterministically_from_any_key() -> None:
 
 
 def test_monitoring_pipeline_submits_through_the_same_path(vertex: RecordingServer) -> None:
-    from pipelines.monitoring import submit_monitoring
+    from pipelines.submit import submit_monitoring
 
     vertex.route("POST", JOBS, lambda r: (200, {"name": f"{JOB_NAMES}/{r.query['pipelineJobId'][0]}"}))
     result = submit_monitoring(

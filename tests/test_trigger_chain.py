@@ -37,7 +37,8 @@ from tests.trigger_helpers import (
 bundle_on_sys_path()
 
 from ctloop_trigger.jobs import job_id_for  # noqa: E402
-from ctloop_trigger.ledger import Ledger  # noqa: E402
+
+from ctloop.launch_ledger import Ledger  # noqa: E402
 
 PREFIX = "ctloop/events/"
 

@@ -1,4 +1,7 @@
-"""The retraining trigger: a Cloud Storage notification (via Pub/Sub) becomes exactly one training run.
+"""The retraining trigger: a Cloud Storage notification (via Pub/Sub) becomes exactly one pipeline run.
 
-Self-contained on purpose: the function bundle (this directory) deploys without the ctloop package.
+This package holds what is the function's own: event parsing, filtering and the choice of what to launch. Job
+ids, parameters, labels, the PipelineJob request and the local launch ledger come from the ``ctloop`` runtime
+package (``ctloop.launching``, ``ctloop.local_launch``), which the deployed bundle carries as a wheel
+(cloudbuild/bundle_trigger.py).
 """

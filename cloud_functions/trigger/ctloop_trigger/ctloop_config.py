@@ -1,19 +1,24 @@
-"""Read the ctloop settings YAML that the pipeline gets as ``config`` parameter (bundle file or gs:// URI)."""
+"""Read the ctloop settings (the pipeline's ``config`` parameter) from a bundle file or a gs:// URI."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
+from ctloop.config import Settings
 
 
 class ConfigError(RuntimeError):
-    """The ctloop settings cannot be read or lack what a launch needs (a deployment problem: retried)."""
+    """The ctloop settings cannot be read or are invalid (a deployment problem: the delivery is retried)."""
 
 
-def read_ctloop_config(location: str) -> dict[str, Any]:
-    """The YAML mapping at ``location``; read at launch time so a new config applies to the next run."""
+def read_ctloop_config(location: str, required: tuple[str, ...] = ()) -> Settings:
+    """The validated settings at ``location``; read at launch time so a new config applies to the next run.
+
+    ``required``: dotted keys the file must set itself rather than leave to the development defaults (e.g.
+    ``gcp.project`` for a Vertex launch)."""
     if location.startswith("gs://"):
         from google.cloud import storage
 
@@ -34,15 +39,16 @@ def read_ctloop_config(location: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"ctloop config {location}: expected a mapping at the top level, "
                           f"found {type(data).__name__}")
-    return data
-
-
-def require(config: dict[str, Any], dotted: str, location: str) -> str:
-    """A non-empty string setting such as ``gcp.project``; raises ConfigError naming the key and the file."""
-    node: Any = config
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, str) or not node:
-        raise ConfigError(f"ctloop config {location}: {dotted} must be set for a Vertex launch, "
-                          f"found {node!r}")
-    return node
+    for dotted in required:
+        node: object = data
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, str) or not node:
+            raise ConfigError(f"ctloop config {location}: {dotted} must be set for a Vertex launch, found {node!r}")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"ctloop config {location}: {where}: {first['msg']}, found {first.get('input')!r}") \
+            from None

@@ -68,7 +68,8 @@ def handle_event(event: Any, settings: TriggerSettings, launcher: Launcher) -> O
         log("ERROR", "retrain policy unavailable; the delivery will be retried", outcome="retry",
             error=f"{type(exc).__name__}: {exc}", **where)
         raise
-    request = launch_request(note.bucket, note.name, note.generation, decision.batch, prefix, pipeline)
+    request = launch_request(note.bucket, note.name, note.generation, decision.batch, prefix, pipeline,
+                             batch_mode=settings.batch_mode, snapshot_time=note.resource.get("timeCreated"))
     return _launch(request, decision.reason, settings, launcher, started, where)
 
 

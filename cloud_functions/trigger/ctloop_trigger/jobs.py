@@ -1,13 +1,15 @@
-"""The idempotency key: one object generation = one job id, however often its notification is delivered."""
+"""What one launch is: the job id (the idempotency key), the trigger URI and the snapshot time of the run.
+
+Per-object mode: one object generation = one run. Batch mode (markers): one batch folder = one run, whichever
+marker, generation or delivery arrives first; the others find the job existing.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
-from typing import Literal
 
-_VERTEX_JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
+from ctloop.launching import LaunchError, Pipeline, batch_job_id, fixed_snapshot_time
+from ctloop.launching import object_job_id as job_id_for
 
 
 @dataclass(frozen=True)
@@ -18,27 +20,34 @@ class LaunchRequest:
     bucket: str
     name: str
     generation: str
-    pipeline: Literal["training", "monitoring"] = "training"
+    pipeline: Pipeline = "training"
+    snapshot_time: str = ""  # the data window's end, fixed from the event so a redelivery sends the same
 
 
-def job_id_for(bucket: str, name: str, generation: str, prefix: str = "ctloop-train") -> str:
-    """``<prefix>-<sha256(bucket/name#generation)[:16]>``: a valid Vertex PipelineJob id ([a-z0-9-])."""
-    key = f"{bucket}/{name}#{generation}".encode("utf-8", errors="surrogatepass")
-    digest = hashlib.sha256(key).hexdigest()
-    job_id = f"{prefix}-{digest[:16]}"
-    if not _VERTEX_JOB_ID.match(job_id):
-        raise ValueError(f"job id prefix {prefix!r} does not make a valid PipelineJob id ({job_id!r})")
-    return job_id
+def event_time(value: object) -> str:
+    """An event's timestamp as the run's snapshot time: ``value`` when it is ISO 8601 text, else now."""
+    try:
+        return fixed_snapshot_time(value) if isinstance(value, str) else fixed_snapshot_time()
+    except LaunchError:
+        return fixed_snapshot_time()
 
 
 def launch_request(bucket: str, name: str, generation: str, batch: str, prefix: str,
-                   pipeline: Literal["training", "monitoring"] = "training") -> LaunchRequest:
+                   pipeline: Pipeline = "training", *, batch_mode: bool = False,
+                   snapshot_time: object = None) -> LaunchRequest:
+    """The request for one object (``batch_mode``: for its batch folder ``batch``); ``snapshot_time`` is the
+    event's time when known (e.g. the object's ``timeCreated``), else now."""
+    job_id = batch_job_id(batch, prefix) if batch_mode else job_id_for(bucket, name, generation, prefix)
     return LaunchRequest(
-        job_id=job_id_for(bucket, name, generation, prefix),
+        job_id=job_id,
         trigger_uri=f"gs://{bucket}/{name}#{generation}",
         batch=batch,
         bucket=bucket,
         name=name,
         generation=generation,
         pipeline=pipeline,
+        snapshot_time=event_time(snapshot_time),
     )
+
+
+__all__ = ["LaunchRequest", "event_time", "job_id_for", "launch_request"]

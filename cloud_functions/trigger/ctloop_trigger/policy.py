@@ -3,30 +3,17 @@ checks the batch for drift against the champion and launches training only when 
 
 from __future__ import annotations
 
-from typing import Literal
-
-from ctloop_trigger.ctloop_config import ConfigError, read_ctloop_config
+from ctloop.launching import Pipeline
+from ctloop_trigger.ctloop_config import read_ctloop_config
 from ctloop_trigger.settings import TriggerSettings
-
-Pipeline = Literal["training", "monitoring"]
-RETRAIN_POLICIES = ("always", "on_drift")
 
 
 def retrain_policy(settings: TriggerSettings) -> str:
     """``CTLOOP_TRIGGER_POLICY``, or with ``config`` the ctloop config's ``monitoring.retrain_policy`` (read now,
-    so a new config applies to the next batch; unset there means ``always``)."""
+    so a new config applies to the next batch)."""
     if settings.policy != "config":
         return settings.policy
-    location = settings.resolve_bundle_path(settings.config)
-    config = read_ctloop_config(location)
-    monitoring = config.get("monitoring") or {}
-    if not isinstance(monitoring, dict):
-        raise ConfigError(f"ctloop config {location}: monitoring must be a mapping, found {type(monitoring).__name__}")
-    policy = monitoring.get("retrain_policy", "always")
-    if policy not in RETRAIN_POLICIES:
-        raise ConfigError(f"ctloop config {location}: monitoring.retrain_policy must be one of "
-                          f"{list(RETRAIN_POLICIES)}, found {policy!r}")
-    return str(policy)
+    return read_ctloop_config(settings.resolve_bundle_path(settings.config)).monitoring.retrain_policy
 
 
 def pipeline_for_batch(settings: TriggerSettings) -> tuple[Pipeline, str]:

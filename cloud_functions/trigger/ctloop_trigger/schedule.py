@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ctloop_trigger.jobs import LaunchRequest, job_id_for
+from ctloop_trigger.jobs import LaunchRequest, event_time, job_id_for
 from ctloop_trigger.notification import MESSAGE_PUBLISHED, MalformedMessage, _get, _message
 
 SCHEDULE_ATTRIBUTE = "ctloopSchedule"
@@ -49,8 +49,9 @@ def parse_tick(event: Any) -> Tick | None:
 
 
 def tick_request(tick: Tick, prefix: str) -> LaunchRequest:
-    """One monitoring run per tick: the job id hashes the schedule and the tick's message id."""
+    """One monitoring run per tick: the job id hashes the schedule and the tick's message id; the recent window
+    ends at the tick's publish time."""
     uri = f"schedule://{tick.schedule}#{tick.message_id}"
     return LaunchRequest(job_id=job_id_for("schedule", tick.schedule, tick.message_id, prefix), trigger_uri=uri,
                          batch=uri, bucket="", name=tick.schedule, generation=tick.message_id,
-                         pipeline="monitoring")
+                         pipeline="monitoring", snapshot_time=event_time(tick.publish_time))

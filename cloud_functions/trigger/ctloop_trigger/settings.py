@@ -13,20 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ctloop.local_launch import cli_argv
+
 ENV_PREFIX = "CTLOOP_TRIGGER_"
 BUNDLE_DIR = Path(__file__).resolve().parent.parent
 
-# The lead's CLI: ``ctloop --config C run --run-id R --trigger-uri U``; --config is a group option.
-DEFAULT_LAUNCH_COMMAND = (
-    "{python}", "-m", "pipelines.cli", "--config", "{config}",
-    "run", "--run-id", "{run_id}", "--trigger-uri", "{trigger_uri}", "--no-serve",
-)
+# The ctloop CLI (``ctloop --config C run|monitor --run-id R --trigger-uri U --snapshot-time S``), as templates.
+_PLACEHOLDERS = ("{python}", "{config}", "{run_id}", "{trigger_uri}", "{snapshot_time}")
+DEFAULT_LAUNCH_COMMAND = tuple(cli_argv(*_PLACEHOLDERS[:2], "training", *_PLACEHOLDERS[2:]))
 # The monitoring pipeline (retrain policy on_drift, and schedule ticks): ``ctloop monitor``.
-DEFAULT_MONITOR_COMMAND = (
-    "{python}", "-m", "pipelines.cli", "--config", "{config}",
-    "monitor", "--run-id", "{run_id}", "--trigger-uri", "{trigger_uri}",
-)
-LAUNCH_PLACEHOLDERS = frozenset({"python", "config", "run_id", "trigger_uri"})
+DEFAULT_MONITOR_COMMAND = tuple(cli_argv(*_PLACEHOLDERS[:2], "monitoring", *_PLACEHOLDERS[2:]))
+LAUNCH_PLACEHOLDERS = frozenset(p.strip("{}") for p in _PLACEHOLDERS)
+# Batch mode by default: a batch of many files starts one run when its marker lands (the Spark/Hadoop
+# convention); CTLOOP_TRIGGER_MARKERS="" switches to one run per data file.
+DEFAULT_MARKERS = ("_SUCCESS",)
 # always: every new batch launches training; on_drift: it launches the monitoring pipeline, which retrains only
 # when the batch drifted; config: the ctloop config's monitoring.retrain_policy, read at each launch.
 POLICIES = ("always", "on_drift", "config")
@@ -50,7 +50,7 @@ class TriggerSettings:
     suffixes: tuple[str, ...] = (".parquet",)
     ignore_suffixes: tuple[str, ...] = (".tmp", "_COPYING_", ".crc", ".partial")
     name_pattern: re.Pattern[str] | None = None
-    markers: tuple[str, ...] = ()  # non-empty = batch mode: only these base names launch, for their folder
+    markers: tuple[str, ...] = DEFAULT_MARKERS  # non-empty = batch mode: these base names launch their folder
     max_name_bytes: int = 1024  # the Cloud Storage limit
     job_prefix: str = "ctloop-train"
     # The ctloop settings YAML: a path (relative = inside this bundle) or gs://bucket/object.
@@ -156,7 +156,7 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
     except re.error as exc:
         raise SettingsError(f"{ENV_PREFIX}NAME_PATTERN: not a valid regular expression "
                             f"{pattern_raw!r}: {exc}") from None
-    markers = _list(environ, "MARKERS", ())
+    markers = _list(environ, "MARKERS", DEFAULT_MARKERS)
     for marker in markers:
         if "/" in marker:
             raise SettingsError(f"{ENV_PREFIX}MARKERS: expected base names such as '_SUCCESS', "

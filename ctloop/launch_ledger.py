@@ -1,4 +1,7 @@
-"""The local launch ledger: a SQLite file with one row per job id, written before a delivery is acknowledged.
+"""The local launch ledger: a SQLite file with one row per job id, the one "launch once" record of local runs.
+
+The trigger function (local backend) claims a row before it acknowledges a delivery; the monitoring pipeline's
+launch step claims one before it starts a training run (ctloop/local_launch.py).
 
 States: ``claimed`` (a delivery is launching it now), ``launched`` (done: every later delivery
 short-circuits), ``failed`` (the launch raised: the next delivery retries it). A claim older than
@@ -132,6 +135,15 @@ class Ledger:
     def get(self, job_id: str) -> LaunchRecord | None:
         found = self.records(job_id)
         return found[0] if found else None
+
+    def find(self, trigger_uri: str) -> LaunchRecord | None:
+        """The row of the run ``trigger_uri`` caused, if any."""
+        found = [r for r in self.records() if r.trigger_uri == trigger_uri]
+        return found[0] if found else None
+
+    def unfinished(self) -> list[LaunchRecord]:
+        """Rows with a process and no recorded exit code (still running, or their exit went unrecorded)."""
+        return [r for r in self.records() if r.pid is not None and r.exit_code is None]
 
     def records(self, job_id: str | None = None) -> list[LaunchRecord]:
         """All rows (or the one for ``job_id``), oldest first."""
