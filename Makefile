@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TOOLS_VENV := .venv-tools
 UV_VERSION := 0.13.9
 
-.PHONY: setup tools run test lint compile bench demo clean
+.PHONY: setup tools run test lint compile bench demo clean trigger-bundle
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: setup tools
 
 compile: setup
 	$(BIN)/ctloop compile --out build/pipelines
+
+# The trigger function's deployable source (what Cloud Build deploys): build/trigger-function.
+trigger-bundle: setup
+	$(BIN)/python cloudbuild/bundle_trigger.py --out build/trigger-function
 
 bench: setup
 	$(BIN)/python -m bench

@@ -65,7 +65,7 @@ def _check_requirements(external: dict[str, set[str]], modules: list[str]) -> No
             provided = {d.lower().replace("_", "-") for d in dists.get(name, [])}
             if not provided & pins:
                 raise BundleError(f"{module} imports {name!r} (distribution {sorted(provided) or '?'}), which "
-                                  f"{TRIGGER_DIR.relative_to(REPO)}/requirements.txt does not pin")
+                                  f"{TRIGGER_DIR / 'requirements.txt'} does not pin")
 
 
 def build_bundle(out: Path) -> list[str]:

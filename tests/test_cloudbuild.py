@@ -260,6 +260,11 @@ def test_release_settings_name_the_pushed_images() -> None:
     assert set(publish["waitFor"]) >= {"render-config", "build-component-image", "build-serving-image"}
     upload = step_by_id(doc, "upload-template")
     assert {"compile", "publish-config"} <= set(upload["waitFor"])
+    # The monitoring pipeline launches the training template this build uploads, by its commit tag.
+    host = next(a.removeprefix("--host=") for a in upload["args"] if a.startswith("--host="))
+    tags = next(a.removeprefix("--tags=") for a in upload["args"] if a.startswith("--tags=")).split(",")
+    assert overrides["monitoring.training_template"] == f"{host}/ctloop-training/$SHORT_SHA"
+    assert "$SHORT_SHA" in tags
 
 
 def _expand(text: str, doc: dict[str, Any], extra: dict[str, str]) -> str:
@@ -282,6 +287,8 @@ def test_release_render_step_produces_valid_settings(tmp_path: Path) -> None:
     assert rendered.gcp.component_image == "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/component:0123abc"
     assert rendered.gcp.service_account == "ctloop-pipeline@ctloop-dev.iam.gserviceaccount.com"
     assert rendered.gcp.pipeline_root == "gs://ctloop-dev-pipeline-root/runs"
+    assert rendered.monitoring.training_template == (
+        "https://europe-west4-kfp.pkg.dev/ctloop-dev/ctloop-pipelines/ctloop-training/0123abc")
     # Everything not overridden comes from ctloop.yaml unchanged.
     assert rendered.model == load_settings(ROOT / "ctloop.yaml").model
 
@@ -306,11 +313,17 @@ def test_render_config_writes_atomically(tmp_path: Path) -> None:
 
 
 def test_deploy_step_matches_the_function_source() -> None:
-    script = step_by_id(load(RELEASE), "deploy-function")["args"][-1]
+    """The function deploys the bundle (cloud_functions/trigger + the runtime modules it imports) built here."""
+    doc = load(RELEASE)
+    step = step_by_id(doc, "deploy-function")
+    script = step["args"][-1]
     source = re.search(r"--source=(\S+)", script).group(1)
     entry = re.search(r"--entry-point=(\S+)", script).group(1)
-    main_py = ROOT / source / "main.py"
-    assert main_py.is_file() and (ROOT / source / "requirements.txt").is_file()
+    bundle = step_by_id(doc, "bundle-trigger")
+    assert bundle["args"] == ["cloudbuild/bundle_trigger.py", "--out", source]
+    assert "bundle-trigger" in step["waitFor"]
+    main_py = ROOT / "cloud_functions" / "trigger" / "main.py"
+    assert main_py.is_file() and (main_py.parent / "requirements.txt").is_file()
     tree = ast.parse(main_py.read_text())
     assert entry in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert "--gen2" in script and "--service-account=" in script
