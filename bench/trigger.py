@@ -119,7 +119,7 @@ def run(ctx: Context) -> Section:
         bucket_name = f"bench-{uuid.uuid4().hex[:12]}"
         bucket = cloud.gcs.client().create_bucket(bucket_name)
         env = {"CTLOOP_TRIGGER_BACKEND": "local", "CTLOOP_TRIGGER_BUCKET": bucket_name,
-               "CTLOOP_TRIGGER_PREFIX": PREFIX, "CTLOOP_TRIGGER_STATE_DIR": str(state),
+               "CTLOOP_TRIGGER_PREFIX": PREFIX, "CTLOOP_TRIGGER_STATE_DIR": str(state), "CTLOOP_TRIGGER_MARKERS": "",
                "CTLOOP_TRIGGER_LAUNCH_COMMAND": json.dumps(["sh", "-c", LAUNCH_SCRIPT, "sh", str(marks),
                                                             "{run_id}"])}
         t = time.perf_counter()

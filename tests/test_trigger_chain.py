@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,8 @@ def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
         bucket = cloud.gcs.client().create_bucket(name)
         script, records = write_recorder(tmp_path)
         state_dir = tmp_path / "state"
-        settings = {"BACKEND": "local", "BUCKET": name, "PREFIX": PREFIX, "STATE_DIR": str(state_dir),
+        # Per-object mode unless the test sets markers (batch mode, the deployed default, has its own tests).
+        settings = {"BACKEND": "local", "BUCKET": name, "PREFIX": PREFIX, "STATE_DIR": str(state_dir), "MARKERS": "",
                     "LAUNCH_COMMAND": json.dumps([sys.executable, str(script), str(records), "{run_id}",
                                                   "{trigger_uri}", "{config}"]),
                     "CONFIG": str(tmp_path / "ctloop.yaml")}
@@ -342,6 +344,7 @@ def test_cloud_backend_creates_one_vertex_job(cloud: LocalCloud, start_trigger: 
 
     jobs = r"/v1/projects/proj-one/locations/europe-west4/pipelineJobs"
     server.route("POST", jobs, create_job)
+    server.route("GET", rf"{jobs}/[a-z0-9-]+", lambda r: (200, {"name": r.path[len("/v1/"):]}))  # after a 409
     trigger = start_trigger(backend="cloud", template=str(template), config="gs://ctloop-config/ctloop.yaml",
                             api_endpoint=server.url, raw_env={"STORAGE_EMULATOR_HOST": server.url})
     name = f"{PREFIX}part-0.parquet"
@@ -368,6 +371,8 @@ def test_cloud_backend_creates_one_vertex_job(cloud: LocalCloud, start_trigger: 
     params = body["runtimeConfig"]["parameterValues"]
     assert params["run_id"] == job_id
     assert params["trigger_uri"] == f"gs://{trigger.bucket.name}/{name}#{blob.generation}"
+    # The data window ends when the object landed (its timeCreated), so every retry reads the same rows.
+    assert datetime.fromisoformat(params["snapshot_time"]) == blob.time_created
     assert params["config"]["backend"] == "cloud" and params["config"]["gcp"]["project"] == "proj-one"
     # The config was read at launch time, once per launch.
     assert len(server.find("GET", r"(/download)?/storage/v1/b/ctloop-config/o/ctloop\.yaml")) == 2

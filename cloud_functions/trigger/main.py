@@ -1,8 +1,8 @@
 """Cloud Function entry point: Cloud Storage notification (Pub/Sub CloudEvent) -> one training pipeline run.
 
-Deploy this directory as is, e.g.::
+Deploy the bundle of this directory and the runtime modules it imports (``make trigger-bundle``), e.g.::
 
-    gcloud functions deploy ctloop-trigger --gen2 --runtime=python311 --source=cloud_functions/trigger \\
+    gcloud functions deploy ctloop-trigger --gen2 --runtime=python311 --source=build/trigger-function \\
         --entry-point=on_object_finalized --trigger-topic=<notification topic> \\
         --set-env-vars=CTLOOP_TRIGGER_BUCKET=...,CTLOOP_TRIGGER_TEMPLATE=...,CTLOOP_TRIGGER_CONFIG=gs://...
 
