@@ -152,11 +152,10 @@ class Demo:
         for run in runs:
             self._say(f"stopping run {run.job_id} (process group {run.pid})")
         # While the function server lives, it reaps the run's leader and records its exit code.
-        killed = stop_unfinished(ledger) if ledger and runs else []
+        killed = self._stop_runs(ledger) if runs else []
         self.cloud.stop()
         # A run launched between the look-up and the function's stop: nobody else will stop it.
-        if ledger:
-            killed += stop_unfinished(ledger, timeout=2.0, skip={r.job_id for r in runs})
+        killed += self._stop_runs(ledger, timeout=2.0, skip={r.job_id for r in runs})
         if was_up:
             forced = f" ({len(killed)} run(s) needed SIGKILL)" if killed else ""
             self._say(f"stopped the trigger function, fake-gcs-server and the Pub/Sub emulator in "
@@ -171,6 +170,13 @@ class Demo:
         except sqlite3.Error as exc:  # the services must still be stopped
             self._say(f"cannot read the launch ledger {self.ledger_path} ({exc}); runs may be left running")
             return None
+
+    def _stop_runs(self, ledger: Ledger | None, **kw: Any) -> list[str]:
+        try:
+            return stop_unfinished(ledger, **kw) if ledger else []
+        except sqlite3.Error as exc:  # the services must still be stopped
+            self._say(f"cannot read the launch ledger {self.ledger_path} ({exc}); runs may be left running")
+            return []
 
     def _unfinished(self, ledger: Ledger | None) -> list[LaunchRecord]:
         try:

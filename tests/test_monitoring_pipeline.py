@@ -17,6 +17,7 @@ import math
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pandas as pd
@@ -35,7 +36,7 @@ from pipelines.training import training_pipeline
 from serving.app import create_app, endpoint_deployments
 from serving.background import running_server
 from serving.prediction_log import config_from_settings
-from tests.trigger_helpers import bundle_on_sys_path, cloud_event
+from tests.trigger_helpers import b64json, bundle_on_sys_path, cloud_event, object_resource
 
 bundle_on_sys_path()
 
@@ -160,6 +161,12 @@ def _wait_for_run(s: Settings, run_id: str, timeout: float) -> RunRecord:
     raise AssertionError(f"run {run_id} did not finish within {timeout:.0f}s\n{logs}")
 
 
+def _landed(name: str, generation: str) -> Any:
+    """The notification of an object that landed now: its timeCreated ends the run's data window."""
+    resource = object_resource(BUCKET, name, generation, timeCreated=NOW.isoformat())
+    return cloud_event(BUCKET, name, generation, data=b64json(resource))
+
+
 def test_on_drift_policy_retrains_only_when_the_new_batch_drifted(trained, tmp_path: Path) -> None:
     s, _ = trained
     config = tmp_path / "ctloop.yaml"
@@ -167,11 +174,12 @@ def test_on_drift_policy_retrains_only_when_the_new_batch_drifted(trained, tmp_p
     trigger = trigger_settings({
         "CTLOOP_TRIGGER_BUCKET": BUCKET, "CTLOOP_TRIGGER_PREFIX": PREFIX, "CTLOOP_TRIGGER_BACKEND": "local",
         "CTLOOP_TRIGGER_STATE_DIR": str(tmp_path / "trigger"), "CTLOOP_TRIGGER_CONFIG": str(config),
-        "CTLOOP_TRIGGER_POLICY": "on_drift", "CTLOOP_TRIGGER_LAUNCH_CWD": str(REPO)})
+        "CTLOOP_TRIGGER_POLICY": "on_drift", "CTLOOP_TRIGGER_LAUNCH_CWD": str(REPO),
+        "CTLOOP_TRIGGER_MARKERS": ""})  # one run per data file: each batch here is one file
     launcher = LocalLauncher(trigger)
 
     # A batch like the training data (b2, landed by the test before): checked, not retrained.
-    same = handle_event(cloud_event(BUCKET, f"{PREFIX}b2/part-00000.parquet", "1"), trigger, launcher)
+    same = handle_event(_landed(f"{PREFIX}b2/part-00000.parquet", "1"), trigger, launcher)
     assert same.action == "launched" and same.job_id.startswith("ctloop-monitor-")
     checked = _wait_for_run(s, same.job_id, 120)
     assert checked.status == "SUCCEEDED", checked.error
@@ -179,7 +187,7 @@ def test_on_drift_policy_retrains_only_when_the_new_batch_drifted(trained, tmp_p
 
     # A drifted batch: checked, found drifted, and the training run it launches trains to the end.
     _land(s, "b3", 9000, 13, 0.6, (30, 0))
-    drifted = handle_event(cloud_event(BUCKET, f"{PREFIX}b3/part-00000.parquet", "2"), trigger, launcher)
+    drifted = handle_event(_landed(f"{PREFIX}b3/part-00000.parquet", "2"), trigger, launcher)
     checked = _wait_for_run(s, drifted.job_id, 120)
     assert checked.status == "SUCCEEDED", checked.error
     assert _decision(checked) == "drift", checked.output("check-drift", "reasons")
