@@ -28,13 +28,21 @@ resource "google_service_account" "build" {
   description  = "Runs the PR-check and release builds: pushes images and templates, deploys the function."
 }
 
+resource "google_service_account" "function_build" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-function-build"
+  display_name = "ctloop trigger function build (${var.env})"
+  description  = "Builds the trigger function's container from its source (the function's build_config)."
+}
+
 # --- pipeline SA -------------------------------------------------------------------------------------------
 
 resource "google_project_iam_member" "pipeline" {
   for_each = toset([
-    "roles/aiplatform.user",  # pipeline tasks, Model Registry, endpoints
-    "roles/bigquery.jobUser", # run the extract query
-    "roles/dataproc.worker",  # Dataproc Serverless batch workers run as this SA
+    "roles/aiplatform.user",           # pipeline tasks, Model Registry, endpoints
+    "roles/bigquery.jobUser",          # run the extract query
+    "roles/dataproc.serverlessEditor", # the transform creates and polls its Dataproc Serverless batch
+    "roles/dataproc.worker",           # Dataproc Serverless batch workers run as this SA
   ])
 
   project = var.project_id
@@ -192,6 +200,23 @@ resource "google_service_account_iam_member" "build_acts_as" {
   }
 
   service_account_id = each.value
+  role               = "roles/iam.serviceAccountUser"
+  member             = "serviceAccount:${google_service_account.build.email}"
+}
+
+# --- function build SA ---------------------------------------------------------------------------------------
+
+# Cloud Run Builder: read the function source, push the built image, write build logs. Google documents
+# roles/cloudbuild.builds.builder for a custom build account; this role holds the subset a function build uses.
+resource "google_project_iam_member" "function_build" {
+  project = var.project_id
+  role    = "roles/run.builder"
+  member  = "serviceAccount:${google_service_account.function_build.email}"
+}
+
+# Whoever deploys the function names its build account: Terraform's caller and the release build.
+resource "google_service_account_iam_member" "build_acts_as_function_build" {
+  service_account_id = google_service_account.function_build.name
   role               = "roles/iam.serviceAccountUser"
   member             = "serviceAccount:${google_service_account.build.email}"
 }
