@@ -57,6 +57,7 @@ resource "google_bigquery_dataset_iam_member" "pipeline_reads_dataset" {
   member     = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
+# Object User: read, write, overwrite and delete objects; unlike Object Admin, no object ACL/IAM changes.
 resource "google_storage_bucket_iam_member" "pipeline_owns_objects" {
   for_each = {
     pipeline_root = google_storage_bucket.pipeline_root.name
@@ -64,7 +65,7 @@ resource "google_storage_bucket_iam_member" "pipeline_owns_objects" {
   }
 
   bucket = each.value
-  role   = "roles/storage.objectAdmin"
+  role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
@@ -80,6 +81,15 @@ resource "google_artifact_registry_repository_iam_member" "pipeline_pulls_images
   project    = var.project_id
   location   = google_artifact_registry_repository.docker.location
   repository = google_artifact_registry_repository.docker.name
+  role       = "roles/artifactregistry.reader"
+  member     = "serviceAccount:${google_service_account.pipeline.email}"
+}
+
+# The monitoring pipeline launches retraining from the training template (components/launch.py).
+resource "google_artifact_registry_repository_iam_member" "pipeline_reads_templates" {
+  project    = var.project_id
+  location   = google_artifact_registry_repository.kfp.location
+  repository = google_artifact_registry_repository.kfp.name
   role       = "roles/artifactregistry.reader"
   member     = "serviceAccount:${google_service_account.pipeline.email}"
 }
@@ -114,12 +124,6 @@ resource "google_artifact_registry_repository_iam_member" "trigger_reads_templat
   member     = "serviceAccount:${google_service_account.trigger.email}"
 }
 
-resource "google_storage_bucket_iam_member" "trigger_reads_landing" {
-  bucket = google_storage_bucket.landing.name
-  role   = "roles/storage.objectViewer"
-  member = "serviceAccount:${google_service_account.trigger.email}"
-}
-
 # Only the rendered settings (config/ctloop.yaml), not the rest of the staging bucket.
 resource "google_storage_bucket_iam_member" "trigger_reads_config" {
   bucket = google_storage_bucket.staging.name
@@ -140,14 +144,14 @@ resource "google_cloud_run_service_iam_member" "invoker_runs_trigger" {
   location = google_cloudfunctions2_function.trigger.location
   # A 2nd gen function runs as the Cloud Run service of the same name.
   service = google_cloudfunctions2_function.trigger.name
-  role    = "roles/run.invoker"
+  role    = "roles/run.servicesInvoker"
   member  = "serviceAccount:${google_service_account.trigger_invoker.email}"
 }
 
 # Pub/Sub mints the push request's OIDC token for the invoker SA.
 resource "google_service_account_iam_member" "pubsub_signs_as_invoker" {
   service_account_id = google_service_account.trigger_invoker.name
-  role               = "roles/iam.serviceAccountTokenCreator"
+  role               = "roles/iam.serviceAccountOpenIdTokenCreator"
   member             = local.pubsub_agent
 }
 
@@ -183,7 +187,7 @@ resource "google_artifact_registry_repository_iam_member" "build_pushes" {
 # Publishes config/ctloop.yaml (overwrites it) on release.
 resource "google_storage_bucket_iam_member" "build_publishes_config" {
   bucket = google_storage_bucket.staging.name
-  role   = "roles/storage.objectAdmin"
+  role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.build.email}"
 }
 

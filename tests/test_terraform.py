@@ -392,7 +392,7 @@ def test_bucket_roles_are_bucket_level(cfg: dict[str, Any]) -> None:
     owners = {
         body["bucket"]
         for body in resources(cfg, "google_storage_bucket_iam_member").values()
-        if body["role"] == "roles/storage.objectAdmin" and "pipeline" in body["member"]
+        if body["role"] in ("roles/storage.objectAdmin", "roles/storage.objectUser") and "pipeline" in body["member"]
     }
     pipeline_admin = resources(cfg, "google_storage_bucket_iam_member")["pipeline_owns_objects"]["for_each"]
     assert set(pipeline_admin) == {"pipeline_root", "staging"}, owners
@@ -453,7 +453,7 @@ def test_function_is_internal_and_has_its_own_identity(cfg: dict[str, Any]) -> N
     invokers = [
         b
         for b in resources(cfg, "google_cloud_run_service_iam_member").values()
-        if b["role"] == "roles/run.invoker"
+        if b["role"] in ("roles/run.invoker", "roles/run.servicesInvoker")
     ]
     assert [referenced(b["member"], "google_service_account") for b in invokers] == [{"trigger_invoker"}]
 
