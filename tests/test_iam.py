@@ -251,6 +251,9 @@ def test_every_google_client_call_is_in_the_table(table) -> None:
     files = _code_files()
     assert len(files) > 30
     assert unlisted_calls(table, files) == []
+    mapped = [(p, attr) for p in files for receiver, attr, _ in client_calls(p)
+              if any(re.fullmatch(n, attr) and re.search(pat, receiver) and m for pat, n, m in CLIENT_CALLS)]
+    assert len(mapped) >= 25, f"the scan found only {len(mapped)} Google client calls: {mapped}"
 
 
 def test_table_check_catches_a_new_client_call(table) -> None:
