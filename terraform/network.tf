@@ -1,7 +1,8 @@
 # The network Dataproc Serverless batches run on. Their VMs have internal IPs only, so the subnetwork needs
 # Private Google Access to reach Cloud Storage, BigQuery and the image registry, and Spark's driver and
-# executors talk to each other on any port, so the subnetwork needs an ingress rule open to its own range
-# (https://cloud.google.com/dataproc-serverless/docs/concepts/network). A dedicated network also works in
+# executors talk to each other on any port, so the subnetwork needs an ingress rule open to its own range. The
+# network keeps its default route to the internet gateway, which the Dataproc agent and Private Google Access
+# use (https://cloud.google.com/dataproc-serverless/docs/concepts/network). A dedicated network also works in
 # organisations that have no `default` network. The subnetwork reaches the settings as gcp.dataproc_subnetwork
 # (outputs.tf, and the release build's rendered settings).
 

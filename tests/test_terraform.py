@@ -611,6 +611,9 @@ def check_dataproc_network(cfg: dict[str, Any]) -> list[str]:
     networks = resources(cfg, "google_compute_network")
     if not networks or any(n.get("auto_create_subnetworks") is not False for n in networks.values()):
         problems.append("expected a custom-mode google_compute_network (auto_create_subnetworks = false)")
+    # The Dataproc agent reaches its control API (and Private Google Access its APIs) by the default route.
+    if any(n.get("delete_default_routes_on_create") for n in networks.values()):
+        problems.append("the network deletes its default route: Dataproc's agent needs it")
     subnets = resources(cfg, "google_compute_subnetwork")
     if len(subnets) != 1:
         return problems + [f"expected one google_compute_subnetwork, found {sorted(subnets)}"]
