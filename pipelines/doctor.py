@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctloop.config import Settings
+from ctloop.errors import CtloopError
 from pipelines.iam_table import ROOT, Identity, load_table
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
@@ -90,10 +91,16 @@ def run_doctor(settings: Settings, *, template: str | None = None, credentials: 
                table: dict[str, Identity] | None = None) -> Report:
     """Run every check against ``settings.gcp.project``; the report lists one line per failure."""
     import google.auth
+    import requests
+    from google.auth.exceptions import GoogleAuthError
     from google.auth.transport.requests import AuthorizedSession
 
     if credentials is None:
-        credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
+        try:
+            credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM])
+        except GoogleAuthError as exc:
+            raise CtloopError(f"doctor: no Google credentials ({str(exc).splitlines()[0]}); run "
+                              "`gcloud auth application-default login`") from None
     project = settings.gcp.project
     session = AuthorizedSession(credentials)
     report = Report()
@@ -101,8 +108,12 @@ def run_doctor(settings: Settings, *, template: str | None = None, credentials: 
 
     # APIs
     services = required_services()
-    answer = session.get(f"{endpoints.serviceusage}/v1/projects/{project}/services:batchGet",
-                         params={"names": [f"projects/{project}/services/{s}" for s in services]})
+    try:
+        answer = session.get(f"{endpoints.serviceusage}/v1/projects/{project}/services:batchGet",
+                             params={"names": [f"projects/{project}/services/{s}" for s in services]})
+    except (requests.RequestException, GoogleAuthError) as exc:
+        raise CtloopError(f"doctor: cannot reach {endpoints.serviceusage} as the caller "
+                          f"({str(exc).splitlines()[0][:160]})") from None
     enabled = {s.get("config", {}).get("name", s.get("name", "").rsplit("/", 1)[-1])
                for s in (answer.json().get("services", []) if answer.ok else []) if s.get("state") == "ENABLED"}
     if not answer.ok:

@@ -165,3 +165,14 @@ def test_cli_exits_non_zero_with_one_line_per_problem(recording_server: Recordin
     assert "API dataproc.googleapis.com is not enabled" in result.output
     assert result.output.strip().splitlines()[-1].endswith("1 failed")
     assert "Traceback" not in result.output
+
+
+def test_no_credentials_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.cli import cli
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    result = CliRunner().invoke(cli, ["--config", str(ROOT / "ctloop.yaml"), "doctor"])
+    assert result.exit_code == 1
+    assert "doctor: no Google credentials" in result.output
+    assert "gcloud auth application-default login" in result.output
+    assert "Traceback" not in result.output
