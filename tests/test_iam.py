@@ -127,6 +127,25 @@ def test_broad_role_is_flagged(table, tf_grants, data) -> None:
     ]
 
 
+SCOPE_TYPES = {"bucket": "google_storage_bucket", "dataset": "google_bigquery_dataset",
+               "repository": "google_artifact_registry_repository", "service_account": "google_service_account",
+               "topic": "google_pubsub_topic", "subscription": "google_pubsub_subscription",
+               "run_service": "google_cloudfunctions2_function"}
+
+
+def test_table_scopes_name_terraform_resources(table) -> None:
+    resources = load_resources()
+    for ident in table.values():
+        for call in ident.calls:
+            if call.scope == "project":
+                continue
+            kind, _, rest = call.scope.partition(":")
+            name = rest.split("/", 1)[0]
+            assert kind in SCOPE_TYPES, f"{ident.name}: {call.method}: unknown scope kind in {call.scope!r}"
+            assert name in resources.get(SCOPE_TYPES[kind], {}), (
+                f"{ident.name}: {call.method}: {call.scope!r} names no {SCOPE_TYPES[kind]} in terraform/")
+
+
 def test_table_code_references_exist(table) -> None:
     for ident in table.values():
         for call in ident.calls:
