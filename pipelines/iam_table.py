@@ -40,6 +40,7 @@ class Identity:
     account: str | None  # the Terraform expression naming it (google_service_account.x, local.y), or None
     what: str
     calls: list[Call] = field(default_factory=list)
+    google_granted: tuple[str, ...] = ()  # project roles Google grants this service agent itself
 
     def needs(self) -> dict[str, set[str]]:
         """{scope: permissions} this identity needs."""
@@ -60,7 +61,8 @@ def load_table(path: Path = TABLE, iam_data: dict[str, Any] | None = None) -> di
     overrides = doc.get("method_permissions", {})
     identities = {}
     for name, body in doc["identities"].items():
-        identity = Identity(name=name, account=body.get("account"), what=body.get("what", ""))
+        identity = Identity(name=name, account=body.get("account"), what=body.get("what", ""),
+                            google_granted=tuple(body.get("google_granted", [])))
         for raw in body.get("calls", []):
             method = raw["method"]
             perms = (raw.get("permissions") or overrides.get(method, {}).get("permissions")
@@ -79,6 +81,7 @@ def subset(full: dict[str, Any], table: dict[str, Identity], roles_in_use: set[s
     """The part of Google's IAM data the tests need: the table's methods, the roles in use, and every role
     narrower than one in use (the candidates the narrowest-role check compares against)."""
     methods = {c.method for ident in table.values() for c in ident.calls}
+    roles_in_use = roles_in_use | {r for ident in table.values() for r in ident.google_granted}
     used = {r: set(full["roles"][r]["permissions"]) for r in roles_in_use if r in full["roles"]}
     keep = set(used)
     for role, body in full["roles"].items():
@@ -114,6 +117,8 @@ def render_docs(table: dict[str, Identity], grants: dict[str, list[tuple[str, st
         lines += [f"## {name}", "", ident.what, ""]
         if ident.account:
             lines.append(f"Account: `{ident.account}`.")
+        if ident.google_granted:
+            lines.append(f"Google grants it {', '.join(f'`{r}`' for r in ident.google_granted)} on the project.")
         else:
             lines.append("Not a Terraform-managed account: the table records its calls; nothing grants them here.")
         lines.append("")

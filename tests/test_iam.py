@@ -47,6 +47,7 @@ def missing_permissions(table: dict[str, Identity], tf_grants: list[Grant], data
         if not ident.account:
             continue
         mine = [g for g in tf_grants if member_of(g, ident.account)]
+        mine += [Grant("(granted by Google)", ident.account, r, "project") for r in ident.google_granted]
         for call in ident.calls:
             for perm in call.permissions:
                 if not any(covers(g.scope, call.scope) and perm in role_permissions(data, g.role) for g in mine):
@@ -144,6 +145,23 @@ def test_table_scopes_name_terraform_resources(table) -> None:
             assert kind in SCOPE_TYPES, f"{ident.name}: {call.method}: unknown scope kind in {call.scope!r}"
             assert name in resources.get(SCOPE_TYPES[kind], {}), (
                 f"{ident.name}: {call.method}: {call.scope!r} names no {SCOPE_TYPES[kind]} in terraform/")
+
+
+def test_table_accounts_name_terraform_objects(table) -> None:
+    from tests.test_terraform import load_config
+
+    cfg = load_config()
+    for ident in table.values():
+        if not ident.account:
+            continue
+        kind, _, rest = ident.account.partition(".")
+        if kind == "local":
+            assert rest in cfg["locals"], f"{ident.name}: local.{rest} is not defined in terraform/"
+        elif kind == "data":
+            dtype, _, name = rest.partition(".")
+            assert name in cfg["data"].get(dtype, {}), f"{ident.name}: {ident.account} is not in terraform/"
+        else:
+            assert rest in cfg["resource"].get(kind, {}), f"{ident.name}: {ident.account} is not in terraform/"
 
 
 def test_table_code_references_exist(table) -> None:
