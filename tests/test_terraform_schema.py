@@ -178,3 +178,45 @@ def test_check_catches_an_unknown_type(schemas: dict[str, Any], broken: list[Any
     broken.append(("resource", "google_storage_buckett", "x", {"name": "x", BLOCK: True}))
     assert check_config(broken, schemas) == ["google_storage_buckett.x: provider 'google' has no resource type "
                                              "'google_storage_buckett'"]
+
+
+def test_extractor_reads_a_jsii_assembly() -> None:
+    """The extraction script on a minimal assembly shaped like the bindings' (the real wheel is 49 MB)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("extract", SCHEMA_DIR / "extract_provider_schema.py")
+    extract = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(extract)
+    link = "https://registry.terraform.io/providers/hashicorp/google/6.50.0/docs/resources/thing"
+    ns = "@cdktf/provider-google.thing."
+    assembly = {
+        "version": "16.12.0",
+        "types": {
+            ns + "Thing": {
+                "kind": "class", "base": "cdktf.TerraformResource", "fqn": ns + "Thing",
+                "docs": {"summary": f"Represents a {{@link {link} google_thing}}."},
+                "initializer": {"parameters": [{"name": "config", "type": {"fqn": ns + "ThingConfig"}}]},
+            },
+            ns + "ThingConfig": {"kind": "interface", "datatype": True, "properties": [
+                {"name": "name", "type": {"primitive": "string"},
+                 "docs": {"remarks": f"Docs {{@link {link}#name Thing#name}}"}},
+                {"name": "ipCidrRange", "optional": True, "type": {"primitive": "string"}, "docs": {}},
+                {"name": "logConfig", "optional": True, "type": {"fqn": ns + "ThingLogConfig"},
+                 "docs": {"remarks": f"{{@link {link}#log_config Thing#log_config}}"}},
+            ]},
+            ns + "ThingLogConfig": {"kind": "interface", "datatype": True, "properties": [
+                {"name": "metadata", "type": {"primitive": "string"}, "docs": {}},
+            ]},
+        },
+    }
+    assert extract.extract(assembly) == {
+        "source": "PyPI cdktf-cdktf-provider-google 16.12.0 (jsii assembly)",
+        "provider": "hashicorp/google",
+        "version": "6.50.0",
+        "resource": {"google_thing": {
+            "arguments": ["ip_cidr_range", "name"], "required": ["name"],
+            "blocks": {"log_config": {"arguments": ["metadata"], "required": ["metadata"], "blocks": {}}},
+        }},
+        "data": {},
+    }
