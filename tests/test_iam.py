@@ -252,14 +252,14 @@ def client_calls(path: Path) -> list[tuple[str, str, int]]:
     return sorted(out, key=lambda c: c[2])
 
 
-def unlisted_calls(table: dict[str, Identity], files: list[Path]) -> list[str]:
+def unlisted_calls(table: dict[str, Identity], files: list[Path], root: Path = ROOT) -> list[str]:
     listed: dict[str, set[str]] = {}
     for ident in table.values():
         for call in ident.calls:
             listed.setdefault(call.method, set()).update(call.code)
     problems = []
     for path in files:
-        rel = path.relative_to(ROOT).as_posix()
+        rel = path.relative_to(root).as_posix()
         for receiver, attr, line in client_calls(path):
             rules = [methods for pattern, name, methods in CLIENT_CALLS
                      if re.fullmatch(name, attr) and re.search(pattern, receiver)]
@@ -293,15 +293,13 @@ def test_every_google_client_call_is_in_the_table(table) -> None:
     assert len(mapped) >= 25, f"the scan found only {len(mapped)} Google client calls: {mapped}"
 
 
-def test_table_check_catches_a_new_client_call(table) -> None:
-    sneaky = ROOT / "pipelines" / "_iam_probe_tmp.py"
+def test_table_check_catches_a_new_client_call(table, tmp_path: Path) -> None:
+    sneaky = tmp_path / "pipelines" / "_iam_probe_tmp.py"
+    sneaky.parent.mkdir()
     sneaky.write_text("from google.cloud import storage\n\n\ndef f(client):\n"
                       "    client.bucket('b').blob('x').upload_from_filename('y')\n"
                       "    client.list_batches(parent='p')\n")
-    try:
-        problems = unlisted_calls(table, [sneaky])
-    finally:
-        sneaky.unlink()
+    problems = unlisted_calls(table, [sneaky], root=tmp_path)
     assert problems == [
         "pipelines/_iam_probe_tmp.py:5: client.bucket('b').blob('x').upload_from_filename() calls "
         "storage.objects.insert, which terraform/iam/calls.yaml does not list for pipelines/_iam_probe_tmp.py",
