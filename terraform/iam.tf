@@ -210,8 +210,9 @@ resource "google_service_account_iam_member" "build_acts_as" {
 
 # --- function build SA ---------------------------------------------------------------------------------------
 
-# Cloud Run Builder: read the function source, push the built image, write build logs. Google documents
-# roles/cloudbuild.builds.builder for a custom build account; this role holds the subset a function build uses.
+# Cloud Run Builder: read the function source, push the built image, write build logs; the role Google names for
+# a function's build account (https://cloud.google.com/run/docs/configuring/services/build-service-account),
+# a subset of roles/cloudbuild.builds.builder.
 resource "google_project_iam_member" "function_build" {
   project = var.project_id
   role    = "roles/run.builder"

@@ -1,5 +1,6 @@
 # Cloud Storage Data Access audit logs (off by default): every read and write of the buckets below is logged,
-# which is what their CKV_GCP_62 skips (no legacy usage-log bucket) rely on.
+# which is what their CKV_GCP_62 skips (no legacy usage-log bucket) rely on. The config is per project and
+# service, so it covers every bucket of the project (Cloud Logging bills the volume).
 resource "google_project_iam_audit_config" "storage" {
   project = var.project_id
   service = "storage.googleapis.com"
