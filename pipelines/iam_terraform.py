@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.iam_table import ROOT, Identity
+if TYPE_CHECKING:  # the table imports this module's functions: no import back at run time
+    from pipelines.iam_table import Identity
 
-TF_DIR = ROOT / "terraform"
+TF_DIR = Path(__file__).resolve().parents[1] / "terraform"
 # Binding resource type -> (scope kind, the argument naming the resource, the resource type it names).
 BINDING_TYPES = {
     "google_project_iam_member": ("project", "", ""),
