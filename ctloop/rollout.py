@@ -10,13 +10,14 @@
 4. ``promote``: ``champion`` moves compare-and-set from the gate's champion to the candidate,
    ``previous-champion`` to the gate's champion. If another run moved the champion meanwhile, the candidate
    leaves production again (``rollback_production``) and ``ChampionMoved`` names both versions.
-5. ``retire``: every production deployment left with 0% traffic is undeployed.
+5. ``retire``: every production deployment left with 0% traffic is undeployed (but the champion's).
 
 Deploying the version that already is the deployed champion changes nothing.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ctloop.config import DeploySettings
 from ctloop.errors import CtloopError
@@ -27,12 +28,16 @@ from ctloop.registry.base import (
     AliasMoved,
     Deployed,
     Registry,
+    StaleSplit,
     Version,
     find_deployed,
     split_of,
 )
 from ctloop.registry.traffic import allocate_traffic, unallocate_traffic
 from ctloop.smoke import SmokeReport, run_smoke, smoke_failed
+
+T = TypeVar("T")
+_ATTEMPTS = 3
 
 
 class ChampionMoved(CtloopError):
@@ -81,7 +86,7 @@ def rollout(registry: Registry, d: DeploySettings, version: str, expected_champi
     except AliasMoved as moved:
         rollback_production(registry, d.production_endpoint, deployed, before)
         raise ChampionMoved(_moved_message(candidate, expected_champion, moved.found)) from moved
-    retire(registry, d.production_endpoint)
+    retire(registry, d.production_endpoint, candidate.version)
     return DeployResult(endpoint, deployed.id, d.staging_endpoint,
                         split_of(registry.deployments(d.production_endpoint)), changed=True, smoke=report,
                         previous_champion=expected_champion)
@@ -107,11 +112,14 @@ def stage_and_smoke(registry: Registry, staging: str, candidate: Version, instan
                     max_latency_ms: float) -> SmokeReport:
     """Deploy the candidate to ``staging`` with 100%, smoke-test it, undeploy it; raise if the test failed."""
     registry.ensure_endpoint(staging)
-    present = registry.deployments(staging) or []
-    staged = find_deployed(present, candidate.version)
-    if staged is None:
-        staged = registry.deploy(staging, candidate.version,
-                                 allocate_traffic(split_of(present), NEW_DEPLOYMENT, 100))
+
+    def step() -> tuple[list[Deployed], Deployed]:
+        present = registry.deployments(staging) or []
+        staged = find_deployed(present, candidate.version) or registry.deploy(
+            staging, candidate.version, allocate_traffic(split_of(present), NEW_DEPLOYMENT, 100))
+        return present, staged
+
+    present, staged = on_fresh_state(step)
     try:
         report = smoke_test(registry, staging, staged, instances, max_latency_ms)
     finally:
@@ -149,14 +157,31 @@ def canary_split(current: dict[str, int], canary_percent: int, keep_versions: in
     return allocate_traffic(split, NEW_DEPLOYMENT, percent)
 
 
+def on_fresh_state(step: Callable[[], T]) -> T:
+    """Run ``step`` (which reads the endpoint, then writes a split computed from it) again when another run
+    changed the endpoint in between."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return step()
+        except StaleSplit:
+            if attempt == _ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def deploy_to_production(registry: Registry, production: str, version: str, canary_percent: int,
                          keep_versions: int) -> Deployed:
     """Deploy ``version`` to ``production`` with the ``canary_split`` (no-op if it is already there)."""
-    current = registry.deployments(production) or []
-    deployed = find_deployed(current, version)
-    if deployed is not None:
-        return deployed
-    return registry.deploy(production, version, canary_split(split_of(current), canary_percent, keep_versions))
+
+    def step() -> Deployed:
+        current = registry.deployments(production) or []
+        deployed = find_deployed(current, version)
+        if deployed is not None:
+            return deployed
+        return registry.deploy(production, version,
+                               canary_split(split_of(current), canary_percent, keep_versions))
+
+    return on_fresh_state(step)
 
 
 def promote(registry: Registry, version: str, expected_champion: str | None) -> None:
@@ -172,16 +197,21 @@ def rollback_production(registry: Registry, production: str, deployed: Deployed,
                         before: dict[str, int]) -> None:
     """Take ``deployed`` off ``production``: the split from ``before`` comes back if the endpoint holds the same
     other deployments, else the others scale back up."""
-    current = registry.deployments(production) or []
-    if find_deployed(current, deployed.version) is None:
-        return
-    rest = {d.id for d in current if d.id != deployed.id}
-    split = dict(before) if set(before) == rest and sum(before.values()) == 100 else \
-        unallocate_traffic(split_of(current), deployed.id)
-    registry.undeploy(production, deployed, split)
+
+    def step() -> None:
+        current = registry.deployments(production) or []
+        if find_deployed(current, deployed.version) is None:
+            return
+        rest = {d.id for d in current if d.id != deployed.id}
+        split = dict(before) if set(before) == rest and sum(before.values()) == 100 else \
+            unallocate_traffic(split_of(current), deployed.id)
+        registry.undeploy(production, deployed, split)
+
+    on_fresh_state(step)
 
 
-def retire(registry: Registry, production: str) -> None:
-    """Undeploy every deployment of ``production`` that takes no traffic (each one keeps a serving node)."""
-    for idle in [d for d in registry.deployments(production) or () if not d.traffic]:
+def retire(registry: Registry, production: str, champion: str) -> None:
+    """Undeploy every deployment of ``production`` that takes no traffic (each one keeps a serving node), but
+    the champion's: a losing run that is still rolling back gives its traffic back to it."""
+    for idle in [d for d in registry.deployments(production) or () if not d.traffic and d.version != champion]:
         registry.undeploy(production, idle)

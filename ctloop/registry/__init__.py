@@ -15,6 +15,7 @@ from ctloop.registry.base import (
     LocalServer,
     Registry,
     RegistryError,
+    StaleSplit,
     Version,
 )
 from ctloop.registry.sqlite import (
@@ -32,7 +33,7 @@ from ctloop.registry.traffic import allocate_traffic, unallocate_traffic
 __all__ = [
     "CHAMPION_ALIAS", "DEFAULT_ALIAS", "NEW_DEPLOYMENT", "PREVIOUS_CHAMPION_ALIAS", "AliasMoved", "Deployed",
     "Deployment", "Endpoint", "LocalRegistry", "LocalServer", "Model", "ModelVersion", "Registry",
-    "RegistryError", "Version", "allocate_traffic", "check_alias", "deployed_model_id", "open_registry",
+    "RegistryError", "StaleSplit", "Version", "allocate_traffic", "check_alias", "deployed_model_id", "open_registry",
     "unallocate_traffic",
 ]
 

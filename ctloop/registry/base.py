@@ -9,7 +9,7 @@ Traffic splits follow Vertex's convention: deployed-model id -> percent, ``NEW_D
 for the model being deployed, ids left out get 0%, the total is 100 (or the split is empty).
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,10 @@ Predict = Callable[[list[dict[str, Any]]], Any]
 
 class RegistryError(CtloopError):
     """A registry request that cannot be honoured (unknown model/version/endpoint, bad alias or traffic)."""
+
+
+class StaleSplit(RegistryError):
+    """A traffic split names a deployment that is gone: the endpoint changed since it was read."""
 
 
 class AliasMoved(RegistryError):
@@ -121,7 +125,3 @@ def split_of(deployed: list[Deployed] | None) -> dict[str, int]:
 def find_deployed(deployed: list[Deployed] | None, version: str) -> Deployed | None:
     return next((d for d in deployed or () if d.version == str(version)), None)
 
-
-def iter_zero(deployed: list[Deployed] | None) -> Iterator[Deployed]:
-    """The deployments that receive no traffic."""
-    return (d for d in deployed or () if not d.traffic)

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ctloop.registry.base import NEW_DEPLOYMENT, AliasMoved, RegistryError
+from ctloop.registry.base import NEW_DEPLOYMENT, AliasMoved, RegistryError, StaleSplit
 from ctloop.registry.traffic import allocate_traffic, check_percent, unallocate_traffic
 
 DEFAULT_ALIAS = "default"
@@ -414,8 +414,8 @@ class LocalRegistry:
         """``split`` over every id in ``ids`` (missing ones at 0); it may name no other id and sums to 100."""
         unknown = sorted(set(split) - set(ids))
         if unknown:
-            raise RegistryError(f"endpoint {endpoint!r}: traffic split names {unknown}, which are not "
-                                f"deployed; deployed: {sorted(ids)}")
+            raise StaleSplit(f"endpoint {endpoint!r}: traffic split names {unknown}, which are not "
+                             f"deployed; deployed: {sorted(ids)}")
         for key, pct in split.items():
             check_percent(pct, f"traffic split[{key!r}]")
         if ids and sum(split.values()) != 100:
