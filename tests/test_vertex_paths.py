@@ -573,3 +573,21 @@ def test_compiled_pipeline_carries_the_vertex_artifact_types(tmp_path: Path) -> 
                       if "deploy" in c.get("dag", {}).get("tasks", {})]
     assert deploy_task["inputs"]["parameters"]["champion_version"] == {
         "componentInputParameter": "pipelinechannel--lookup-champion-champion_version"}
+
+
+def test_a_smoke_answer_from_another_deployment_fails_the_smoke_test(vertex: FakeVertex,
+                                                                    model_dirs: dict[str, Path],
+                                                                    test_split: Path) -> None:
+    """Another run's candidate took the staging endpoint's traffic: its answers do not pass for this one's."""
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+
+    def answered_by_another(req: RecordedRequest) -> tuple[int, dict]:
+        n = len(req.json["instances"])
+        return 200, {"predictions": [{"label": 0, "probability": 0.1}] * n, "deployedModelId": "4242"}
+
+    vertex.server.route("POST", rf"/v1/{P}/endpoints/ctloop-staging:predict", answered_by_another)
+    with pytest.raises(SmokeTestFailed, match="answered by deployed model '4242', not '1001'"):
+        _deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    assert vertex.traffic("ctloop-staging") == {}
+    assert "ctloop-production" not in vertex.endpoints
