@@ -52,7 +52,8 @@ def run_deploy_step(config: dict, run_id: str, model_name: str, version: str, ch
     registry = open_deploy_registry(settings)
     result = run_deploy(settings, run_id, model_name, version, test.path, champion_version or None,
                         registry=registry)
-    summary = {k: v for k, v in asdict(result).items() if k != "smoke"}
+    summary = {k: v for k, v in asdict(result).items() if k != "smoke"} | {"model": model_name,
+                                                                          "version": version}
     if result.smoke is not None:
         smoke = result.smoke
         summary["smoke"] = {"instances": smoke.instances, "max_latency_ms": smoke.max_latency_ms,
@@ -65,8 +66,9 @@ def run_deploy_step(config: dict, run_id: str, model_name: str, version: str, ch
 
 def run_deploy(settings: Settings, run_id: str, model_name: str, version: str | int, test_dir: str | Path,
                expected_champion: str | None, registry: Registry | None = None) -> DeployResult:
-    """Roll ``model_name`` version ``version`` out (``ctloop.rollout``); ``expected_champion`` is the champion
-    version the gate compared against (None: there was none)."""
+    """Roll ``version`` of the settings' model out (``ctloop.rollout``); ``expected_champion`` is the champion
+    version the gate compared against (None: there was none). ``model_name`` (the register step's output) is
+    recorded in the step's log; the registry opens on the settings' model."""
     registry = registry or open_deploy_registry(settings)
     d = settings.deploy
     instances = smoke_instances(settings, test_dir, d.smoke_instances)

@@ -80,7 +80,7 @@ class Registry(Protocol):
     def store_model(self, model_dir: Path, key: str) -> str:
         """Copy the model directory's files to the models location under ``<model>/<key>``; returns its URI.
 
-        Idempotent: a complete earlier copy is reused. The registry's copy outlives the pipeline root.
+        Idempotent (a retry leaves one complete copy). The registry's copy outlives the pipeline root.
         """
 
     def create_version(self, artifact_uri: str, run_id: str, aliases: list[str], labels: Mapping[str, str],
