@@ -367,3 +367,15 @@ def test_components_run_under_the_kfp_local_runner(tmp_path: Path, models: dict[
         for path in paths:
             (artifact,) = json.loads(path.read_text())["artifacts"][output]["artifacts"]
             assert artifact["metadata"] == {"resourceName": resource}
+
+
+def test_only_open_registry_picks_the_backend() -> None:
+    """The registry-touching steps and the rollout never look at settings.backend themselves."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for module in ("components/register.py", "components/lookup.py", "components/deploy.py", "ctloop/rollout.py",
+                   "ctloop/smoke.py", "ctloop/registry/local.py", "ctloop/registry/vertex.py"):
+        tree = ast.parse((root / module).read_text())
+        uses = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "backend"]
+        assert uses == [], f"{module} reads .backend on lines {uses}"
