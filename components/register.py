@@ -26,7 +26,7 @@ from components.images import COMPONENT_IMAGE
 from components.vertex_artifacts import VertexModel, name_resource
 from ctloop.config import Settings
 from ctloop.registry import open_registry
-from ctloop.registry.local import MODEL_FILES
+from ctloop.registry.base import MODEL_FILES
 
 
 @component(base_image=COMPONENT_IMAGE, install_kfp_package=False)

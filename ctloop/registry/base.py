@@ -20,6 +20,7 @@ from ctloop.errors import CtloopError
 CHAMPION_ALIAS = "champion"
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 NEW_DEPLOYMENT = "0"
+MODEL_FILES = ("model.joblib", "model_card.json")  # what a registered model directory holds
 
 Predict = Callable[[list[dict[str, Any]]], Any]
 

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ctloop.config import Settings
-from ctloop.registry.base import Deployed, LocalServer, Predict, RegistryError, Version
+from ctloop.registry.base import MODEL_FILES, Deployed, LocalServer, Predict, RegistryError, Version
 from ctloop.registry.sqlite import LocalRegistry, ModelVersion
-
-MODEL_FILES = ("model.joblib", "model_card.json")
 
 
 class LocalBackend:

@@ -17,8 +17,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 
 from ctloop.config import Settings
-from ctloop.registry.base import AliasMoved, Deployed, Predict, RegistryError, Version
-from ctloop.registry.local import MODEL_FILES
+from ctloop.registry.base import MODEL_FILES, AliasMoved, Deployed, Predict, RegistryError, Version
 from ctloop.vertex import Where, labels, model_id_of, resource_id
 
 SERVING_PORT = 8080
