@@ -86,6 +86,7 @@ def test_register_copies_the_model_and_is_idempotent_per_run(tmp_path: Path, mod
     assert (second.version, second.created) == ("2", True)
     stored = Path(first.artifact_uri)
     assert stored.is_relative_to(s.local.path("models")) and stored != models["a"]
+    assert stored == s.local.models_dir / NAME / "run-run-1"  # keyed by model and the version's run alias
     assert (stored / "model.joblib").read_bytes() == (models["a"] / "model.joblib").read_bytes()
     v1 = _registry(s).get_version(NAME, 1)
     assert v1.run_key == "run-1" and "run-run-1" in v1.aliases
