@@ -37,6 +37,7 @@ PROJECT, REGION = "ctloop-test", "europe-west4"
 P = f"projects/{PROJECT}/locations/{REGION}"
 IMAGE = "europe-west4-docker.pkg.dev/ctloop-test/ctloop/serving:1.2.3"
 MODEL_BUCKET = "ctloop-test-models"
+STAGING_BUCKET = "ctloop-test-staging"
 TIME = "2026-01-01T00:00:{:02d}Z"
 
 
@@ -237,6 +238,7 @@ def gcs() -> Iterator[Any]:
     server.start()
     try:
         client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
+        client.create_bucket(STAGING_BUCKET)
         yield client.create_bucket(MODEL_BUCKET)
     finally:
         server.stop()
@@ -281,7 +283,7 @@ def _deploy(settings: Settings, run_id: str, model_name: str, version: str, test
 
 def _stored(run: str) -> str:
     """Where register copies ``run``'s model: the models bucket, keyed by model and the run's version alias."""
-    return f"gs://{MODEL_BUCKET}/ctloop-churn/{run_alias(run)}"
+    return f"gs://{MODEL_BUCKET}/models/ctloop-churn/{run_alias(run)}"
 
 
 def _fp(model_dirs: dict[str, Path], run: str) -> str:
@@ -302,7 +304,7 @@ def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex, gc
     assert spec["artifactUri"] == _stored("run-1") == result.artifact_uri
     source = model_dirs["gs://ctloop-test-root/run-1/model"]
     for name in ("model.joblib", "model_card.json"):
-        blob = gcs.blob(f"ctloop-churn/{run_alias('run-1')}/{name}")
+        blob = gcs.blob(f"models/ctloop-churn/{run_alias('run-1')}/{name}")
         assert blob.download_as_bytes() == (source / name).read_bytes()
     assert spec["containerSpec"] == {"imageUri": IMAGE, "predictRoute": "/predict", "healthRoute": "/health",
                                      "ports": [{"containerPort": 8080}]}
@@ -356,11 +358,20 @@ def test_register_race_on_the_first_model_becomes_a_version(vertex: FakeVertex,
     assert uploads[1].json["model"]["versionAliases"] == ["run-run-1", _fp(model_dirs, "run-1")]
 
 
-def test_register_needs_a_models_bucket(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
-    local = next(iter(model_dirs.values()))
-    with pytest.raises(Exception, match="gcp.model_bucket is empty"):
-        run_register(_settings(**{"gcp.model_bucket": ""}), "run-1", local, str(local), {}, {})
-    assert not vertex.server.find("POST", rf"/v1/{P}/models:upload")
+def test_models_go_to_the_staging_bucket_by_default_and_a_retried_copy_is_kept(
+        vertex: FakeVertex, gcs: Any, model_dirs: dict[str, Path]) -> None:
+    from ctloop.registry.vertex import VertexRegistry
+
+    s = _settings(**{"gcp.model_bucket": "", "gcp.staging_bucket": STAGING_BUCKET})
+    source = model_dirs["gs://ctloop-test-root/run-1/model"]
+    registry = VertexRegistry(s)
+    uri = f"gs://{STAGING_BUCKET}/models/ctloop-churn/{run_alias('run-1')}"
+    assert registry.store_model(source, run_alias("run-1")) == uri
+    assert registry.store_model(source, run_alias("run-1")) == uri  # a retried step: create-only, no error
+    result = _register(s, "run-1", model_dirs)
+    assert result.artifact_uri == uri
+    (upload,) = vertex.server.find("POST", rf"/v1/{P}/models:upload")
+    assert upload.json["model"]["artifactUri"] == uri
 
 
 def test_label_values_are_made_valid() -> None:

@@ -20,6 +20,7 @@ from ctloop.config import Settings
 from ctloop.registry.base import MODEL_FILES, AliasMoved, Deployed, Predict, RegistryError, Version
 from ctloop.vertex import Where, labels, model_id_of, resource_id
 
+MODELS_PREFIX = "models"  # in gcp.model_bucket (default the staging bucket, which keeps this prefix)
 SERVING_PORT = 8080
 PREDICT_ROUTE = "/predict"
 HEALTH_ROUTE = "/health"
@@ -75,15 +76,15 @@ class VertexRegistry:
         return found
 
     def store_model(self, model_dir: Path, key: str) -> str:
-        bucket_name = self.settings.gcp.model_bucket
-        if not bucket_name:
-            raise RegistryError("gcp.model_bucket is empty: registered models are copied there, out of the "
-                                "pipeline root")
-        prefix = f"{self.display_name}/{key}"
+        bucket_name = self.settings.gcp.model_bucket or self.settings.gcp.staging_bucket
+        prefix = f"{MODELS_PREFIX}/{self.display_name}/{key}"
         bucket = self._storage_client().bucket(bucket_name)
-        # The key names one version: it is registered only after this copy, so rewriting is safe on a retry.
         for name in MODEL_FILES:
-            bucket.blob(f"{prefix}/{name}").upload_from_filename(str(Path(model_dir) / name))
+            # Create-only: the key names one version, registered only after this copy, and a retried step
+            # copies the same input artifact again, so an object already there holds these bytes.
+            with suppress(gexc.PreconditionFailed):
+                bucket.blob(f"{prefix}/{name}").upload_from_filename(str(Path(model_dir) / name),
+                                                                     if_generation_match=0)
         return f"gs://{bucket_name}/{prefix}"
 
     def _storage_client(self) -> Any:
