@@ -7,9 +7,11 @@ locals {
   template_uri  = "${local.kfp_repo_url}/${local.pipeline_name}/${var.template_tag}"
 }
 
+# The deployable source is cloud_functions/trigger plus the ctloop modules it imports, assembled by
+# `make trigger-bundle` (cloudbuild/bundle_trigger.py): run it before `terraform plan/apply`.
 data "archive_file" "trigger_source" {
   type             = "zip"
-  source_dir       = "${path.module}/../cloud_functions/trigger"
+  source_dir       = "${path.module}/../build/trigger-function"
   output_path      = "${path.module}/.build/trigger-source.zip"
   output_file_mode = "0644" # the same bytes (and hash) on every machine, whatever its umask
   excludes         = ["**/__pycache__/**", "**/*.pyc", ".pytest_cache/**"]

@@ -140,6 +140,10 @@ def test_prediction_log_source_compares_every_feature_and_the_scores(trained) ->
     drifted = {r["subject"] for r in reasons if r["drifted"] and r["check"] != "decision"}
     assert _decision(record) == "drift" and drifted and all(f.startswith("hist_") for f in drifted), drifted
     assert not any(r["subject"] == "scores" and r["drifted"] for r in reasons)
+    # The drift launched a detached training run: let it end, so it does not race the next test's runs
+    # for the champion alias.
+    if _launched(record):
+        _wait_for_run(s, record.output("launch-training", "job_id"), 300)
 
     history = [c for c in features if c.startswith("hist_")]
     steady = logged.with_overrides({"monitoring.exclude_features": history})

@@ -410,10 +410,13 @@ def test_versioned_buckets_expire_old_versions_and_staging_expires_temp_output(c
     assert temp and "tmp/" in temp[0]["matches_prefix"] and temp[0].get("age")
 
 
-def test_function_source_is_the_trigger_directory_named_by_content_hash(cfg: dict[str, Any]) -> None:
+def test_function_source_is_the_trigger_bundle_named_by_content_hash(cfg: dict[str, Any]) -> None:
     archive = cfg["data"]["archive_file"]["trigger_source"]
     source_dir = archive["source_dir"].replace("${path.module}", str(TF_DIR))
-    assert Path(source_dir).resolve() == ROOT / "cloud_functions" / "trigger"
+    # The bundle (function + the ctloop modules it imports) is what `make trigger-bundle` writes.
+    assert Path(source_dir).resolve() == ROOT / "build" / "trigger-function"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "build/trigger-function" in makefile or "bundle_trigger" in makefile
     assert (ROOT / "cloud_functions" / "trigger" / "main.py").is_file()
     assert (ROOT / "cloud_functions" / "trigger" / "requirements.txt").is_file()
     obj = resources(cfg, "google_storage_bucket_object")["trigger_source"]
