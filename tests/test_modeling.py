@@ -17,6 +17,7 @@ from ctloop.config import ModelSettings
 from ctloop.errors import DataValidationError, ModelLoadError
 from ctloop.features import FeatureSpec
 from ctloop.metrics import classification_metrics
+from ctloop.model_runtime import ONNX_FILE
 from ctloop.modeling import (
     CARD_FILE,
     MODEL_FILE,
@@ -127,7 +128,9 @@ def test_model_card_records_what_the_model_is_and_was_trained_on(trained: dict,
     assert card["git_sha"] == "abc123" and card["run_id"] == "run-a"
     assert card["validation_metrics"] == result.valid_metrics
     assert card["created_at"].endswith("+00:00")
-    assert sorted(p.name for p in result.model_dir.iterdir()) == [MODEL_FILE, CARD_FILE]  # no temp files left
+    # The ONNX export beside the pickle; no temp files left.
+    assert sorted(p.name for p in result.model_dir.iterdir()) == sorted([MODEL_FILE, ONNX_FILE, CARD_FILE])
+    assert card["onnx"] == {"file": ONNX_FILE, "reason": ""}
 
 
 def test_git_sha_defaults_to_unknown(tmp_path: Path, splits: dict[str, Path]) -> None:
