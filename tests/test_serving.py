@@ -490,3 +490,16 @@ def test_dockerfile_is_pinned_non_root_and_runs_the_server() -> None:
 def test_synthetic_training_data_has_both_classes() -> None:
     """Guards the fixtures: a one-class frame would make every probability test trivial."""
     assert set(synthetic_frame()["churned"]) == {0, 1}
+
+
+def test_a_pipeline_without_onnx_form_is_served_by_sklearn(tmp_path: Path) -> None:
+    model = make_constant_model_dir(tmp_path / "m", 0.25)  # a classifier skl2onnx knows nothing about
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["onnx"]["file"] is None and card["onnx"]["reason"].startswith("ONNX export failed")
+    assert not (model / "model.onnx").exists()
+    loaded = load_model_dir(model)
+    assert loaded.runtime == "sklearn" and "no model.onnx in the model directory (ONNX export failed" in \
+        loaded.runtime_reason
+    with running_server(create_app([ServedModel("c", model)])) as url:
+        body = httpx.post(f"{url}/predict", json={"instances": [instance(0)]}).json()
+        assert body["predictions"][0]["probability"] == 0.25
