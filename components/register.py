@@ -25,8 +25,8 @@ from kfp.dsl.component_decorator import component
 
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
+from ctloop.model_runtime import MODEL_FILES, OPTIONAL_FILES
 
-MODEL_FILES = ("model.joblib", "model_card.json")
 PREDICT_ROUTE = "/predict"
 HEALTH_ROUTE = "/health"
 SERVING_PORT = 8080
@@ -131,6 +131,9 @@ def _store_copy(source: Path, target: Path) -> Path:
     try:
         for name in MODEL_FILES:
             shutil.copy2(source / name, tmp / name)
+        for name in OPTIONAL_FILES:  # the ONNX export and the gate's verdict on it, when there
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
         if target.exists():
             shutil.rmtree(target)  # an incomplete leftover
         os.replace(tmp, target)

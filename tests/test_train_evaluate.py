@@ -143,6 +143,10 @@ def test_champion_with_other_feature_columns(work: Path, splits: dict[str, Path]
     expected = r"needs feature column\(s\) \['promo_score'\] that the test split"
     with pytest.raises(ChampionError, match=expected):
         run_evaluate(settings_for(work), models["strong"], splits["test"], str(champion))
+    # A champion that loads but cannot score the test split is never set aside, whatever the setting.
+    with pytest.raises(ChampionError, match=expected):
+        run_evaluate(settings_for(work, gate={"unloadable_champion": "replace"}), models["strong"], splits["test"],
+                     str(champion))
 
 
 def test_champion_from_another_sklearn(work: Path, splits: dict[str, Path], models: dict[str, Path],
