@@ -21,14 +21,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import sklearn
 
 from ctloop.errors import DataValidationError, ModelLoadError
 from ctloop.features import FeatureSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas and scikit-learn are imported where they are used: the registry reads this module's file names, and
+# the ONNX request path needs neither.
 
 MODEL_FILE = "model.joblib"
 ONNX_FILE = "model.onnx"
@@ -65,6 +69,8 @@ def to_category_strings(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _category_str(value: Any) -> str:
+    import pandas as pd
+
     return MISSING_CATEGORY if pd.isna(value) else str(value)
 
 
@@ -200,6 +206,8 @@ class LoadedModel:
         """P(label = 1) per row of ``columns`` (numbers or None; strings or None), with ``self.runtime``."""
         if self.session is not None:
             return onnx_probabilities(self.session, self.card, columns)
+        import pandas as pd
+
         data: dict[str, Any] = {name: np.asarray(columns[name], dtype=np.float64) for name in self.card.numeric}
         for name in self.card.categorical:
             data[name] = pd.array(columns[name], dtype="str")
@@ -242,6 +250,7 @@ def load_model(model_dir: str | Path, runtime: str = "auto") -> LoadedModel:
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime: expected one of {list(RUNTIMES)}, found {runtime!r}")
     import joblib
+    import sklearn
 
     path = Path(model_dir)
     for name in MODEL_FILES:
