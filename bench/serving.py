@@ -1,10 +1,13 @@
 """Suite ``serving``: the prediction server's throughput and latency vs the raw in-process model call.
 
-The model is a real one trained on sample data (the loop suite's, or trained here the same way). The server is
-the product's app (serving.app.create_app) under uvicorn on 127.0.0.1: one worker, two workers started by
-``uvicorn --workers 2``, and two workers over a TCP_NODELAY-capable socket (bench/serving_app.py); the load
-comes from bench.loadgen (closed loop, keep-alive clients in threads of this process, bounded by count and
-time). The floor is ``pipeline.predict_proba`` on the same rows in this process, one row or 100 rows per call.
+The model is a real one trained on sample data (the loop suite's, or trained here the same way, gate included,
+so its ONNX export is checked). Side by side, in the same run and under the same load: the product's app
+(serving.app.create_app) under uvicorn on 127.0.0.1 scoring with ONNX Runtime (one worker; two workers over a
+TCP_NODELAY-capable socket, bench/serving_app.py), the same two workers forced to scikit-learn, and the
+aiplatform SDK's Custom Prediction Routine server (ModelServer + SklearnPredictor, bench/cpr.py) serving the
+same model file. The load comes from bench.loadgen (closed loop, keep-alive clients in threads of this
+process, bounded by count and time). The floor is the model call in this process (scikit-learn
+``predict_proba`` and the ONNX Runtime session), one row or 100 rows per call.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from bench.stats import percentile
 from bench.workspace import PYTHON, REPO, Context, ensure_sample_data
 
 BATCH = 100
-# (label, workers, launcher): "uvicorn" = uvicorn's command line; "tcp" = bench.serving_app's TCP_NODELAY socket.
-CONFIGS = (("1 worker", 1, "uvicorn"), ("2 workers (uvicorn --workers)", 2, "uvicorn"),
-           ("2 workers, TCP socket", 2, "tcp"))
+# (label, workers, launcher, runtime): "uvicorn" = uvicorn's command line; "tcp" = bench.serving_app's
+# TCP_NODELAY socket; "cpr" = the aiplatform SDK's model server (bench/cpr.py). runtime: ctloop's
+# CTLOOP_SERVING_RUNTIME ("auto" serves the gate-approved ONNX model).
+CONFIGS = (("1 worker, ONNX", 1, "uvicorn", "auto"), ("2 workers, TCP socket, ONNX", 2, "tcp", "auto"),
+           ("2 workers, TCP socket, scikit-learn", 2, "tcp", "sklearn"),
+           ("CPR ModelServer + SklearnPredictor, 1 worker", 1, "cpr", ""))
+# The targets apply to the product's server scoring with ONNX Runtime.
+TARGETS = {"rate": (">=", 3000.0), "p99": ("<", 20.0), "rows": (">=", 50_000.0)}
 _MB = 2**20
 
 
@@ -63,39 +71,62 @@ def time_calls(fn: Callable[[Any], Any], inputs: list[Any], max_calls: int, max_
 
 
 def _floor(model_dir: Path, instances: list[dict[str, Any]], budget: dict[str, float]) -> dict[str, LoadResult]:
-    from serving.model import InstanceValidator, load_model_dir
+    import pandas as pd
 
-    loaded = load_model_dir(model_dir)
+    from ctloop.model_runtime import load_model, onnx_probabilities
+    from serving.model import InstanceValidator
+
+    loaded = load_model(model_dir)
     validator = InstanceValidator(loaded.card)
-    singles = [loaded.frame(validator.columns([inst])) for inst in instances]
-    batches = [loaded.frame(validator.columns(instances[i:i + BATCH])) for i in range(0, len(instances), BATCH)]
+
+    def frame(cols: dict[str, list[Any]]) -> pd.DataFrame:
+        data = {n: pd.array(cols[n], dtype="float64") for n in loaded.card.numeric}
+        data.update({n: pd.array(cols[n], dtype="str") for n in loaded.card.categorical})
+        return pd.DataFrame(data, columns=list(loaded.card.features))
+
+    single_cols = [validator.columns([inst]) for inst in instances]
+    batch_cols = [validator.columns(instances[i:i + BATCH]) for i in range(0, len(instances), BATCH)]
+    singles, batches = [frame(c) for c in single_cols], [frame(c) for c in batch_cols]
     predict = loaded.pipeline.predict_proba
-    for frame in singles[:20]:  # warm-up
-        predict(frame)
+    calls: dict[str, tuple[Callable[[Any], Any], list[Any], int]] = {}
     n, s = int(budget["calls"]), budget["seconds"]
-    return {
-        "predict_proba, 1 row": time_calls(predict, singles, n, s),
-        f"predict_proba, {BATCH} rows": time_calls(predict, batches, max(1, n // 5), s),
-        "validate + frame + predict, 1 row (the server's work, no HTTP)": time_calls(
-            lambda inst: loaded.probabilities(validator.columns([inst])), instances, n, s),
-    }
+    calls["predict_proba, 1 row"] = (predict, singles, n)
+    calls[f"predict_proba, {BATCH} rows"] = (predict, batches, max(1, n // 5))
+    if loaded.session is not None:
+        def onnx(cols: dict[str, list[Any]]) -> Any:
+            return onnx_probabilities(loaded.session, loaded.card, cols)
+
+        calls["ONNX Runtime, 1 row"] = (onnx, single_cols, n)
+        calls[f"ONNX Runtime, {BATCH} rows"] = (onnx, batch_cols, n)
+    calls[f"validate + score with {loaded.runtime}, 1 row (the server's work, no HTTP)"] = (
+        lambda inst: loaded.probabilities(validator.columns([inst])), instances, n)
+    for fn, inputs, _ in calls.values():  # warm-up
+        for item in inputs[:20]:
+            fn(item)
+    return {name: time_calls(fn, inputs, count, s) for name, (fn, inputs, count) in calls.items()}
 
 
-def _start_server(model_dir: Path, workers: int, launcher: str, log_dir: Path) -> Any:
-    from bench.serving_app import FACTORY, MODEL_DIR_ENV
+def _start_server(model_dir: Path, workers: int, launcher: str, runtime: str, log_dir: Path, echo: Any) -> Any:
+    from bench import cpr
+    from bench.serving_app import FACTORY, MODEL_DIR_ENV, RUNTIME_ENV
     from ctloop.emulators import start_process, wait_ready
     from ctloop.ports import free_port
 
     port = free_port()
+    env = {**os.environ, MODEL_DIR_ENV: str(model_dir), RUNTIME_ENV: runtime, "PYTHONPATH": str(REPO)}
+    cwd = REPO
     if launcher == "uvicorn":
         argv = [PYTHON, "-m", "uvicorn", FACTORY, "--factory", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
-    else:
+    elif launcher == "tcp":
         argv = [PYTHON, "-m", "bench.serving_app", "--port", str(port), "--workers", str(workers)]
-    env = {**os.environ, MODEL_DIR_ENV: str(model_dir), "PYTHONPATH": str(REPO)}
-    name = f"serving-{workers}w-{launcher}"
-    proc = start_process(name, argv, log_dir / f"{name}.log", env=env, cwd=REPO)
-    wait_ready(proc, f"http://127.0.0.1:{port}/health", timeout=90)
+    else:  # the CPR server copies the model files into its working directory
+        argv, env = cpr.server_command(cpr.ensure_venv(echo)), cpr.server_env(model_dir, port, workers)
+        cwd = log_dir / "cpr-model"
+        cwd.mkdir(parents=True, exist_ok=True)
+    name = f"serving-{workers}w-{launcher}-{runtime or 'cpr'}"
+    proc = start_process(name, argv, log_dir / f"{name}.log", env=env, cwd=cwd)
+    wait_ready(proc, f"http://127.0.0.1:{port}/health", timeout=600)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -119,9 +150,9 @@ def run(ctx: Context) -> Section:
     cpu: dict[str, dict[str, tuple[float, float]]] = {}  # (server tree, this process) CPU seconds per load
     peaks: dict[str, int] = {}
     log_dir = ctx.workdir / "serving"
-    for label, workers, launcher in CONFIGS:
+    for label, workers, launcher, runtime in CONFIGS:
         ctx.echo(f"  serving: {label} ...")
-        proc, url = _start_server(model_dir, workers, launcher, log_dir)
+        proc, url = _start_server(model_dir, workers, launcher, runtime, log_dir, ctx.echo)
         try:
             closed_loop(f"{url}/predict", singles, concurrency=4 * workers, max_requests=300, max_seconds=10)
             sampler = TreeSampler(proc.process.pid, interval=0.1).start()
@@ -146,25 +177,32 @@ def _p(result: LoadResult, q: float) -> float | None:
 
 def _report(section: Section, floor: dict[str, LoadResult], measured: dict[str, dict[str, LoadResult]],
             cpu: dict[str, dict[str, tuple[float, float]]], peaks: dict[str, int]) -> None:
-    one = floor["predict_proba, 1 row"]
-    many = floor[f"predict_proba, {BATCH} rows"]
-    # The floor's rate from its median call: one stalled call (a descheduled OpenMP thread on a busy machine)
-    # must not make the floor look slower than the server it is the floor of.
-    one_rate = 1000.0 / _p(one, 50) if one.latencies_ms else None
-    many_rate = 1000.0 * BATCH / _p(many, 50) if many.latencies_ms else None
+    # The floor's rate from its median call: one stalled call (a descheduled thread on a busy machine) must not
+    # make the floor look slower than the server it is the floor of.
+    def floor_rates(kind: str) -> tuple[float | None, float | None]:
+        one, many = floor.get(f"{kind}, 1 row"), floor.get(f"{kind}, {BATCH} rows")
+        return (1000.0 / _p(one, 50) if one and one.latencies_ms else None,
+                1000.0 * BATCH / _p(many, 50) if many and many.latencies_ms else None)
+
     for label, loads in measured.items():
+        onnx = label.endswith("ONNX")
+        kind = "ONNX Runtime" if onnx and "ONNX Runtime, 1 row" in floor else "predict_proba"
+        one_rate, many_rate = floor_rates(kind)
+        one = floor[f"{kind}, 1 row"]
         conc = loads["single, 16 clients"]
         seq = loads["single, 1 client"]
         batch = loads[f"{BATCH} instances, 4 clients"]
         section.figures += [
             Figure(f"single-instance predictions/s, {label}, 16 clients", conc.rate, "/s",
-                   "in-process predict_proba, 1 row per call (1000 / p50)", one_rate, target=(">=", 1000.0)),
-            Figure(f"single-instance p99, {label}, 16 clients", _p(conc, 99), "ms", "in-process 1-row p99",
-                   _p(one, 99), target=("<", 50.0)),
-            Figure(f"single-instance p50, {label}, 1 client", _p(seq, 50), "ms", "in-process 1-row p50",
+                   f"in-process {kind}, 1 row per call (1000 / p50)", one_rate,
+                   target=TARGETS["rate"] if onnx else None),
+            Figure(f"single-instance p99, {label}, 16 clients", _p(conc, 99), "ms", f"in-process {kind} 1-row p99",
+                   _p(one, 99), target=TARGETS["p99"] if onnx else None),
+            Figure(f"single-instance p50, {label}, 1 client", _p(seq, 50), "ms", f"in-process {kind} 1-row p50",
                    _p(one, 50)),
             Figure(f"{BATCH}-instance requests: rows/s, {label}, 4 clients", batch.rate * BATCH, "/s",
-                   f"in-process predict_proba, {BATCH} rows per call (at p50)", many_rate),
+                   f"in-process {kind}, {BATCH} rows per call (at p50)", many_rate,
+                   target=TARGETS["rows"] if onnx else None),
         ]
     rows = []
     for label, loads in measured.items():
@@ -194,8 +232,11 @@ def _report(section: Section, floor: dict[str, LoadResult], measured: dict[str, 
     section.notes += [
         "`uvicorn --workers N` binds its listening socket with protocol 0, and asyncio sets TCP_NODELAY only on "
         "sockets whose protocol is TCP: each keep-alive response (headers and body are two writes) then waits "
-        "for the client's delayed ACK (~40 ms). The 'TCP socket' configuration runs the same uvicorn worker "
-        "supervisor over a socket created with IPPROTO_TCP (bench/serving_app.py).",
+        "for the client's delayed ACK (~40 ms). The 'TCP socket' configurations run the same uvicorn worker "
+        "supervisor over a socket created with IPPROTO_TCP (bench/serving_app.py); the CPR server runs one "
+        "worker for the same reason.",
+        "CPR: the aiplatform SDK's model server with a SklearnPredictor subclass that builds the DataFrame the "
+        "pipeline takes and answers predict_proba (bench/cpr.py), in its own venv (.venv-cpr).",
         "The load generator runs in this process and shares the machine's CPUs with the server: on a small "
         "machine it is part of what limits the numbers.",
         "The server scores requests that arrive while the model is busy together in one call, so under "

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from serving.app import ServedModel, create_app
 
 MODEL_DIR_ENV = "CTLOOP_BENCH_MODEL_DIR"
+RUNTIME_ENV = "CTLOOP_BENCH_RUNTIME"  # "auto" (default) or "sklearn"
 FACTORY = "bench.serving_app:create"
 
 
@@ -26,7 +27,8 @@ def create() -> FastAPI:
     model_dir = os.environ.get(MODEL_DIR_ENV)
     if not model_dir:
         raise RuntimeError(f"{MODEL_DIR_ENV} is not set: expected a model directory (model.joblib + card)")
-    return create_app([ServedModel(deployed_id="bench", model_dir=model_dir, traffic_percent=100)])
+    runtime = os.environ.get(RUNTIME_ENV) or "auto"
+    return create_app([ServedModel(deployed_id="bench", model_dir=model_dir, traffic_percent=100, runtime=runtime)])
 
 
 def tcp_socket(host: str, port: int) -> socket.socket:

@@ -57,7 +57,7 @@ class DriftCheck:
 
 
 def _lineage_uri(champion: LoadedModel, key: str) -> str:
-    uri = str((champion.card.get("lineage") or {}).get(key) or "")
+    uri = str((champion.card.data.get("lineage") or {}).get(key) or "")
     if not uri:
         raise ChampionError(f"champion model {champion.model_dir}: model_card.json has no lineage.{key}; the drift "
                             f"check needs the champion's {key.removesuffix('_uri')} split to compare with")

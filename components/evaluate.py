@@ -1,11 +1,17 @@
 """evaluate_gate: score the candidate and the champion on the same test rows, then apply the promotion gate.
 
 The champion comes in as its model directory's URI (``''`` for the first model). A champion that cannot be
-loaded or scored stops the step with a ``ChampionError``: a broken comparison must never pass by default.
+scored stops the step with a ``ChampionError``: a broken comparison must never pass by default. One that cannot
+be loaded at all (another scikit-learn minor, a pickle that no longer unpickles) does too, unless
+``gate.unloadable_champion`` is "replace": then the candidate is judged as a first model and the champion check
+says why.
+The candidate's ONNX export is checked against scikit-learn on the test split; the verdict is written beside
+the model (``onnx_check.json``), which decides whether the prediction server uses it.
 Outputs: test metrics, ROC curve + confusion matrix, a Markdown report, and the decision as step outputs.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,11 +23,12 @@ from kfp.dsl.component_decorator import component
 
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
-from ctloop.errors import ChampionError, CtloopError
+from ctloop.errors import ChampionError, CtloopError, ModelLoadError
 from ctloop.features import FeatureSpec
 from ctloop.gate import GateDecision, decide
 from ctloop.metrics import classification_metrics, confusion, pr_curve_points, roc_curve_points
-from ctloop.modeling import LoadedModel, data_checksum, load_model, predict_proba, read_split
+from ctloop.model_runtime import ONNX_CHECK_FILE, LoadedModel, check_onnx_agreement, load_model
+from ctloop.modeling import data_checksum, read_split
 
 # Step output ``champion_metric`` when there is no champion (every gate metric lies in [0, 1]).
 NO_CHAMPION_METRIC = -1.0
@@ -55,6 +62,8 @@ class EvaluationResult:
     confusion: list[list[int]]
     champion_dir: str | None
     test_checksum: str
+    onnx_check: dict[str, Any] | None = None
+    champion_unloadable: str = ""  # why the champion could not be loaded, when gate.unloadable_champion replaced it
 
     @property
     def markdown(self) -> str:
@@ -77,7 +86,7 @@ def _score_champion(champion_dir: str, test: Any, test_dir: str | Path,
                     label: str) -> tuple[dict[str, float | int], LoadedModel]:
     where = f"champion model {champion_dir}"
     try:
-        champion = load_model(champion_dir)
+        champion = load_model(champion_dir, runtime="sklearn")
     except CtloopError as exc:
         raise ChampionError(f"{where} cannot be loaded: {exc}") from exc
     if champion.spec.label_column != label:
@@ -92,7 +101,7 @@ def _score_champion(champion_dir: str, test: Any, test_dir: str | Path,
             f"test columns: {list(test.columns)}"
         )
     try:
-        proba = predict_proba(champion, test)
+        proba = champion.predict_proba(test)
         scored = classification_metrics(test[label].to_numpy(), proba, champion.threshold)
     except Exception as exc:  # anything the champion's own pipeline raises on these rows
         raise ChampionError(
@@ -106,19 +115,29 @@ def run_evaluate(settings: Settings, model_dir: str | Path, test_dir: str | Path
     """Score the candidate (and the champion, if any) on the test split and decide with ``settings.gate``.
 
     Each model is scored at its own card's threshold, as it would be served. Raises ChampionError when the
-    champion is given but cannot be loaded or scored.
+    champion is given but cannot be scored, or cannot be loaded and ``gate.unloadable_champion`` is "fail".
+    Writes the ONNX agreement verdict into ``model_dir`` (``onnx_check.json``).
     """
     spec = FeatureSpec.read(test_dir)
     test = read_split(test_dir, spec, "test")
     y = test[spec.label_column].to_numpy()
-    candidate = load_model(model_dir)
-    proba = predict_proba(candidate, test)
+    candidate = load_model(model_dir, runtime="sklearn")
+    proba = candidate.predict_proba(test)
     cand_metrics = classification_metrics(y, proba, candidate.threshold)
+    onnx_check = check_onnx_agreement(candidate, test, f"the test split ({len(test)} rows)")
+    _write_json(Path(model_dir) / ONNX_CHECK_FILE, onnx_check)
 
-    champ_metrics = None
+    champ_metrics, unloadable = None, ""
     if champion_dir:
-        champ_metrics, _ = _score_champion(champion_dir, test, test_dir, spec.label_column)
+        try:
+            champ_metrics, _ = _score_champion(champion_dir, test, test_dir, spec.label_column)
+        except ChampionError as exc:
+            if settings.gate.unloadable_champion != "replace" or not _is_load_failure(exc):
+                raise
+            unloadable = str(exc)
     decision = decide(cand_metrics, champ_metrics, settings.gate)
+    if unloadable:
+        decision = _replaced_champion(decision, unloadable)
     return EvaluationResult(
         candidate_metrics=cand_metrics,
         champion_metrics=champ_metrics,
@@ -128,7 +147,28 @@ def run_evaluate(settings: Settings, model_dir: str | Path, test_dir: str | Path
         confusion=confusion(y, proba, candidate.threshold),
         champion_dir=champion_dir,
         test_checksum=data_checksum(test),
+        onnx_check=onnx_check,
+        champion_unloadable=unloadable,
     )
+
+
+def _is_load_failure(exc: ChampionError) -> bool:
+    return isinstance(exc.__cause__, ModelLoadError)
+
+
+def _replaced_champion(decision: GateDecision, reason: str) -> GateDecision:
+    """The first-model decision, its champion check saying which champion was set aside and why."""
+    message = (f"champion replaced (gate.unloadable_champion=replace): {reason}; "
+               f"the candidate is judged as a first model")
+    reasons = [{**r, "check": "champion_unloadable", "message": message} if r["check"] == "champion" else r
+               for r in decision.reasons]
+    return replace(decision, reasons=reasons)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
 
 
 def _fmt(value: Any) -> str:
@@ -166,7 +206,19 @@ def render_report(result: EvaluationResult) -> str:
                      f"| {_fmt(r['threshold'])} | {result_text} | {r['message']} |")
     failed = len(d.failed)
     lines += ["", f"{failed} of {len(d.reasons)} checks failed." if failed else "All checks passed."]
+    if result.champion_unloadable:
+        lines += ["", "## Champion", "", f"The champion could not be loaded and was set aside "
+                  f"(`gate.unloadable_champion: replace`): {result.champion_unloadable}"]
+    if result.onnx_check is not None:
+        lines += ["", "## Serving runtime", "", _runtime_line(result.onnx_check)]
     return "\n".join(lines) + "\n"
+
+
+def _runtime_line(check: dict[str, Any]) -> str:
+    if check.get("agrees"):
+        return (f"ONNX Runtime: the ONNX export agrees with scikit-learn on {check['checked_on']} (largest "
+                f"probability difference {check['max_abs_diff']:.2g} <= {check['tolerance']:g}).")
+    return f"scikit-learn: the ONNX export is not served because {check.get('reason')}."
 
 
 def run_evaluate_step(config: dict, run_id: str, model: Any, test: Any, champion_uri: str, metrics: Any,
@@ -182,7 +234,9 @@ def run_evaluate_step(config: dict, run_id: str, model: Any, test: Any, champion
         metrics.log_metric(f"champion_{name}", value)
     metrics.metadata.update({"split": "test", "run_id": run_id, "decision": d.decision,
                              "primary_metric": d.primary_metric, "champion_uri": champion_uri or "",
-                             "test_checksum": result.test_checksum})
+                             "test_checksum": result.test_checksum,
+                             "serving_runtime": _runtime_line(result.onnx_check or {}),
+                             "champion_unloadable": result.champion_unloadable})
 
     classification.log_roc_curve(result.roc["fpr"], result.roc["tpr"], result.roc["thresholds"])
     classification.log_confusion_matrix(["0", "1"], result.confusion)

@@ -122,6 +122,9 @@ class GateSettings(_Strict):
     primary_metric: Literal["roc_auc", "pr_auc", "f1"] = "roc_auc"
     tolerance: float = Field(default=0.005, ge=0)
     min_lift: float = Field(default=0.0, ge=0)
+    # A champion that can no longer be loaded (another scikit-learn minor, a pickle that fails): "fail" stops
+    # the run; "replace" judges the candidate as a first model and records why.
+    unloadable_champion: Literal["fail", "replace"] = "fail"
 
 
 class DeploySettings(_Strict):

@@ -1,9 +1,7 @@
-"""The model: reading splits, the scikit-learn Pipeline, training with a model card, loading and scoring.
+"""The model: reading splits, the scikit-learn Pipeline, and training with a model card.
 
-The saved artifact is a directory with ``model.joblib`` (a fitted ``Pipeline`` taking a DataFrame with the
-``FeatureSpec.model_features`` columns) and ``model_card.json`` (what it is, what it was trained on, how well
-it did). The pipeline pickles references to this module's ``_as_float`` / ``_as_category_strings``: they must
-keep their names.
+What a model directory holds, and how it is loaded and scored, is ``ctloop.model_runtime``'s: training writes
+``model.joblib``, ``model.onnx`` (when the pipeline converts) and ``model_card.json`` there.
 """
 
 from __future__ import annotations
@@ -31,14 +29,24 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from ctloop.config import ModelSettings, Settings
-from ctloop.errors import DataValidationError, ModelLoadError
+from ctloop.errors import DataValidationError
 from ctloop.features import FeatureSpec
 from ctloop.metrics import classification_metrics
+from ctloop.model_runtime import (
+    CARD_FILE,
+    MODEL_FILE,
+    ONNX_CHECK_FILE,
+    ONNX_FILE,
+    LoadedModel,
+    card_features,
+    load_model,
+    to_category_strings,
+    to_float64,
+)
 
-MODEL_FILE = "model.joblib"
-CARD_FILE = "model_card.json"
+__all__ = ["CARD_FILE", "MODEL_FILE", "LoadedModel", "load_model", "predict_proba"]
+
 EXPERIMENTS_FILE = "experiments.jsonl"
-MISSING_CATEGORY = "__missing__"
 UNKNOWN_GIT_SHA = "unknown"
 
 
@@ -94,27 +102,6 @@ def data_checksum(frame: pd.DataFrame) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- pipeline
-def _as_float(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numeric inputs as float64; every missing marker (None, NaN, pd.NA) becomes NaN."""
-    try:
-        return frame.astype("float64")
-    except (TypeError, ValueError):  # pd.NA in object or nullable columns; the slow path is rarely needed
-        return frame.astype(object).where(frame.notna(), np.nan).astype("float64")
-
-
-def _as_category_strings(frame: pd.DataFrame) -> pd.DataFrame:
-    """Categorical inputs as Python strings with NaN for missing.
-
-    SimpleImputer treats NaN, not None, as missing in object columns, and training (Parquet) and serving
-    (JSON) may type the same category differently (bool vs "True"); strings make both agree.
-    """
-    return frame.astype(object).map(_category_str)
-
-
-def _category_str(value: Any) -> Any:
-    return np.nan if pd.isna(value) else str(value)
-
-
 _ESTIMATORS = {
     "logistic_regression": LogisticRegression,
     "hist_gradient_boosting": HistGradientBoostingClassifier,
@@ -160,15 +147,18 @@ def make_classifier(model: ModelSettings) -> Any:
 
 
 def build_pipeline(spec: FeatureSpec, model: ModelSettings) -> Pipeline:
-    """Preprocessing (impute, scale, one-hot) of the spec's model features, then the configured classifier."""
+    """Preprocessing (impute, scale, one-hot) of the spec's model features, then the configured classifier.
+
+    A missing category is a category of its own (``to_category_strings`` names it), so the categorical branch
+    needs no imputer.
+    """
     numeric = Pipeline([
-        ("as_float", FunctionTransformer(_as_float, feature_names_out="one-to-one")),
+        ("as_float", FunctionTransformer(to_float64, feature_names_out="one-to-one")),
         ("impute", SimpleImputer(strategy="median", add_indicator=True)),
         ("scale", StandardScaler()),
     ])
     categorical = Pipeline([
-        ("as_str", FunctionTransformer(_as_category_strings, feature_names_out="one-to-one")),
-        ("impute", SimpleImputer(strategy="constant", fill_value=MISSING_CATEGORY)),
+        ("as_str", FunctionTransformer(to_category_strings, feature_names_out="one-to-one")),
         ("onehot", OneHotEncoder(handle_unknown="infrequent_if_exist",
                                  min_frequency=model.category_min_frequency or None, sparse_output=False)),
     ])
@@ -247,8 +237,7 @@ def train_model(
         "display_name": settings.model.display_name,
         "label": label,
         "threshold": settings.model.threshold,
-        "features": [{"name": c, "type": "numeric"} for c in spec.model_numeric]
-        + [{"name": c, "type": "categorical"} for c in spec.categorical],
+        "features": card_features(spec.model_numeric, spec.categorical),
         "feature_spec": asdict(spec),
         "training_data": {
             "checksum": checksum,
@@ -266,6 +255,7 @@ def train_model(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     out = write_model(model_dir, pipeline, card)
+    card = json.loads((out / CARD_FILE).read_text())  # as written, with the ONNX export's outcome
     log_experiment(settings, run_id, params={"model_type": settings.model.type, **hyper},
                    metrics={f"valid_{k}": v for k, v in valid_metrics.items()})
     return TrainResult(model_dir=out, card=card, valid_metrics=valid_metrics, checksum=checksum, rows=rows)
@@ -309,86 +299,40 @@ def _replace_atomically(target: Path, write: Any) -> None:
 
 
 def write_model(model_dir: str | Path, pipeline: Pipeline, card: dict[str, Any]) -> Path:
-    """Write the model, then its card, each to a temp file renamed into place.
+    """Write the model, its ONNX export, then its card, each to a temp file renamed into place.
 
-    The card goes last and any stale card is removed first, so a card always describes the model beside it.
+    The card goes last and any stale card (and ONNX check) is removed first, so a card always describes the
+    files beside it. A pipeline that does not convert to ONNX gets no ``model.onnx``; the card's
+    ``onnx.reason`` says why, and it is served by scikit-learn.
     """
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CARD_FILE).unlink(missing_ok=True)
+    for stale in (CARD_FILE, ONNX_CHECK_FILE, ONNX_FILE):
+        (out / stale).unlink(missing_ok=True)
     _replace_atomically(out / MODEL_FILE, lambda p: joblib.dump(pipeline, p))
+    onnx_bytes, reason = _onnx_export(pipeline, card)
+    if onnx_bytes is not None:
+        _replace_atomically(out / ONNX_FILE, lambda p: p.write_bytes(onnx_bytes))
+    card = {**card, "onnx": {"file": ONNX_FILE if onnx_bytes is not None else None, "reason": reason}}
     _replace_atomically(out / CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=2, sort_keys=True)))
     return out
 
 
-# --------------------------------------------------------------------------------------------- load & score
-@dataclass(frozen=True)
-class LoadedModel:
-    pipeline: Pipeline
-    card: dict[str, Any]
-    model_dir: Path
-
-    @property
-    def spec(self) -> FeatureSpec:
-        return FeatureSpec(**self.card["feature_spec"])
-
-    @property
-    def features(self) -> list[str]:
-        return [f["name"] for f in self.card["features"]]
-
-    @property
-    def threshold(self) -> float:
-        return float(self.card["threshold"])
-
-
-def _major_minor(version: str) -> str:
-    return ".".join(version.split(".")[:2])
-
-
-def load_model(model_dir: str | Path) -> LoadedModel:
-    """Load a model directory written by ``train_model``.
-
-    Raises ModelLoadError if a file is missing or unreadable, or if the model was saved by a scikit-learn
-    whose major.minor differs from the installed one (pickles do not carry across those).
-    """
-    path = Path(model_dir)
-    card_path, model_path = path / CARD_FILE, path / MODEL_FILE
-    for needed in (card_path, model_path):
-        if not needed.is_file():
-            raise ModelLoadError(f"model directory {path}: {needed.name} not found")
+def _onnx_export(pipeline: Pipeline, card: dict[str, Any]) -> tuple[bytes | None, str]:
     try:
-        card = json.loads(card_path.read_text())
-        saved = str(card["versions"]["sklearn"])
-        for key in ("feature_spec", "features", "threshold"):
-            card[key]  # noqa: B018  (presence check; KeyError is reported below)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{card_path}: not a valid model card ({type(exc).__name__}: {exc})") from exc
-    if _major_minor(saved) != _major_minor(sklearn.__version__):
-        raise ModelLoadError(
-            f"{model_path}: saved with scikit-learn {saved}, installed is {sklearn.__version__}; "
-            f"major.minor must match ({_major_minor(saved)} != {_major_minor(sklearn.__version__)})"
-        )
-    try:
-        pipeline = joblib.load(model_path)
-    except Exception as exc:  # unpickling surfaces arbitrary errors (truncated file, missing class)
-        raise ModelLoadError(f"{model_path}: cannot load ({type(exc).__name__}: {exc})") from exc
-    if not hasattr(pipeline, "predict_proba"):
-        raise ModelLoadError(f"{model_path}: holds a {type(pipeline).__name__}, not a classifier pipeline")
-    return LoadedModel(pipeline=pipeline, card=card, model_dir=path)
+        from ctloop.onnx_export import export_onnx
+
+        features = card.get("features") or []
+        numeric = [f["name"] for f in features if f["type"] == "numeric"]
+        categorical = [f["name"] for f in features if f["type"] == "categorical"]
+        return export_onnx(pipeline, numeric, categorical), ""
+    except Exception as exc:  # noqa: BLE001 - any conversion failure leaves the model to scikit-learn
+        return None, f"ONNX export failed: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def predict_proba(loaded: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
-    """Positive-class probabilities for the rows of ``frame`` (it must hold the model's feature columns)."""
-    features = loaded.features
-    missing = [c for c in features if c not in frame.columns]
-    if missing:
-        raise DataValidationError(
-            f"model {loaded.model_dir}: input lacks feature column(s) {missing}; found {list(frame.columns)}"
-        )
-    classes = list(getattr(loaded.pipeline, "classes_", [0, 1]))
-    if classes != [0, 1]:
-        raise ModelLoadError(f"model {loaded.model_dir}: expected classes [0, 1], found {classes}")
-    return loaded.pipeline.predict_proba(frame[features])[:, 1]
+    """Positive-class probabilities by scikit-learn for the rows of ``frame`` (it must hold the feature columns)."""
+    return loaded.predict_proba(frame)
 
 
 # ------------------------------------------------------------------------------------------------ experiments

@@ -2,7 +2,8 @@
 
 Vertex sets ``AIP_HTTP_PORT``, ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE``, ``AIP_STORAGE_URI`` (a ``gs://``
 copy of the model's artifact directory) and ``AIP_DEPLOYED_MODEL_ID``. ``AIP_STORAGE_URI`` may also be a local
-directory, which is how the container is run by hand. ``CTLOOP_MAX_INSTANCES`` caps instances per request.
+directory, which is how the container is run by hand. ``CTLOOP_MAX_INSTANCES`` caps instances per request;
+``CTLOOP_SERVING_RUNTIME=sklearn`` serves with scikit-learn even when the gate approved the ONNX model.
 
 Prediction logging: ``CTLOOP_PREDICTION_LOG_RATE`` (share of requests, default 0 = off) and
 ``CTLOOP_PREDICTION_LOG_URI`` (the endpoint's log root, ``gs://bucket/prefix`` or a directory; required when the
@@ -16,6 +17,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ctloop.errors import ModelLoadError
+from ctloop.model_runtime import RUNTIMES
 from serving.app import (
     DEFAULT_HEALTH_ROUTE,
     DEFAULT_MAX_INSTANCES,
@@ -23,7 +26,7 @@ from serving.app import (
     ServedModel,
     create_app,
 )
-from serving.model import ModelLoadError, fetch_model_dir
+from serving.model import fetch_model_dir
 from serving.prediction_log import PredictionLogConfig
 
 
@@ -36,6 +39,7 @@ class ContainerEnv:
     deployed_model_id: str
     max_instances: int
     prediction_log: PredictionLogConfig | None = None
+    runtime: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ContainerEnv:
@@ -50,7 +54,15 @@ class ContainerEnv:
             deployed_model_id=env.get("AIP_DEPLOYED_MODEL_ID") or "0",
             max_instances=_int(env, "CTLOOP_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
             prediction_log=_prediction_log(env),
+            runtime=_runtime(env),
         )
+
+
+def _runtime(env: Mapping[str, str]) -> str:
+    runtime = env.get("CTLOOP_SERVING_RUNTIME") or "auto"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"CTLOOP_SERVING_RUNTIME={runtime!r}: expected one of {list(RUNTIMES)}")
+    return runtime
 
 
 def _prediction_log(env: Mapping[str, str]) -> PredictionLogConfig | None:
@@ -92,7 +104,8 @@ def main(env: Mapping[str, str] | None = None) -> None:
         cfg = ContainerEnv.from_env(os.environ if env is None else env)
         model_dir = fetch_model_dir(cfg.storage_uri)
         app = create_app(
-            [ServedModel(deployed_id=cfg.deployed_model_id, model_dir=model_dir, traffic_percent=100)],
+            [ServedModel(deployed_id=cfg.deployed_model_id, model_dir=model_dir, traffic_percent=100,
+                         runtime=cfg.runtime)],
             predict_route=cfg.predict_route,
             health_route=cfg.health_route,
             max_instances=cfg.max_instances,

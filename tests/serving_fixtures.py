@@ -15,6 +15,7 @@ from sklearn.pipeline import Pipeline
 
 from ctloop.config import ModelSettings
 from ctloop.features import FeatureSpec
+from ctloop.model_runtime import ONNX_CHECK_FILE, card_features, check_onnx_agreement, load_model
 from ctloop.modeling import build_pipeline, data_checksum, write_model
 
 NUMERIC = ["tenure_months", "monthly_charges"]
@@ -55,25 +56,27 @@ def fit_pipeline(frame: pd.DataFrame, estimator: object | None = None) -> Pipeli
     return pipe.fit(frame[FEATURES], frame["churned"])
 
 
-def write_model_dir(directory: Path, pipeline: object, threshold: float = 0.5, card_style: str = "train",
-                    **card_extra: object) -> Path:
-    """``card_style="train"`` writes the train step's card shape; ``"plain"`` the minimal documented one."""
+def write_model_dir(directory: Path, pipeline: object, threshold: float = 0.5, **card_extra: object) -> Path:
+    """A model directory with the train step's card (``ctloop.model_runtime.ModelCard``)."""
     classifier = type(pipeline.steps[-1][1]).__name__ if hasattr(pipeline, "steps") else "model"
-    if card_style == "train":
-        card = {
-            "features": [{"name": c, "type": "numeric"} for c in NUMERIC]
-            + [{"name": c, "type": "categorical"} for c in CATEGORICAL],
-            "feature_spec": asdict(SPEC),
-            "versions": {"sklearn": sklearn.__version__},
-        }
-    else:
-        card = {"features": {"numeric": NUMERIC, "categorical": CATEGORICAL},
-                "sklearn_version": sklearn.__version__}
+    card = {
+        "features": card_features(NUMERIC, CATEGORICAL),
+        "feature_spec": asdict(SPEC),
+        "versions": {"sklearn": sklearn.__version__},
+    }
     estimator = pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline
     # What the model is, as the train step records it: the registry keys model identity on these fields.
     card["hyperparameters"] = {k: repr(v) for k, v in sorted(estimator.get_params(deep=False).items())}
     card.update({"label": "churned", "threshold": threshold, "model_type": classifier, **card_extra})
     return write_model(directory, pipeline, card)
+
+
+def approve_onnx(directory: Path) -> dict:
+    """What the gate does: check the ONNX export against scikit-learn on held-out rows and write the verdict."""
+    model = load_model(directory, runtime="sklearn")
+    check = check_onnx_agreement(model, synthetic_frame(seed=7), "synthetic rows")
+    (directory / ONNX_CHECK_FILE).write_text(json.dumps(check))
+    return check
 
 
 def make_model_dir(directory: Path, seed: int = 0, threshold: float = 0.5, **card_extra: object) -> Path:

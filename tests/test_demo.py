@@ -85,9 +85,9 @@ def _ledger_rows(root: Path) -> list[tuple]:
 
 
 def test_demo_end_to_end_on_the_real_pipeline(settings: Settings) -> None:
+    from ctloop.model_runtime import load_model as load_model_dir
     from ctloop.registry import LocalRegistry
     from pipelines.local_run import RunRecord
-    from serving.model import load_model_dir
 
     lines: list[str] = []
     code = run_demo(settings, rows=3000, echo=lines.append)

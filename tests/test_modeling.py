@@ -17,6 +17,7 @@ from ctloop.config import ModelSettings
 from ctloop.errors import DataValidationError, ModelLoadError
 from ctloop.features import FeatureSpec
 from ctloop.metrics import classification_metrics
+from ctloop.model_runtime import ONNX_FILE
 from ctloop.modeling import (
     CARD_FILE,
     MODEL_FILE,
@@ -127,7 +128,9 @@ def test_model_card_records_what_the_model_is_and_was_trained_on(trained: dict,
     assert card["git_sha"] == "abc123" and card["run_id"] == "run-a"
     assert card["validation_metrics"] == result.valid_metrics
     assert card["created_at"].endswith("+00:00")
-    assert sorted(p.name for p in result.model_dir.iterdir()) == [MODEL_FILE, CARD_FILE]  # no temp files left
+    # The ONNX export beside the pickle; no temp files left.
+    assert sorted(p.name for p in result.model_dir.iterdir()) == sorted([MODEL_FILE, ONNX_FILE, CARD_FILE])
+    assert card["onnx"] == {"file": ONNX_FILE, "reason": ""}
 
 
 def test_git_sha_defaults_to_unknown(tmp_path: Path, splits: dict[str, Path]) -> None:
@@ -355,3 +358,22 @@ def test_cloud_experiment_run_is_logged_to_vertex(recording_server: Any, fresh_a
     assert run["metadata"]["_metrics"]["valid_roc_auc"] == 0.82 and run["metadata"]["_state"] == "COMPLETE"
     retried = recording_server.find("POST", f"/v1/{store}/contexts")[2:]
     assert [r.query["contextId"][0] for r in retried] == [f"churn-{run_name}"]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_pickled_pipeline_refers_to_public_runtime_names_only(model_type: str, trained: dict) -> None:
+    """Registered models outlive refactors: the pickle may name only ctloop.model_runtime's public functions."""
+    import io
+    import pickle
+
+    names: set[tuple[str, str]] = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            names.add((module, name))
+            return super().find_class(module, name)
+
+    _, result = trained[model_type]
+    Recording(io.BytesIO(pickle.dumps(load_model(result.model_dir).pipeline))).load()
+    ours = {(module, name) for module, name in names if module.split(".")[0] == "ctloop"}
+    assert ours == {("ctloop.model_runtime", "to_float64"), ("ctloop.model_runtime", "to_category_strings")}

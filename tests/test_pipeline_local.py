@@ -105,6 +105,11 @@ def test_first_run_of_the_compiled_yaml_trains_gates_registers_deploys_and_serve
     versions = reg.list_versions(settings.model.display_name)
     assert [v.version_id for v in versions] == [1]
     assert reg.get_alias(settings.model.display_name, "champion").version_id == 1
+    # The registered copy holds the ONNX export with the gate's verdict, so the endpoint serves it.
+    from ctloop.model_runtime import load_model, read_onnx_check
+
+    assert read_onnx_check(versions[0].artifact_uri)["agrees"]
+    assert load_model(versions[0].artifact_uri).runtime == "onnx"
     prod = _production(settings)
     assert [(d.version, d.traffic_percent) for d in prod.deployments] == [(1, 100)]
     answer = predict_from_served_endpoint(settings, record, echo=lambda _s: None)

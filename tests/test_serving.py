@@ -24,15 +24,18 @@ import sklearn
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from ctloop.errors import ModelLoadError
+from ctloop.model_runtime import load_model as load_model_dir
 from ctloop.registry import LocalRegistry
 from serving.__main__ import ContainerEnv
 from serving.app import ServedModel, create_app, endpoint_deployments
 from serving.background import running_server
-from serving.model import ModelLoadError, fetch_model_dir, load_model_dir
+from serving.model import fetch_model_dir
 from tests.serving_fixtures import (
     CATEGORICAL,
     FEATURES,
     NUMERIC,
+    approve_onnx,
     fit_pipeline,
     instance,
     make_constant_model_dir,
@@ -47,7 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model") / "m1", threshold=0.3)
+    """A model whose ONNX export the gate found to agree with scikit-learn: served by ONNX Runtime."""
+    directory = make_model_dir(tmp_path_factory.mktemp("model") / "m1", threshold=0.3)
+    approve_onnx(directory)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +139,54 @@ def test_malformed_json_is_400(server: str, raw: bytes, message: str) -> None:
     assert re.search(message, resp.json()["error"])
 
 
+def test_deeply_nested_json_is_400_not_500(server: str) -> None:
+    raw = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = httpx.post(f"{server}/predict", content=raw, headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert "nested too deeply" in resp.json()["error"]
+
+
+def test_bodies_over_one_and_a_half_mib_are_413_before_parsing(server: str) -> None:
+    big = json.dumps({"instances": [_with()] * 20_000}).encode()
+    assert len(big) > 1_572_864
+    resp = httpx.post(f"{server}/predict", content=big, headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and "larger than 1572864 bytes" in resp.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies while reading
+        for i in range(0, len(big), 65_536):
+            yield big[i:i + 65_536]
+
+    resp = httpx.post(f"{server}/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    # Just under the limit is parsed (and rejected for its instance count, a 400).
+    fits = json.dumps({"instances": [_with()] * 60}).encode()
+    assert httpx.post(f"{server}/predict", content=fits).status_code == 400
+
+
+def test_served_by_onnx_when_the_gate_approved_it_else_by_sklearn(model_dir: Path, tmp_path: Path) -> None:
+    instances = [instance(i) for i in range(40)]
+    instances[2]["tenure_months"] = None
+    instances[5]["contract_type"] = None
+    instances[6]["contract_type"] = "never-seen"
+    unchecked = make_model_dir(tmp_path / "unchecked", threshold=0.3)
+    apps = [ServedModel("onnx", model_dir, 50), ServedModel("forced", model_dir, 25, runtime="sklearn"),
+            ServedModel("unchecked", unchecked, 25)]
+    with running_server(create_app(apps, seed=1)) as url:
+        health = {d["deployedModelId"]: d for d in httpx.get(f"{url}/health").json()["deployedModels"]}
+        assert health["onnx"]["runtime"] == "onnx"
+        assert (health["forced"]["runtime"], health["forced"]["runtimeReason"]) == ("sklearn",
+                                                                                    "scikit-learn requested")
+        assert health["unchecked"]["runtime"] == "sklearn"
+        assert "has not been checked against scikit-learn" in health["unchecked"]["runtimeReason"]
+        seen = set()
+        for _ in range(30):
+            body = httpx.post(f"{url}/predict", json={"instances": instances}).json()
+            seen.add(body["deployedModelId"])
+            got = [p["probability"] for p in body["predictions"]]
+            np.testing.assert_allclose(got, _expected(model_dir, instances), rtol=0, atol=1e-6)
+        assert seen == {"onnx", "forced", "unchecked"}
+
+
 def test_parameters_field_is_accepted_like_vertex_sends_it(server: str) -> None:
     resp = httpx.post(f"{server}/predict", json={"instances": [_with()], "parameters": {}})
     assert resp.status_code == 200
@@ -193,7 +247,7 @@ def test_create_app_checks_its_deployments(model_dir: Path, tmp_path: Path) -> N
         create_app([ServedModel("a", model_dir, 50), ServedModel("a", model_dir, 50)])
     with pytest.raises(ValueError, match="no deployed models"):
         create_app([])
-    with pytest.raises(ModelLoadError, match="missing model.joblib"):
+    with pytest.raises(ModelLoadError, match="model_card.json not found"):
         create_app([ServedModel("a", tmp_path)])
 
 
@@ -203,27 +257,37 @@ def test_model_card_problems_name_the_file_and_field(model_dir: Path, tmp_path: 
     bad.mkdir()
     (bad / "model.joblib").write_bytes((model_dir / "model.joblib").read_bytes())
     for broken, field in [({**card, "threshold": 1.5}, "'threshold'"),
-                          ({**card, "features": {"numeric": "x"}}, "'features.numeric'"),
+                          ({**card, "features": {"numeric": "x"}}, "'features'"),
+                          ({**card, "features": [{"name": "x", "type": "text"}]}, "'features[0]'"),
                           ({k: v for k, v in card.items() if k != "label"}, "'label'")]:
         (bad / "model_card.json").write_text(json.dumps(broken))
         with pytest.raises(ModelLoadError, match=f"model_card.json: .*{re.escape(field)}"):
             load_model_dir(bad)
     (bad / "model_card.json").write_text(json.dumps({**card, "versions": {"sklearn": "0.24.2"}}))
-    with pytest.raises(ModelLoadError, match=r"saved with scikit-learn 0\.24\.2, this server .*major\.minor"):
+    with pytest.raises(ModelLoadError, match=r"saved with scikit-learn 0\.24\.2, installed is .*major\.minor"):
         load_model_dir(bad)
     # Extra card fields are fine.
     (bad / "model_card.json").write_text(json.dumps({**card, "metrics": {"auc": 0.9}, "notes": "x"}))
-    extra = load_model_dir(bad).card.extra
-    assert extra["metrics"] == {"auc": 0.9} and extra["notes"] == "x"
+    data = load_model_dir(bad).card.data
+    assert data["metrics"] == {"auc": 0.9} and data["notes"] == "x"
 
 
-def test_both_card_shapes_describe_the_same_features(tmp_path: Path) -> None:
+def test_one_card_format(tmp_path: Path) -> None:
+    """The train step's card is the only format: the old ``{"numeric": [...], "categorical": [...]}`` features
+    object and a top-level ``sklearn_version`` are rejected, naming the field."""
     pipe = fit_pipeline(synthetic_frame())
-    train_style = load_model_dir(write_model_dir(tmp_path / "a", pipe, 0.4, card_style="train")).card
-    plain_style = load_model_dir(write_model_dir(tmp_path / "b", pipe, 0.4, card_style="plain")).card
-    for card in (train_style, plain_style):
-        assert (card.numeric, card.categorical) == (tuple(NUMERIC), tuple(CATEGORICAL))
-        assert (card.label, card.threshold, card.sklearn_version) == ("churned", 0.4, sklearn.__version__)
+    card = load_model_dir(write_model_dir(tmp_path / "a", pipe, 0.4)).card
+    assert (card.numeric, card.categorical) == (tuple(NUMERIC), tuple(CATEGORICAL))
+    assert (card.label, card.threshold, card.sklearn_version) == ("churned", 0.4, sklearn.__version__)
+    data = json.loads((tmp_path / "a" / "model_card.json").read_text())
+    old = {**data, "features": {"numeric": NUMERIC, "categorical": CATEGORICAL}}
+    (tmp_path / "a" / "model_card.json").write_text(json.dumps(old))
+    with pytest.raises(ModelLoadError, match="field 'features' must be a list"):
+        load_model_dir(tmp_path / "a")
+    old = {**{k: v for k, v in data.items() if k != "versions"}, "sklearn_version": sklearn.__version__}
+    (tmp_path / "a" / "model_card.json").write_text(json.dumps(old))
+    with pytest.raises(ModelLoadError, match="missing field 'versions.sklearn'"):
+        load_model_dir(tmp_path / "a")
 
 
 def test_endpoint_deployments_come_from_the_registry(model_dir: Path, tmp_path: Path) -> None:
@@ -266,7 +330,7 @@ def gcs(model_dir: Path) -> Iterator[str]:
     try:
         client = storage.Client(project="test", credentials=AnonymousCredentials())
         bucket = client.create_bucket("models")
-        for name in ("model.joblib", "model_card.json"):
+        for name in ("model.joblib", "model_card.json", "model.onnx", "onnx_check.json"):
             bucket.blob(f"churn/7/{name}").upload_from_filename(str(model_dir / name))
         yield server.url
     finally:
@@ -275,9 +339,11 @@ def gcs(model_dir: Path) -> Iterator[str]:
 
 def test_fetch_model_dir_downloads_both_files(gcs: str, tmp_path: Path, model_dir: Path) -> None:
     local = fetch_model_dir("gs://models/churn/7/", tmp_path / "dl")
-    assert sorted(p.name for p in local.iterdir()) == ["model.joblib", "model_card.json"]
+    assert sorted(p.name for p in local.iterdir()) == ["model.joblib", "model.onnx", "model_card.json",
+                                                       "onnx_check.json"]
     assert (local / "model_card.json").read_text() == (model_dir / "model_card.json").read_text()
-    with pytest.raises(ModelLoadError, match="gs://models/churn/8: missing model.joblib"):
+    assert (local / "model.onnx").read_bytes() == (model_dir / "model.onnx").read_bytes()
+    with pytest.raises(ModelLoadError, match="gs://models/churn/8: missing model_card.json"):
         fetch_model_dir("gs://models/churn/8", tmp_path / "none")
     assert not (tmp_path / "none").exists()
 
@@ -308,7 +374,7 @@ def test_python_m_serving_exits_with_a_clear_error_without_a_model(tmp_path: Pat
     done = subprocess.run([sys.executable, "-m", "serving"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2
-    assert f"serving: {tmp_path}: missing model.joblib" in done.stderr
+    assert f"serving: model directory {tmp_path}: model_card.json not found" in done.stderr
 
 
 @pytest.fixture
@@ -337,7 +403,8 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
 # What the server imports (pyyaml and pydantic for ctloop.config, which ctloop.modeling imports); the image
 # must hold these and everything they need.
 SERVING_ROOTS = ["fastapi", "uvicorn", "scikit-learn", "pandas", "pyarrow", "numpy", "joblib",
-                 "google-cloud-storage", "pyyaml", "pydantic",
+                 "google-cloud-storage", "pyyaml", "pydantic", "onnxruntime",
+                 "httptools", "uvloop",
                  "sniffio"]  # anyio imports it when present: pinned so the image matches what is tested
 
 
@@ -382,9 +449,10 @@ def test_serving_a_model_imports_only_what_the_image_installs(model_dir: Path) -
     code = (
         "import json, sys\n"
         "startup = set(sys.modules)\n"
-        "from serving.model import load_model_dir, InstanceValidator\n"
+        "from ctloop.model_runtime import load_model\n"
+        "from serving.model import InstanceValidator\n"
         "import serving.app, serving.__main__\n"
-        f"m = load_model_dir({str(model_dir)!r})\n"
+        f"m = load_model({str(model_dir)!r})\n"
         f"m.probabilities(InstanceValidator(m.card).columns([{instance(0)!r}]))\n"
         "print(json.dumps({n: getattr(m, '__file__', None) for n, m in list(sys.modules.items())\n"
         "                  if n not in startup}))\n"
@@ -421,3 +489,16 @@ def test_dockerfile_is_pinned_non_root_and_runs_the_server() -> None:
 def test_synthetic_training_data_has_both_classes() -> None:
     """Guards the fixtures: a one-class frame would make every probability test trivial."""
     assert set(synthetic_frame()["churned"]) == {0, 1}
+
+
+def test_a_pipeline_without_onnx_form_is_served_by_sklearn(tmp_path: Path) -> None:
+    model = make_constant_model_dir(tmp_path / "m", 0.25)  # a classifier skl2onnx knows nothing about
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["onnx"]["file"] is None and card["onnx"]["reason"].startswith("ONNX export failed")
+    assert not (model / "model.onnx").exists()
+    loaded = load_model_dir(model)
+    assert loaded.runtime == "sklearn" and "no model.onnx in the model directory (ONNX export failed" in \
+        loaded.runtime_reason
+    with running_server(create_app([ServedModel("c", model)])) as url:
+        body = httpx.post(f"{url}/predict", json={"instances": [instance(0)]}).json()
+        assert body["predictions"][0]["probability"] == 0.25

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from ctloop.config import Settings
 from ctloop.errors import ChampionError
 from ctloop.features import FeatureSpec
 from ctloop.metrics import classification_metrics
+from ctloop.model_runtime import ONNX_CHECK_FILE, ONNX_FILE, frame_columns
 from ctloop.modeling import CARD_FILE, MODEL_FILE, load_model, predict_proba, read_split, train_model
 from tests.modeling_fixtures import settings_for, write_split, write_splits
 
@@ -141,6 +143,10 @@ def test_champion_with_other_feature_columns(work: Path, splits: dict[str, Path]
     expected = r"needs feature column\(s\) \['promo_score'\] that the test split"
     with pytest.raises(ChampionError, match=expected):
         run_evaluate(settings_for(work), models["strong"], splits["test"], str(champion))
+    # A champion that loads but cannot score the test split is never set aside, whatever the setting.
+    with pytest.raises(ChampionError, match=expected):
+        run_evaluate(settings_for(work, gate={"unloadable_champion": "replace"}), models["strong"], splits["test"],
+                     str(champion))
 
 
 def test_champion_from_another_sklearn(work: Path, splits: dict[str, Path], models: dict[str, Path],
@@ -168,6 +174,95 @@ def test_champion_that_fails_to_score(work: Path, splits: dict[str, Path], model
     expected = "cannot score the test split .*could not convert string to float"
     with pytest.raises(ChampionError, match=expected):
         run_evaluate(settings_for(work), models["strong"], splits["test"], str(champion))
+
+
+def _old_sklearn_champion(source: Path, target: Path) -> Path:
+    champion = shutil.copytree(source, target)
+    card = json.loads((champion / CARD_FILE).read_text())
+    card["versions"]["sklearn"] = "0.24.2"
+    (champion / CARD_FILE).write_text(json.dumps(card))
+    return champion
+
+
+def _renamed_function_champion(source: Path, target: Path) -> Path:
+    """A champion whose pickle refers to an input coercion that no longer exists under that name."""
+    champion = shutil.copytree(source, target)
+    pickled = (champion / MODEL_FILE).read_bytes()
+    assert b"to_float64" in pickled
+    (champion / MODEL_FILE).write_bytes(pickled.replace(b"to_float64", b"as_float_v"))
+    return champion
+
+
+@pytest.mark.parametrize("make_champion,reason", [
+    (_old_sklearn_champion, r"saved with scikit-learn 0\.24\.2, installed is"),
+    (_renamed_function_champion, r"model\.joblib: cannot load \(AttributeError: .*as_float_v"),
+])
+def test_unloadable_champion_fails_by_default_and_is_replaced_when_configured(
+        work: Path, splits: dict[str, Path], models: dict[str, Path], tmp_path: Path, make_champion: Any,
+        reason: str) -> None:
+    champion = make_champion(models["strong"], tmp_path / "champion")
+    with pytest.raises(ChampionError, match=f"cannot be loaded: .*{reason}"):
+        run_evaluate(settings_for(work, gate=OPEN_GATE), models["weak"], splits["test"], str(champion))
+
+    settings = settings_for(work, gate={**OPEN_GATE, "unloadable_champion": "replace"})
+    result = run_evaluate(settings, models["weak"], splits["test"], str(champion))
+    assert result.champion_metrics is None and result.decision.passed  # judged as a first model
+    check = _by_check(result)["champion_unloadable"]
+    assert check["passed"] and re.search(f"gate.unloadable_champion=replace.*{reason}", check["message"])
+    assert re.search(f"set aside .*{reason}", result.markdown)
+
+
+def test_run_record_carries_the_replaced_champion_reason(work: Path, splits: dict[str, Path],
+                                                         models: dict[str, Path], tmp_path: Path) -> None:
+    champion = _old_sklearn_champion(models["strong"], tmp_path / "champion")
+    config = settings_for(tmp_path, gate={**OPEN_GATE, "unloadable_champion": "replace"}).to_param()
+    outs = [_artifact(Metrics, tmp_path / "m"), _artifact(ClassificationMetrics, tmp_path / "c"),
+            _artifact(Markdown, tmp_path / "report.md")]
+    decision, _, champion_metric, reasons = run_evaluate_step(
+        config, "run-10", _artifact(Model, models["weak"]), _artifact(Dataset, splits["test"]), str(champion),
+        *outs)
+    assert decision == "pass" and champion_metric == NO_CHAMPION_METRIC
+    [entry] = [r for r in json.loads(reasons) if r["check"] == "champion_unloadable"]
+    assert "saved with scikit-learn 0.24.2" in entry["message"]
+    assert "saved with scikit-learn 0.24.2" in outs[0].metadata["champion_unloadable"]
+
+
+# ------------------------------------------------------------------------------------------------- ONNX check
+def test_gate_approves_an_agreeing_onnx_export_for_serving(work: Path, splits: dict[str, Path],
+                                                           models: dict[str, Path], tmp_path: Path) -> None:
+    for name in ("strong", "weak"):  # hist_gradient_boosting and logistic_regression
+        model_dir = shutil.copytree(models[name], tmp_path / name)
+        result = run_evaluate(settings_for(work, gate=OPEN_GATE), model_dir, splits["test"], None)
+        check = json.loads((model_dir / ONNX_CHECK_FILE).read_text())
+        assert check == result.onnx_check
+        assert check["agrees"] and check["max_abs_diff"] <= 1e-6 and check["rows"] == result.candidate_metrics["n"]
+        assert "## Serving runtime\n\nONNX Runtime: the ONNX export agrees with scikit-learn" in result.markdown
+        loaded = load_model(model_dir)
+        assert loaded.runtime == "onnx"
+        test = read_split(splits["test"], FeatureSpec.read(splits["test"]), "test")
+        served = loaded.probabilities(frame_columns(loaded.card, test))
+        np.testing.assert_allclose(served, loaded.predict_proba(test), rtol=0, atol=1e-6)
+
+
+def test_disagreeing_onnx_export_is_served_by_sklearn_and_the_report_says_why(
+        work: Path, splits: dict[str, Path], models: dict[str, Path], tmp_path: Path) -> None:
+    model_dir = shutil.copytree(models["strong"], tmp_path / "strong")
+    shutil.copy(models["weak"] / ONNX_FILE, model_dir / ONNX_FILE)  # another model's export
+    result = run_evaluate(settings_for(work, gate=OPEN_GATE), model_dir, splits["test"], None)
+    assert not result.onnx_check["agrees"] and result.onnx_check["max_abs_diff"] > 1e-6
+    why = "ONNX and scikit-learn probabilities differ by up to"
+    assert f"scikit-learn: the ONNX export is not served because {why}" in result.markdown
+    loaded = load_model(model_dir)
+    assert loaded.runtime == "sklearn" and loaded.runtime_reason.startswith(why)
+
+
+def test_model_without_onnx_export_is_served_by_sklearn(work: Path, splits: dict[str, Path],
+                                                        models: dict[str, Path], tmp_path: Path) -> None:
+    model_dir = shutil.copytree(models["weak"], tmp_path / "weak")
+    (model_dir / ONNX_FILE).unlink()
+    result = run_evaluate(settings_for(work, gate=OPEN_GATE), model_dir, splits["test"], None)
+    assert result.onnx_check["reason"] == "no model.onnx in the model directory"
+    assert load_model(model_dir).runtime_reason == "no model.onnx in the model directory"
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,13 @@ from typing import Any, Protocol
 
 from ctloop.errors import CtloopError
 
+# What a registered model directory holds (re-exported for the registry implementations).
+from ctloop.model_runtime import MODEL_FILES as MODEL_FILES
+from ctloop.model_runtime import OPTIONAL_FILES as OPTIONAL_FILES
+
 CHAMPION_ALIAS = "champion"
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 NEW_DEPLOYMENT = "0"
-MODEL_FILES = ("model.joblib", "model_card.json")  # what a registered model directory holds
 
 Predict = Callable[[list[dict[str, Any]]], Any]
 

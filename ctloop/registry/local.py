@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ctloop.config import Settings
-from ctloop.registry.base import MODEL_FILES, Deployed, LocalServer, Predict, RegistryError, Version
+from ctloop.registry.base import MODEL_FILES, OPTIONAL_FILES, Deployed, LocalServer, Predict, RegistryError, Version
 from ctloop.registry.sqlite import LocalRegistry, ModelVersion
 
 
@@ -114,6 +114,9 @@ def copy_model_files(source: Path, target: Path) -> Path:
     try:
         for name in MODEL_FILES:
             shutil.copy2(source / name, tmp / name)
+        for name in OPTIONAL_FILES:  # the ONNX export and the gate's verdict on it, when there
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
         if target.exists():
             shutil.rmtree(target)  # an incomplete leftover
         os.replace(tmp, target)

@@ -17,7 +17,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 
 from ctloop.config import Settings
-from ctloop.registry.base import MODEL_FILES, AliasMoved, Deployed, Predict, RegistryError, Version
+from ctloop.registry.base import MODEL_FILES, OPTIONAL_FILES, AliasMoved, Deployed, Predict, RegistryError, Version
 from ctloop.vertex import Where, labels, model_id_of, resource_id
 
 MODELS_PREFIX = "models"  # in gcp.model_bucket (default the staging bucket, which keeps this prefix)
@@ -79,7 +79,8 @@ class VertexRegistry:
         bucket_name = self.settings.gcp.model_bucket or self.settings.gcp.staging_bucket
         prefix = f"{MODELS_PREFIX}/{self.display_name}/{key}"
         bucket = self._storage_client().bucket(bucket_name)
-        for name in MODEL_FILES:
+        present = [name for name in OPTIONAL_FILES if (Path(model_dir) / name).is_file()]
+        for name in [*MODEL_FILES, *present]:  # with the ONNX export and the gate's verdict on it, when there
             # Create-only: the key names one version, registered only after this copy, and a retried step
             # copies the same input artifact again, so an object already there holds these bytes.
             with suppress(gexc.PreconditionFailed):
