@@ -37,6 +37,7 @@ import yaml
 from ctloop.config import Settings
 from ctloop.emulators import FunctionServer, LocalCloud
 from ctloop.errors import CtloopError
+from ctloop.gate import COMPARISON_CHECKS
 
 REPO = Path(__file__).resolve().parents[1]
 TRIGGER_MAIN = REPO / "cloud_functions" / "trigger" / "main.py"
@@ -351,7 +352,7 @@ def describe_outcome(settings: Settings, record: Any, previous: Any = None) -> l
     decision = record.output("evaluate-gate", "decision", "n/a") if record is not None else "n/a"
     reasons = json.loads(record.output("evaluate-gate", "reasons", "[]") or "[]") if record is not None else []
     failed = [r for r in reasons if not r.get("passed")]
-    versus = [r for r in reasons if str(r.get("check", "")).startswith("champion")]
+    versus = [r for r in reasons if r.get("check") in COMPARISON_CHECKS]
     shown = failed or versus
     lines.append(f"gate: {decision}" + (f" ({'; '.join(str(r.get('message')) for r in shown)})" if shown else ""))
     endpoint = settings.deploy.production_endpoint
