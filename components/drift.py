@@ -26,7 +26,7 @@ from kfp.dsl.component_decorator import component
 
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
-from ctloop.drift import DRIFT, DriftReport, Reason, compare, sample_rows
+from ctloop.drift import DRIFT, DriftReport, Reason, compare, one_per_entity, sample_rows
 from ctloop.drift_report import render_html
 from ctloop.errors import ChampionError, CtloopError, DataValidationError
 from ctloop.modeling import LoadedModel, load_model, predict_proba, read_split
@@ -119,16 +119,32 @@ def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: st
     absent = [c for c in spec.model_features if c not in recent.columns]
     if absent:
         notes.append(f"derived feature(s) {absent} are not in the recent batch (only the prediction log has "
-                     f"them), so they and the champion's scores were not compared")
-    reference = sample_rows(reference, m.max_rows)
-    recent = sample_rows(recent, m.max_rows)
-    scores: dict[str, Any] = {}
-    if not absent:
-        valid, _ = _read_reference(champion, "valid_uri", "valid")
-        scores = {"reference_scores": _score(champion, sample_rows(valid, m.max_rows), "reference (valid split)"),
-                  "recent_scores": _score(champion, recent, "recent batch"), "threshold": champion.threshold}
+                     f"them): not compared, and the champion scored both sides with them unknown")
+    rows = (len(reference), len(recent))
+    if spec.id_column in recent.columns:
+        notes.append(f"one row per {spec.id_column}: reference {rows[0]} -> {reference[spec.id_column].nunique()}"
+                     f" rows, recent {rows[1]} -> {recent[spec.id_column].nunique()} rows")
+    else:
+        notes.append(f"the recent batch has no {spec.id_column!r} column: its rows are compared as if independent")
+    reference, recent = _entities(reference, spec.id_column, m.max_rows), _entities(recent, spec.id_column, m.max_rows)
+    valid = _entities(_read_reference(champion, "valid_uri", "valid")[0], spec.id_column, m.max_rows)
+    scores = {"reference_scores": _score(champion, _blank(valid, absent), "reference (valid split)"),
+              "recent_scores": _score(champion, _blank(recent, absent), "recent batch"),
+              "threshold": champion.threshold}
     report = compare(reference, recent, numeric, categorical, m, notes=notes, **scores)
     return DriftCheck(report, str(champion_dir), reference_uri, numeric + categorical)
+
+
+def _entities(frame: pd.DataFrame, id_column: str, max_rows: int) -> pd.DataFrame:
+    """One row per entity when the frame has the id column, then at most ``max_rows`` rows."""
+    if id_column in frame.columns:
+        frame = one_per_entity(frame, id_column)
+    return sample_rows(frame, max_rows)
+
+
+def _blank(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame`` with ``columns`` unknown (NaN): the same on both sides, so the score comparison stays fair."""
+    return frame.assign(**{c: np.nan for c in columns}) if columns else frame
 
 
 def _score(champion: LoadedModel, frame: pd.DataFrame, what: str) -> np.ndarray:

@@ -209,15 +209,17 @@ class MonitoringSettings(_Strict):
     bins: int = Field(default=10, ge=2, le=100)  # quantile bins of the reference, for numeric PSI
     max_categories: int = Field(default=50, ge=1)  # rarer reference categories share the "other" bucket
     epsilon: float = Field(default=1e-4, gt=0, lt=0.01)  # empty bins count as this fraction in PSI
-    psi_warn: float = Field(default=0.1, gt=0)
-    psi_alert: float = Field(default=0.2, gt=0)
+    # Sizes (PSI) a significant shift must reach to count; significance is what bounds the false alarms. Both
+    # sides are compared one row per entity (rows of one entity are not independent).
+    psi_warn: float = Field(default=0.02, gt=0)
+    psi_alert: float = Field(default=0.02, gt=0)
     # Family-wise significance level; each test (2 per feature, 2 for the scores) uses p_value / (tests run).
-    p_value: float = Field(default=0.01, gt=0, lt=1)
+    p_value: float = Field(default=0.02, gt=0, lt=1)
     min_drifted_features: int = Field(default=1, ge=1)
     # Features left out of the comparison, e.g. cumulative history counts that grow with time by construction.
     exclude_features: list[str] = Field(default_factory=list)
     max_missing_rate_change: float = Field(default=0.05, gt=0, le=1)
-    score_psi_alert: float = Field(default=0.2, gt=0)
+    score_psi_alert: float = Field(default=0.02, gt=0)
     max_positive_rate_change: float = Field(default=0.10, gt=0, le=1)
     retrain_policy: Literal["always", "on_drift"] = "always"
     schedule: str = "0 6 * * *"  # cron, UTC: the scheduled check (terraform/monitoring.tf)

@@ -137,7 +137,9 @@ def test_same_distribution_is_no_drift_with_scores_measured(champion: Path, tmp_
     r = check.report
     assert r.decision == "no_drift", r.reasons[0].message
     assert sorted(check.compared) == sorted([*NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS])
-    assert r.scores is not None and r.scores.status == "ok" and r.notes == []
+    # Scores compared; at 375 entities a PSI near psi_warn is noise, which the test (not significant) says.
+    assert r.scores is not None and r.scores.status in ("ok", "warn") and r.scores.p_value >= r.alpha
+    assert r.notes == ["one row per customer_id: reference 7996 -> 1000 rows, recent 3000 -> 375 rows"]
     card = json.loads((champion / CARD_FILE).read_text())
     assert check.reference_uri == card["lineage"]["train_uri"]
 
