@@ -12,7 +12,7 @@ No champion yet: the decision is ``drift`` (training is what creates one).
 Outputs: per-feature metrics, an HTML report with histograms, and decision / drifted_features / reasons.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,8 @@ from kfp.dsl.component_decorator import component
 
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
-from ctloop.drift import DRIFT, DriftReport, Reason, compare, one_per_entity, sample_rows
+from ctloop.decay import Decay, performance_decay
+from ctloop.drift import DRIFT, NO_DRIFT, DriftReport, Reason, compare, one_per_entity, sample_rows
 from ctloop.drift_report import render_html
 from ctloop.errors import ChampionError, CtloopError, DataValidationError
 from ctloop.modeling import LoadedModel, load_model, predict_proba, read_split
@@ -54,6 +55,13 @@ class DriftCheck:
     champion_dir: str | None
     reference_uri: str
     compared: list[str]
+    decay: Decay | None = None  # None when the recent batch has no labels (of both classes)
+    retrain: bool = False  # what monitoring.retrain_policy makes of drift and decay
+
+    @property
+    def decision(self) -> str:
+        """The step's decision: ``drift`` (retrain) or ``no_drift``; under the decay policies, decay counts."""
+        return DRIFT if self.retrain else NO_DRIFT
 
 
 def _lineage_uri(champion: LoadedModel, key: str) -> str:
@@ -98,7 +106,7 @@ def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: st
         raise DataValidationError(f"recent batch {recent_dir}: {len(recent)} rows; expected at least "
                                   f"{m.min_rows} (monitoring.min_rows)")
     if not champion_dir:
-        return DriftCheck(no_champion_report(len(recent)), None, "", [])
+        return DriftCheck(no_champion_report(len(recent)), None, "", [], retrain=True)
     try:
         champion = load_model(champion_dir)
     except CtloopError as exc:
@@ -132,7 +140,30 @@ def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: st
               "recent_scores": _score(champion, _blank(recent, absent), "recent batch"),
               "threshold": champion.threshold}
     report = compare(reference, recent, numeric, categorical, m, notes=notes, **scores)
-    return DriftCheck(report, str(champion_dir), reference_uri, numeric + categorical)
+    decay = None
+    label = spec.label_column
+    labelled = recent[label].isin([0, 1]).to_numpy() if label in recent.columns else np.zeros(len(recent), bool)
+    if label in recent.columns and recent[label][labelled].nunique() == 2:  # both classes: the AUC is measurable
+        decay = performance_decay(valid[label], scores["reference_scores"], recent[label][labelled].astype(int),
+                                  scores["recent_scores"][labelled], threshold=champion.threshold,
+                                  alpha=m.p_value, min_drop=m.min_auc_drop)
+    if decay is not None:
+        report = replace(report, reasons=[*report.reasons, _decay_reason(decay)])
+    drifted = report.decision == DRIFT
+    decayed = decay is not None and decay.decayed
+    retrain = {"on_decay": decayed, "on_drift_or_decay": drifted or decayed}.get(m.retrain_policy, drifted)
+    return DriftCheck(report, str(champion_dir), reference_uri, numeric + categorical, decay, retrain)
+
+
+def _decay_reason(d: Decay) -> Reason:
+    verdict = "DECAYED" if d.decayed else "stable"
+    return Reason(
+        check="performance_decay", subject="champion", value=d.drop, threshold=d.min_drop, p_value=None,
+        alpha=d.alpha, drifted=d.decayed,
+        message=f"champion ROC AUC {d.reference_roc_auc:.4f} on its valid split ({d.reference_rows} rows) -> "
+                f"{d.recent_roc_auc:.4f} on the recent labelled rows ({d.recent_rows}): drop {d.drop:+.4f}, "
+                f"one-sided {100 * (1 - d.alpha):.0f}% lower bound {d.lower:+.4f} vs monitoring.min_auc_drop "
+                f"{d.min_drop}: {verdict}")
 
 
 def _entities(frame: pd.DataFrame, id_column: str, max_rows: int) -> pd.DataFrame:
@@ -173,8 +204,16 @@ def run_drift_step(config: dict, run_id: str, recent: Any, champion_uri: str, me
         metrics.log_metric("score_psi", round(r.scores.psi, 6))
         metrics.log_metric("positive_rate_reference", round(r.scores.positive_rate_reference, 6))
         metrics.log_metric("positive_rate_recent", round(r.scores.positive_rate_recent, 6))
-    metrics.metadata.update({"run_id": run_id, "decision": r.decision, "champion_uri": champion_uri or "",
-                             "reference_uri": check.reference_uri, "alpha": r.alpha})
+    if check.decay is not None:
+        d = check.decay
+        for name, value in (("champion_reference_roc_auc", d.reference_roc_auc), ("auc_drop", d.drop),
+                            ("auc_drop_lower", d.lower), ("decayed", int(d.decayed)),
+                            *((f"champion_recent_{k}", v) for k, v in d.recent_metrics.items())):
+            metrics.log_metric(name, round(float(value), 6))
+    metrics.metadata.update({"run_id": run_id, "decision": check.decision, "drift_decision": r.decision,
+                             "retrain_policy": settings.monitoring.retrain_policy,
+                             "champion_uri": champion_uri or "", "reference_uri": check.reference_uri,
+                             "alpha": r.alpha})
 
     described = ("source", "origin", "window_start", "window_end")
     context = {"run id": run_id, "champion": champion_uri or "none", "reference (train split)": check.reference_uri,
@@ -185,5 +224,5 @@ def run_drift_step(config: dict, run_id: str, recent: Any, champion_uri: str, me
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(render_html(r, context))
     tmp.replace(out)
-    report.metadata.update({"run_id": run_id, "decision": r.decision})
-    return r.decision, len(r.drifted_features), r.reasons_json()
+    report.metadata.update({"run_id": run_id, "decision": check.decision})
+    return check.decision, len(r.drifted_features), r.reasons_json()

@@ -221,7 +221,12 @@ class MonitoringSettings(_Strict):
     max_missing_rate_change: float = Field(default=0.05, gt=0, le=1)
     score_psi_alert: float = Field(default=0.02, gt=0)
     max_positive_rate_change: float = Field(default=0.10, gt=0, le=1)
-    retrain_policy: Literal["always", "on_drift"] = "always"
+    # always: every new batch retrains. on_drift: a new batch retrains only when its features or the champion's
+    # scores drifted; on_decay: only when the champion's ROC AUC on the batch's labelled rows dropped (ctloop.decay);
+    # on_drift_or_decay: either.
+    retrain_policy: Literal["always", "on_drift", "on_decay", "on_drift_or_decay"] = "always"
+    # Performance decay counts when the one-sided lower bound (level p_value) of the AUC drop exceeds this.
+    min_auc_drop: float = Field(default=0.0, ge=0, le=1)
     schedule: str = "0 6 * * *"  # cron, UTC: the scheduled check (terraform/monitoring.tf)
     # Cloud: the training template a drift launches (Artifact Registry URI); empty = compile it in the step.
     training_template: str = ""

@@ -48,6 +48,12 @@ def _structural_components(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndar
     return float(v10.mean()), v10, v01
 
 
+def auc_variance(y: Any, p: Any) -> tuple[float, float]:
+    """ROC AUC of one model and DeLong's variance of it."""
+    auc, v10, v01 = _structural_components(np.asarray(y), np.asarray(p, dtype="float64"))
+    return auc, float(v10.var(ddof=1) / len(v10) + v01.var(ddof=1) / len(v01))
+
+
 def delong(y: np.ndarray, candidate: np.ndarray, champion: np.ndarray, alpha: float) -> PairedDifference:
     """DeLong's test of two correlated ROC AUCs on the same rows."""
     y = np.asarray(y)

@@ -234,16 +234,21 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Path
     return settings, root / "champion"
 
 
-def _monitor(settings: Settings, champion: Path, root: Path, drift: float, seed: int):
+def _check(settings: Settings, champion: Path, root: Path, drift: float, seed: int, concept_drift: float = 0.0,
+           policy: str = "on_drift"):
     """A new batch lands over the last week; the monitoring steps collect it and check it."""
-    workdir = root / f"drift{drift}-seed{seed}"
-    s = settings.with_overrides({"local.workdir": str(workdir)})
+    workdir = root / f"drift{drift}-concept{concept_drift}-seed{seed}-{policy}"
+    s = settings.with_overrides({"local.workdir": str(workdir), "monitoring.retrain_policy": policy})
     recent_days = timedelta(days=s.monitoring.recent_days)
     write_sample_data(s.local.landing_dir, s, rows=NEW_ROWS, seed=100 + seed, drift=drift, batch="new",
-                      start=END - recent_days, end=END)
+                      start=END - recent_days, end=END, concept_drift=concept_drift)
     out = workdir / "recent"
     gather_recent(s, run_id=f"mon-{seed}", output_path=str(out), output_uri=str(out))
-    return run_drift_check(s, out, str(champion)).report
+    return run_drift_check(s, out, str(champion))
+
+
+def _monitor(settings: Settings, champion: Path, root: Path, drift: float, seed: int):
+    return _check(settings, champion, root, drift, seed).report
 
 
 def test_false_alarms_on_stationary_data_in_the_production_set_up(production, tmp_path: Path) -> None:
@@ -269,3 +274,20 @@ def test_a_drift_03_batch_is_detected_in_the_production_set_up(production, tmp_p
         assert any("one row per customer_id" in n for n in report.notes)
     print(f"\ndrift=0.3: detected in {detected}/{RUNS} runs; drifted subjects {found}")
     assert detected >= 18
+
+
+def test_concept_drift_is_caught_by_on_decay_and_not_by_on_drift(production, tmp_path: Path) -> None:
+    """Same inputs, a new label relation: the features cannot see it, the champion's AUC on the labels can."""
+    settings, champion = production
+    for seed in range(3):
+        concept = _check(settings, champion, tmp_path, 0.0, seed, concept_drift=1.0, policy="on_decay")
+        d = concept.decay
+        print(f"\nconcept drift seed {seed}: AUC {d.reference_roc_auc:.3f} -> {d.recent_roc_auc:.3f}, lower bound "
+              f"{d.lower:+.3f}; feature/score decision {concept.report.decision}")
+        assert d.decayed and concept.decision == "drift"
+        assert concept.report.decision == "no_drift"  # no feature or score moved: on_drift alone would not retrain
+        assert [r.check for r in concept.report.reasons if r.drifted] == ["performance_decay"]
+        stable = _check(settings, champion, tmp_path, 0.0, seed, policy="on_drift_or_decay")
+        assert stable.decay is not None and not stable.decay.decayed and stable.decision == "no_drift"
+    on_drift = _check(settings, champion, tmp_path, 0.0, 0, concept_drift=1.0, policy="on_drift")
+    assert on_drift.decay.decayed and on_drift.decision == "no_drift"

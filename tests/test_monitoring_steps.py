@@ -157,6 +157,10 @@ def test_drifted_batch_is_drift_and_the_step_writes_report_metrics_and_outputs(c
     assert any(r["check"] == "feature_psi" and r["subject"] == "monthly_charges" and r["drifted"] for r in parsed)
     assert metrics.metadata["psi_monthly_charges"] >= s.monitoring.psi_alert
     assert metrics.metadata["drifted_features"] == drifted and metrics.metadata["decision"] == "drift"
+    # The recent rows carry labels: the champion's performance on them is recorded with the drop's bound.
+    assert 0.5 < metrics.metadata["champion_recent_roc_auc"] < 1 and "auc_drop_lower" in metrics.metadata
+    assert metrics.metadata["retrain_policy"] == "always" and metrics.metadata["drift_decision"] == "drift"
+    assert any(r["check"] == "performance_decay" and "champion ROC AUC" in r["message"] for r in parsed)
     html = Path(report.path).read_text()
     assert html.count("<svg") == len(NUMERIC_COLUMNS) + len(CATEGORICAL_COLUMNS) + 1  # features + scores
     assert "DRIFT" in html and "monthly_charges" in html and NOW.isoformat() in html

@@ -9,7 +9,7 @@ from ctloop_trigger.ctloop_config import ConfigError, read_ctloop_config
 from ctloop_trigger.settings import TriggerSettings
 
 Pipeline = Literal["training", "monitoring"]
-RETRAIN_POLICIES = ("always", "on_drift")
+RETRAIN_POLICIES = ("always", "on_drift", "on_decay", "on_drift_or_decay")
 
 
 def retrain_policy(settings: TriggerSettings) -> str:
@@ -31,6 +31,6 @@ def retrain_policy(settings: TriggerSettings) -> str:
 
 def pipeline_for_batch(settings: TriggerSettings) -> tuple[Pipeline, str]:
     """The pipeline a new batch launches and the job id prefix of its runs."""
-    if retrain_policy(settings) == "on_drift":
+    if retrain_policy(settings) != "always":  # the monitoring pipeline decides (drift and/or decay)
         return "monitoring", settings.monitor_job_prefix
     return "training", settings.job_prefix
