@@ -216,7 +216,8 @@ def run_drift_step(config: dict, run_id: str, recent: Any, champion_uri: str, me
                              "alpha": r.alpha})
 
     described = ("source", "origin", "window_start", "window_end")
-    context = {"run id": run_id, "champion": champion_uri or "none", "reference (train split)": check.reference_uri,
+    context = {"decision (retrain policy " + settings.monitoring.retrain_policy + ")": check.decision,
+               "run id": run_id, "champion": champion_uri or "none", "reference (train split)": check.reference_uri,
                "recent batch": recent.uri,
                **{f"recent {k}": v for k, v in (recent.metadata or {}).items() if k in described}}
     out = Path(report.path)
