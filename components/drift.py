@@ -136,8 +136,11 @@ def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: st
         notes.append(f"the recent batch has no {spec.id_column!r} column: its rows are compared as if independent")
     reference, recent = _entities(reference, spec.id_column, m.max_rows), _entities(recent, spec.id_column, m.max_rows)
     valid = _entities(_read_reference(champion, "valid_uri", "valid")[0], spec.id_column, m.max_rows)
-    scores = {"reference_scores": _score(champion, _blank(valid, absent), "reference (valid split)"),
-              "recent_scores": _score(champion, _blank(recent, absent), "recent batch"),
+    # Features not compared (absent, or excluded as expected to move) are unknown to the champion on both sides,
+    # so the scores compare what the compared features do to them.
+    unknown = absent + [c for c in m.exclude_features if c not in absent]
+    scores = {"reference_scores": _score(champion, _blank(valid, unknown), "reference (valid split)"),
+              "recent_scores": _score(champion, _blank(recent, unknown), "recent batch"),
               "threshold": champion.threshold}
     report = compare(reference, recent, numeric, categorical, m, notes=notes, **scores)
     decay = None

@@ -25,8 +25,8 @@ from scipy import stats
 from ctloop.config import GateSettings
 from ctloop.paired import PairedDifference
 
-# Thresholds such as ``champion - tolerance`` are computed in floating point; a value exactly on the edge
-# (0.800 vs 0.805 - 0.005 = 0.8000000000000002) must count as on the edge, not below it.
+# Edges such as ``band + z * se`` are computed in floating point; a value exactly on the edge must count as on
+# it, not past it.
 _EPS = 1e-12
 
 # The entries about the champion comparison itself (the rest of the champion_* entries are its floor checks).
