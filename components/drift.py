@@ -12,7 +12,7 @@ No champion yet: the decision is ``drift`` (training is what creates one).
 Outputs: per-feature metrics, an HTML report with histograms, and decision / drifted_features / reasons.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,8 @@ from kfp.dsl.component_decorator import component
 
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
-from ctloop.drift import DRIFT, DriftReport, Reason, compare, sample_rows
+from ctloop.decay import Decay, performance_decay
+from ctloop.drift import DRIFT, NO_DRIFT, DriftReport, Reason, compare, one_per_entity, sample_rows
 from ctloop.drift_report import render_html
 from ctloop.errors import ChampionError, CtloopError, DataValidationError
 from ctloop.modeling import LoadedModel, load_model, predict_proba, read_split
@@ -54,6 +55,13 @@ class DriftCheck:
     champion_dir: str | None
     reference_uri: str
     compared: list[str]
+    decay: Decay | None = None  # None when the recent batch has no labels (of both classes)
+    retrain: bool = False  # what monitoring.retrain_policy makes of drift and decay
+
+    @property
+    def decision(self) -> str:
+        """The step's decision: ``drift`` (retrain) or ``no_drift``; under the decay policies, decay counts."""
+        return DRIFT if self.retrain else NO_DRIFT
 
 
 def _lineage_uri(champion: LoadedModel, key: str) -> str:
@@ -98,7 +106,7 @@ def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: st
         raise DataValidationError(f"recent batch {recent_dir}: {len(recent)} rows; expected at least "
                                   f"{m.min_rows} (monitoring.min_rows)")
     if not champion_dir:
-        return DriftCheck(no_champion_report(len(recent)), None, "", [])
+        return DriftCheck(no_champion_report(len(recent)), None, "", [], retrain=True)
     try:
         champion = load_model(champion_dir)
     except CtloopError as exc:
@@ -119,16 +127,58 @@ def run_drift_check(settings: Settings, recent_dir: str | Path, champion_dir: st
     absent = [c for c in spec.model_features if c not in recent.columns]
     if absent:
         notes.append(f"derived feature(s) {absent} are not in the recent batch (only the prediction log has "
-                     f"them), so they and the champion's scores were not compared")
-    reference = sample_rows(reference, m.max_rows)
-    recent = sample_rows(recent, m.max_rows)
-    scores: dict[str, Any] = {}
-    if not absent:
-        valid, _ = _read_reference(champion, "valid_uri", "valid")
-        scores = {"reference_scores": _score(champion, sample_rows(valid, m.max_rows), "reference (valid split)"),
-                  "recent_scores": _score(champion, recent, "recent batch"), "threshold": champion.threshold}
+                     f"them): not compared, and the champion scored both sides with them unknown")
+    rows = (len(reference), len(recent))
+    if spec.id_column in recent.columns:
+        notes.append(f"one row per {spec.id_column}: reference {rows[0]} -> {reference[spec.id_column].nunique()}"
+                     f" rows, recent {rows[1]} -> {recent[spec.id_column].nunique()} rows")
+    else:
+        notes.append(f"the recent batch has no {spec.id_column!r} column: its rows are compared as if independent")
+    reference, recent = _entities(reference, spec.id_column, m.max_rows), _entities(recent, spec.id_column, m.max_rows)
+    valid = _entities(_read_reference(champion, "valid_uri", "valid")[0], spec.id_column, m.max_rows)
+    # Features not compared (absent, or excluded as expected to move) are unknown to the champion on both sides,
+    # so the scores compare what the compared features do to them.
+    unknown = absent + [c for c in m.exclude_features if c not in absent]
+    scores = {"reference_scores": _score(champion, _blank(valid, unknown), "reference (valid split)"),
+              "recent_scores": _score(champion, _blank(recent, unknown), "recent batch"),
+              "threshold": champion.threshold}
     report = compare(reference, recent, numeric, categorical, m, notes=notes, **scores)
-    return DriftCheck(report, str(champion_dir), reference_uri, numeric + categorical)
+    decay = None
+    label = spec.label_column
+    labelled = recent[label].isin([0, 1]).to_numpy() if label in recent.columns else np.zeros(len(recent), bool)
+    if label in recent.columns and recent[label][labelled].nunique() == 2:  # both classes: the AUC is measurable
+        decay = performance_decay(valid[label], scores["reference_scores"], recent[label][labelled].astype(int),
+                                  scores["recent_scores"][labelled], threshold=champion.threshold,
+                                  alpha=m.p_value, min_drop=m.min_auc_drop)
+    if decay is not None:
+        report = replace(report, reasons=[*report.reasons, _decay_reason(decay)])
+    drifted = report.decision == DRIFT
+    decayed = decay is not None and decay.decayed
+    retrain = {"on_decay": decayed, "on_drift_or_decay": drifted or decayed}.get(m.retrain_policy, drifted)
+    return DriftCheck(report, str(champion_dir), reference_uri, numeric + categorical, decay, retrain)
+
+
+def _decay_reason(d: Decay) -> Reason:
+    verdict = "DECAYED" if d.decayed else "stable"
+    return Reason(
+        check="performance_decay", subject="champion", value=d.drop, threshold=d.min_drop, p_value=None,
+        alpha=d.alpha, drifted=d.decayed,
+        message=f"champion ROC AUC {d.reference_roc_auc:.4f} on its valid split ({d.reference_rows} rows) -> "
+                f"{d.recent_roc_auc:.4f} on the recent labelled rows ({d.recent_rows}): drop {d.drop:+.4f}, "
+                f"one-sided {100 * (1 - d.alpha):.0f}% lower bound {d.lower:+.4f} vs monitoring.min_auc_drop "
+                f"{d.min_drop}: {verdict}")
+
+
+def _entities(frame: pd.DataFrame, id_column: str, max_rows: int) -> pd.DataFrame:
+    """One row per entity when the frame has the id column, then at most ``max_rows`` rows."""
+    if id_column in frame.columns:
+        frame = one_per_entity(frame, id_column)
+    return sample_rows(frame, max_rows)
+
+
+def _blank(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame`` with ``columns`` unknown (NaN): the same on both sides, so the score comparison stays fair."""
+    return frame.assign(**{c: np.nan for c in columns}) if columns else frame
 
 
 def _score(champion: LoadedModel, frame: pd.DataFrame, what: str) -> np.ndarray:
@@ -157,11 +207,20 @@ def run_drift_step(config: dict, run_id: str, recent: Any, champion_uri: str, me
         metrics.log_metric("score_psi", round(r.scores.psi, 6))
         metrics.log_metric("positive_rate_reference", round(r.scores.positive_rate_reference, 6))
         metrics.log_metric("positive_rate_recent", round(r.scores.positive_rate_recent, 6))
-    metrics.metadata.update({"run_id": run_id, "decision": r.decision, "champion_uri": champion_uri or "",
-                             "reference_uri": check.reference_uri, "alpha": r.alpha})
+    if check.decay is not None:
+        d = check.decay
+        for name, value in (("champion_reference_roc_auc", d.reference_roc_auc), ("auc_drop", d.drop),
+                            ("auc_drop_lower", d.lower), ("decayed", int(d.decayed)),
+                            *((f"champion_recent_{k}", v) for k, v in d.recent_metrics.items())):
+            metrics.log_metric(name, round(float(value), 6))
+    metrics.metadata.update({"run_id": run_id, "decision": check.decision, "drift_decision": r.decision,
+                             "retrain_policy": settings.monitoring.retrain_policy,
+                             "champion_uri": champion_uri or "", "reference_uri": check.reference_uri,
+                             "alpha": r.alpha})
 
     described = ("source", "origin", "window_start", "window_end")
-    context = {"run id": run_id, "champion": champion_uri or "none", "reference (train split)": check.reference_uri,
+    context = {"decision (retrain policy " + settings.monitoring.retrain_policy + ")": check.decision,
+               "run id": run_id, "champion": champion_uri or "none", "reference (train split)": check.reference_uri,
                "recent batch": recent.uri,
                **{f"recent {k}": v for k, v in (recent.metadata or {}).items() if k in described}}
     out = Path(report.path)
@@ -169,5 +228,5 @@ def run_drift_step(config: dict, run_id: str, recent: Any, champion_uri: str, me
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(render_html(r, context))
     tmp.replace(out)
-    report.metadata.update({"run_id": run_id, "decision": r.decision})
-    return r.decision, len(r.drifted_features), r.reasons_json()
+    report.metadata.update({"run_id": run_id, "decision": check.decision})
+    return check.decision, len(r.drifted_features), r.reasons_json()

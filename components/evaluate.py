@@ -29,6 +29,7 @@ from ctloop.gate import GateDecision, decide
 from ctloop.metrics import classification_metrics, confusion, pr_curve_points, roc_curve_points
 from ctloop.model_runtime import ONNX_CHECK_FILE, LoadedModel, check_onnx_agreement, load_model
 from ctloop.modeling import data_checksum, read_split
+from ctloop.paired import paired_difference
 
 # Step output ``champion_metric`` when there is no champion (every gate metric lies in [0, 1]).
 NO_CHAMPION_METRIC = -1.0
@@ -83,7 +84,7 @@ def champion_path(uri: str) -> str | None:
 
 
 def _score_champion(champion_dir: str, test: Any, test_dir: str | Path,
-                    label: str) -> tuple[dict[str, float | int], LoadedModel]:
+                    label: str) -> tuple[dict[str, float | int], LoadedModel, Any]:
     where = f"champion model {champion_dir}"
     try:
         champion = load_model(champion_dir, runtime="sklearn")
@@ -107,7 +108,7 @@ def _score_champion(champion_dir: str, test: Any, test_dir: str | Path,
         raise ChampionError(
             f"{where} cannot score the test split {test_dir}: {type(exc).__name__}: {exc}"
         ) from exc
-    return scored, champion
+    return scored, champion, proba
 
 
 def run_evaluate(settings: Settings, model_dir: str | Path, test_dir: str | Path,
@@ -127,15 +128,21 @@ def run_evaluate(settings: Settings, model_dir: str | Path, test_dir: str | Path
     onnx_check = check_onnx_agreement(candidate, test, f"the test split ({len(test)} rows)")
     _write_json(Path(model_dir) / ONNX_CHECK_FILE, onnx_check)
 
-    champ_metrics, unloadable = None, ""
+    champ_metrics = comparison = None
+    unloadable = ""
     if champion_dir:
         try:
-            champ_metrics, _ = _score_champion(champion_dir, test, test_dir, spec.label_column)
+            champ_metrics, champion, champ_proba = _score_champion(champion_dir, test, test_dir, spec.label_column)
         except ChampionError as exc:
             if settings.gate.unloadable_champion != "replace" or not _is_load_failure(exc):
                 raise
             unloadable = str(exc)
-    decision = decide(cand_metrics, champ_metrics, settings.gate)
+        else:
+            g = settings.gate
+            comparison = paired_difference(y, proba, champ_proba, g.primary_metric, g.alpha,
+                                           samples=g.bootstrap_samples, seed=g.seed,
+                                           thresholds=(candidate.threshold, champion.threshold))
+    decision = decide(cand_metrics, champ_metrics, settings.gate, comparison)
     if unloadable:
         decision = _replaced_champion(decision, unloadable)
     return EvaluationResult(
@@ -189,6 +196,17 @@ def render_report(result: EvaluationResult) -> str:
         f"Primary metric `{d.primary_metric}`: candidate {_fmt(d.candidate_value)}, "
         f"champion {_fmt(d.champion_value) if champ is not None else 'none (first model)'}.",
         f"Test split: {cand['n']} rows, checksum `{result.test_checksum}`.",
+    ]
+    if d.comparison is not None:
+        c = d.comparison
+        lines.append(f"Paired comparison ({c['method']}, same {c['n']} rows): candidate - champion = "
+                     f"{c['difference']:+.4f}, {100 * (1 - 2 * c['alpha']):.0f}% interval "
+                     f"[{c['lower']:+.4f}, {c['upper']:+.4f}] (standard error {c['standard_error']:.4f}).")
+    if d.champion_below_floors:
+        lines.append("")
+        lines.append("> **ALERT: the serving champion is below the gate's floors on this test split** "
+                     "(see the champion_* checks); a candidate that clears them replaces it.")
+    lines += [
         "",
         "## Metrics on the test split",
         "",
@@ -201,7 +219,7 @@ def render_report(result: EvaluationResult) -> str:
               "| check | metric | value | comparator | threshold | result | detail |",
               "|---|---|---:|:---:|---:|---|---|"]
     for r in d.reasons:
-        result_text = "pass" if r["passed"] else "**FAIL**"
+        result_text = "**ALERT**" if r.get("alert") else ("pass" if r["passed"] else "**FAIL**")
         lines.append(f"| {r['check']} | {r['metric']} | {_fmt(r['value'])} | {r['comparator']} "
                      f"| {_fmt(r['threshold'])} | {result_text} | {r['message']} |")
     failed = len(d.failed)
@@ -232,11 +250,16 @@ def run_evaluate_step(config: dict, run_id: str, model: Any, test: Any, champion
         metrics.log_metric(name, value)
     for name, value in (result.champion_metrics or {}).items():
         metrics.log_metric(f"champion_{name}", value)
+    if d.comparison is not None:
+        for key in ("difference", "lower", "upper", "standard_error"):
+            metrics.log_metric(f"paired_{key}", d.comparison[key])
+        metrics.log_metric("champion_below_floors", int(d.champion_below_floors))
     metrics.metadata.update({"split": "test", "run_id": run_id, "decision": d.decision,
                              "primary_metric": d.primary_metric, "champion_uri": champion_uri or "",
                              "test_checksum": result.test_checksum,
                              "serving_runtime": _runtime_line(result.onnx_check or {}),
-                             "champion_unloadable": result.champion_unloadable})
+                             "champion_unloadable": result.champion_unloadable,
+                             "champion_below_floors": d.champion_below_floors})
 
     classification.log_roc_curve(result.roc["fpr"], result.roc["tpr"], result.roc["thresholds"])
     classification.log_confusion_matrix(["0", "1"], result.confusion)

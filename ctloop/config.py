@@ -101,7 +101,14 @@ class ModelSettings(_Strict):
     type: Literal["logistic_regression", "hist_gradient_boosting"] = "hist_gradient_boosting"
     params: dict[str, Any] = Field(default_factory=dict)
     seed: int = 42
+    # The decision threshold is chosen on the valid split and stored in the model card: ``f_beta`` maximises
+    # F-beta (``threshold_beta``), ``cost`` minimises cost_false_positive * FP + cost_false_negative * FN,
+    # ``fixed`` keeps ``threshold``.
     threshold: float = Field(default=0.5, gt=0, lt=1)
+    threshold_objective: Literal["f_beta", "cost", "fixed"] = "f_beta"
+    threshold_beta: float = Field(default=1.0, gt=0)
+    cost_false_positive: float = Field(default=1.0, ge=0)
+    cost_false_negative: float = Field(default=1.0, ge=0)
     display_name: str = "ctloop-churn"
     # Categories seen in fewer than this fraction of training rows share one "infrequent" one-hot column
     # (unseen categories at prediction time land there too); 0 keeps every category.
@@ -109,22 +116,42 @@ class ModelSettings(_Strict):
 
 
 class GateSettings(_Strict):
-    """Absolute thresholds, guardrails and the champion comparison."""
+    """Floors relative to the no-skill baseline, calibration, and the paired champion comparison.
 
-    min_roc_auc: float = 0.70
-    min_pr_auc: float = 0.30
-    min_recall: float = 0.0
-    min_precision: float = 0.0
-    max_log_loss: float = 0.60
-    max_brier: float = 0.20
-    # Guardrail: the predicted positive rate must stay within this absolute distance of the test base rate.
-    max_positive_rate_gap: float = 0.30
+    The floors compare with the constant predictor that says the base rate for everyone, so one setting means
+    the same at any base rate (docs/monitoring.md#the-promotion-gate has the figures behind the defaults).
+    """
+
+    min_roc_auc: float = Field(default=0.70, ge=0, le=1)
+    min_brier_skill: float = Field(default=0.02, le=1)  # 1 - Brier / (b (1 - b))
+    min_log_loss_skill: float = Field(default=0.05, le=1)  # 1 - log loss / H(b)
+    min_pr_auc_lift: float = Field(default=1.3, ge=0)  # PR AUC / b
+    min_recall: float = Field(default=0.0, ge=0, le=1)
+    min_precision: float = Field(default=0.0, ge=0, le=1)
+    # Calibration band: |intercept| (slope fixed at 1) and the slope; a check fails when its estimate lies
+    # outside the band by more than the sampling error at ``alpha`` (one-sided).
+    max_calibration_intercept: float = Field(default=0.2, gt=0)
+    min_calibration_slope: float = Field(default=0.8, gt=0)
+    max_calibration_slope: float = Field(default=1.25, gt=0)
     primary_metric: Literal["roc_auc", "pr_auc", "f1"] = "roc_auc"
-    tolerance: float = Field(default=0.005, ge=0)
+    # Champion comparison, paired on the same test rows (DeLong for roc_auc, a paired bootstrap otherwise): the
+    # candidate passes when the one-sided (1 - alpha) lower bound of (candidate - champion) is >= -margin.
+    margin: float = Field(default=0.015, ge=0)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    # > 0: the lower bound must also reach +min_lift (the candidate must be shown better by that much).
     min_lift: float = Field(default=0.0, ge=0)
     # A champion that can no longer be loaded (another scikit-learn minor, a pickle that fails): "fail" stops
     # the run; "replace" judges the candidate as a first model and records why.
     unloadable_champion: Literal["fail", "replace"] = "fail"
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    seed: int = 0  # of the bootstrap resamples
+
+    @model_validator(mode="after")
+    def _slope_band(self) -> GateSettings:
+        if self.min_calibration_slope >= self.max_calibration_slope:
+            raise ValueError(f"gate: min_calibration_slope ({self.min_calibration_slope}) must be below "
+                             f"max_calibration_slope ({self.max_calibration_slope})")
+        return self
 
 
 class DeploySettings(_Strict):
@@ -193,17 +220,24 @@ class MonitoringSettings(_Strict):
     bins: int = Field(default=10, ge=2, le=100)  # quantile bins of the reference, for numeric PSI
     max_categories: int = Field(default=50, ge=1)  # rarer reference categories share the "other" bucket
     epsilon: float = Field(default=1e-4, gt=0, lt=0.01)  # empty bins count as this fraction in PSI
-    psi_warn: float = Field(default=0.1, gt=0)
-    psi_alert: float = Field(default=0.2, gt=0)
+    # Sizes (PSI) a significant shift must reach to count; significance is what bounds the false alarms. Both
+    # sides are compared one row per entity (rows of one entity are not independent).
+    psi_warn: float = Field(default=0.02, gt=0)
+    psi_alert: float = Field(default=0.02, gt=0)
     # Family-wise significance level; each test (2 per feature, 2 for the scores) uses p_value / (tests run).
-    p_value: float = Field(default=0.01, gt=0, lt=1)
+    p_value: float = Field(default=0.02, gt=0, lt=1)
     min_drifted_features: int = Field(default=1, ge=1)
     # Features left out of the comparison, e.g. cumulative history counts that grow with time by construction.
     exclude_features: list[str] = Field(default_factory=list)
     max_missing_rate_change: float = Field(default=0.05, gt=0, le=1)
-    score_psi_alert: float = Field(default=0.2, gt=0)
+    score_psi_alert: float = Field(default=0.02, gt=0)
     max_positive_rate_change: float = Field(default=0.10, gt=0, le=1)
-    retrain_policy: Literal["always", "on_drift"] = "always"
+    # always: every new batch retrains. on_drift: a new batch retrains only when its features or the champion's
+    # scores drifted; on_decay: only when the champion's ROC AUC on the batch's labelled rows dropped (ctloop.decay);
+    # on_drift_or_decay: either.
+    retrain_policy: Literal["always", "on_drift", "on_decay", "on_drift_or_decay"] = "always"
+    # Performance decay counts when the one-sided lower bound (level p_value) of the AUC drop exceeds this.
+    min_auc_drop: float = Field(default=0.0, ge=0, le=1)
     schedule: str = "0 6 * * *"  # cron, UTC: the scheduled check (terraform/monitoring.tf)
     # Cloud: the training template a drift launches (Artifact Registry URI); empty = compile it in the step.
     training_template: str = ""

@@ -31,7 +31,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 from ctloop.config import ModelSettings, Settings
 from ctloop.errors import DataValidationError
 from ctloop.features import FeatureSpec
-from ctloop.metrics import classification_metrics
+from ctloop.metrics import choose_threshold, classification_metrics
 from ctloop.model_runtime import (
     CARD_FILE,
     MODEL_FILE,
@@ -227,7 +227,11 @@ def train_model(
     pipeline = build_pipeline(spec, settings.model)
     pipeline.fit(train[spec.model_features], train[label])
     valid_proba = pipeline.predict_proba(valid[spec.model_features])[:, 1]
-    valid_metrics = classification_metrics(valid[label].to_numpy(), valid_proba, settings.model.threshold)
+    m = settings.model
+    threshold, objective_value = choose_threshold(
+        valid[label].to_numpy(), valid_proba, m.threshold_objective, beta=m.threshold_beta,
+        cost_false_positive=m.cost_false_positive, cost_false_negative=m.cost_false_negative, fixed=m.threshold)
+    valid_metrics = classification_metrics(valid[label].to_numpy(), valid_proba, threshold)
 
     checksum = data_checksum(train)
     rows = {"train": len(train), "valid": len(valid)}
@@ -236,7 +240,11 @@ def train_model(
         "model_type": settings.model.type,
         "display_name": settings.model.display_name,
         "label": label,
-        "threshold": settings.model.threshold,
+        "threshold": threshold,
+        "threshold_selection": {"objective": m.threshold_objective, "beta": m.threshold_beta,
+                                "cost_false_positive": m.cost_false_positive,
+                                "cost_false_negative": m.cost_false_negative, "split": "valid",
+                                "objective_value": objective_value},
         "features": card_features(spec.model_numeric, spec.categorical),
         "feature_spec": asdict(spec),
         "training_data": {

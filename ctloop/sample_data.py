@@ -45,6 +45,7 @@ _MISSING = {"tenure_months": 0.02, "total_charges": 0.01, "data_usage_gb": 0.03,
             "payment_method": 0.01, "internet_service": 0.005}
 
 _SECONDS_PER_MONTH = 30.44 * 24 * 3600
+_TENURE_CYCLE = 66  # months
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SampleDataResult:
     seed: int
     drift: float
     columns: list[str] = field(default_factory=list)
+    concept_drift: float = 0.0
 
 
 def default_window() -> tuple[datetime, datetime]:
@@ -86,15 +88,18 @@ def write_sample_data(
     start: datetime | str | None = None,
     end: datetime | str | None = None,
     rows_per_file: int = ROWS_PER_FILE,
+    concept_drift: float = 0.0,
 ) -> SampleDataResult:
     """Write ``rows`` sample events for ``settings``' source table into ``landing_dir`` and return the counts.
 
     ``drift`` in [0, 1] raises charges, moves customers to month-to-month contracts and changes which features
-    drive churn (data usage and region gain weight, support calls and satisfaction lose it). ``start``/``end``
+    drive churn (data usage and region gain weight, support calls and satisfaction lose it). ``concept_drift`` in
+    [0, 1] changes only the latter, the label relation, and leaves every input distribution as it is (the label
+    relation follows the larger of the two). ``start``/``end``
     bound ``event_ts`` (default: ``default_window()``). Re-running with the same arguments rewrites identical
     files and removes part files a previous, larger run of the same batch left behind.
     """
-    gen = _generator(settings, rows, seed, drift, batch, start, end, rows_per_file)
+    gen = _generator(settings, rows, seed, drift, batch, start, end, rows_per_file, concept_drift)
     batch_dir = Path(landing_dir) / settings.data.bq_dataset / settings.data.bq_table / batch
     batch_dir.mkdir(parents=True, exist_ok=True)
     n_files = -(-rows // rows_per_file)
@@ -117,7 +122,7 @@ def write_sample_data(
         batch_dir=batch_dir, paths=paths, rows=rows, files=n_files, positives=positives,
         positive_rate=positives / labelled if labelled else 0.0, duplicate_rows=duplicates,
         malformed_rows=malformed, customers=gen.customers, start=gen.start, end=gen.end, seed=seed,
-        drift=drift, columns=columns,
+        drift=drift, columns=columns, concept_drift=concept_drift,
     )
 
 
@@ -131,12 +136,13 @@ def generate_part(
     start: datetime | str | None = None,
     end: datetime | str | None = None,
     rows_per_file: int = ROWS_PER_FILE,
+    concept_drift: float = 0.0,
 ) -> pa.Table:
     """Part file ``index`` of what ``write_sample_data`` with the same arguments writes, on its own.
 
     Lets parallel writers split a very large batch: any process can produce any part.
     """
-    gen = _generator(settings, rows, seed, drift, batch, start, end, rows_per_file)
+    gen = _generator(settings, rows, seed, drift, batch, start, end, rows_per_file, concept_drift)
     n_files = -(-rows // rows_per_file)
     if not 0 <= index < n_files:
         raise ValueError(f"sample data: part index must be within [0, {n_files}), found {index}")
@@ -144,13 +150,16 @@ def generate_part(
 
 
 def _generator(settings: Settings, rows: int, seed: int, drift: float, batch: str,
-               start: datetime | str | None, end: datetime | str | None, rows_per_file: int) -> _Generator:
+               start: datetime | str | None, end: datetime | str | None, rows_per_file: int,
+               concept_drift: float = 0.0) -> _Generator:
     if rows < 1:
         raise ValueError(f"sample data: rows must be >= 1, found {rows}")
     if seed < 0:
         raise ValueError(f"sample data: seed must be >= 0, found {seed}")
     if not 0.0 <= drift <= 1.0:
         raise ValueError(f"sample data: drift must be within [0, 1], found {drift}")
+    if not 0.0 <= concept_drift <= 1.0:
+        raise ValueError(f"sample data: concept_drift must be within [0, 1], found {concept_drift}")
     if rows_per_file < 1:
         raise ValueError(f"sample data: rows_per_file must be >= 1, found {rows_per_file}")
     if not batch or "/" in batch or "\\" in batch or batch.startswith("."):
@@ -161,7 +170,7 @@ def _generator(settings: Settings, rows: int, seed: int, drift: float, batch: st
     if t1 <= t0:
         raise ValueError(f"sample data: end ({t1.isoformat()}) must be after start ({t0.isoformat()})")
     return _Generator(settings, seed=seed, drift=drift, batch=batch, start=t0, end=t1,
-                      customers=max(1, rows // EVENTS_PER_CUSTOMER))
+                      customers=max(1, rows // EVENTS_PER_CUSTOMER), concept_drift=concept_drift)
 
 
 def _as_utc(value: datetime | str, name: str) -> datetime:
@@ -211,10 +220,11 @@ class _Generator:
     """Customer attributes (stable per customer) plus per-event observations for one batch."""
 
     def __init__(self, settings: Settings, *, seed: int, drift: float, batch: str, start: datetime,
-                 end: datetime, customers: int) -> None:
+                 end: datetime, customers: int, concept_drift: float = 0.0) -> None:
         self.cols = settings.columns
         self.seed = seed
         self.drift = drift
+        self.concept = max(drift, concept_drift)
         self.batch_key = zlib.crc32(batch.encode())
         self.start = start
         self.end = end
@@ -260,12 +270,14 @@ class _Generator:
         payment = np.searchsorted(np.cumsum([0.34, 0.20, 0.22, 0.24]), u[1], side="right").clip(0, 3)
         internet = np.searchsorted(np.cumsum([0.45, 0.35, 0.20]), u[2], side="right").clip(0, 2)
         region = np.searchsorted(np.cumsum([0.30, 0.25, 0.25, 0.20]), u[3], side="right").clip(0, 3)
-        base_tenure = np.floor(u[4] * 48 + contract * 10)
+        phase = u[4] * _TENURE_CYCLE
         plan_charge = np.choose(internet, [70.0, 45.0, 20.0]) + u[5] * np.choose(internet, [35.0, 20.0, 10.0])
         risk = np.sqrt(-2 * np.log(1 - u[6])) * np.cos(2 * np.pi * u[7]) * 0.6  # unobserved propensity
 
-        # Tenure counts from the batch's start, so a customer's tenure restarts in a later batch.
-        tenure = base_tenure + np.floor(offset_s / _SECONDS_PER_MONTH)
+        # Tenure grows a month a month and wraps after _TENURE_CYCLE months (the slot's customer leaves and a new
+        # one starts): with the phase uniform, the tenure distribution is the same at every date, so a batch
+        # without drift is stationary however long its window.
+        tenure = contract * 10 + np.floor((phase + offset_s / _SECONDS_PER_MONTH) % _TENURE_CYCLE)
         monthly = np.round(plan_charge * (1 + 0.25 * d) * (1 + rng.normal(0, 0.03, n)), 2)
         total = np.round(monthly * np.maximum(tenure, 1) * rng.uniform(0.95, 1.05, n), 2)
         support = rng.poisson(0.7 + 0.9 * np.maximum(risk, 0) + 0.3 * (internet == 0))
@@ -274,12 +286,14 @@ class _Generator:
         late = rng.poisson(0.25 + 0.45 * (payment == 0) + 0.3 * np.maximum(risk, 0))
         satisfaction = np.round(3.7 - 0.35 * support - 0.6 * risk + rng.normal(0, 0.6, n), 1).clip(1.0, 5.0)
 
-        # The label relation; drift interpolates towards a different set of drivers.
+        # The label relation; drift (or concept drift alone) interpolates towards a different set of drivers.
+        c = self.concept
+
         def w(base: float, drifted: float) -> float:
-            return (1 - d) * base + d * drifted
+            return (1 - c) * base + c * drifted
 
         logit = (
-            w(-1.8, -2.55)
+            w(-1.98, -2.7)
             + w(1.1, 0.5) * (contract == 0) - w(0.9, 0.6) * (contract == 2)
             - w(0.035, 0.02) * tenure
             + w(0.02, 0.03) * (monthly - 65)

@@ -73,11 +73,14 @@ def cli(ctx: click.Context, config: Path | None, overrides: tuple[str, ...], wor
 @click.option("--seed", default=7, show_default=True)
 @click.option("--drift", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Shift feature distributions and the label relation (0 = none, 1 = strong).")
+@click.option("--concept-drift", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Change only the label relation, not the inputs (0 = none, 1 = strong).")
 @click.option("--batch", default="base", show_default=True, help="Batch folder name under the landing table.")
 @click.option("--if-missing", is_flag=True, help="Do nothing when the landing table already has data.")
 @pass_ctx
 @_fail_cleanly
-def sample_data_cmd(ctx: _Ctx, rows: int, seed: int, drift: float, batch: str, if_missing: bool) -> None:
+def sample_data_cmd(ctx: _Ctx, rows: int, seed: int, drift: float, concept_drift: float, batch: str,
+                    if_missing: bool) -> None:
     """Write the deterministic customer-churn sample data into the local landing area."""
     from ctloop.sample_data import write_sample_data
 
@@ -86,7 +89,8 @@ def sample_data_cmd(ctx: _Ctx, rows: int, seed: int, drift: float, batch: str, i
     if if_missing and any(table_dir.rglob("*.parquet")):
         click.echo(f"landing data already present in {table_dir}; leaving it as is")
         return
-    result = write_sample_data(s.local.landing_dir, s, rows=rows, seed=seed, drift=drift, batch=batch)
+    result = write_sample_data(s.local.landing_dir, s, rows=rows, seed=seed, drift=drift, batch=batch,
+                               concept_drift=concept_drift)
     click.echo(json.dumps(_plain(result), indent=2, default=str))
 
 

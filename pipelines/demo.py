@@ -36,6 +36,7 @@ import yaml
 from ctloop.config import Settings
 from ctloop.emulators import FunctionServer, LocalCloud
 from ctloop.errors import CtloopError
+from ctloop.gate import COMPARISON_CHECKS
 from ctloop.launch_ledger import LaunchRecord, Ledger
 from ctloop.local_launch import stop_unfinished
 
@@ -294,7 +295,7 @@ def describe_outcome(settings: Settings, record: Any, previous: Any = None) -> l
     decision = record.output("evaluate-gate", "decision", "n/a") if record is not None else "n/a"
     reasons = json.loads(record.output("evaluate-gate", "reasons", "[]") or "[]") if record is not None else []
     failed = [r for r in reasons if not r.get("passed")]
-    versus = [r for r in reasons if str(r.get("check", "")).startswith("champion")]
+    versus = [r for r in reasons if r.get("check") in COMPARISON_CHECKS]
     shown = failed or versus
     lines.append(f"gate: {decision}" + (f" ({'; '.join(str(r.get('message')) for r in shown)})" if shown else ""))
     endpoint = settings.deploy.production_endpoint

@@ -111,10 +111,10 @@ def test_demo_end_to_end_on_the_real_pipeline(settings: Settings) -> None:
     assert sorted(p.relative_to(landing).as_posix() for p in landing.rglob("*.parquet")) == [
         "batch-0001/part-00000.parquet", "batch-0002/part-00000.parquet"]
 
-    # The first run had no champion: it passed on absolute thresholds and deployed version 1.
+    # The first run had no champion: it passed on the floors and calibration and deployed version 1.
     first, second = records
     assert first.output("evaluate-gate", "decision") == "pass"
-    assert "  => gate: pass (no champion: first model, judged on absolute thresholds and guardrails only)" in lines
+    assert "  => gate: pass (no champion: first model, judged on the floors and calibration only)" in lines
     assert lines.index("  => ctloop-production serves: ctloop-churn v1 100%") < lines.index(
         next(ln for ln in lines if ln.startswith("\n[2/3]")))
 

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from ctloop.metrics import METRIC_NAMES, classification_metrics, confusion, pr_curve_points, roc_curve_points
+from ctloop.metrics import (
+    METRIC_NAMES,
+    calibration,
+    choose_threshold,
+    classification_metrics,
+    confusion,
+    pr_curve_points,
+    roc_curve_points,
+)
 
 Y = [0, 0, 1, 1, 0, 1]
 P = [0.1, 0.4, 0.35, 0.8, 0.6, 0.9]
@@ -93,3 +101,51 @@ def test_pr_points_match_average_precision_and_are_thinned() -> None:
     assert area == pytest.approx(classification_metrics(y, p, 0.5)["pr_auc"], abs=1e-9)
     with pytest.raises(ValueError, match="max_points"):
         pr_curve_points(y, p, max_points=1)
+
+
+def test_skill_scores_are_relative_to_the_base_rate_predictor() -> None:
+    m = classification_metrics(Y, P, threshold=0.5)
+    b = 0.5
+    assert m["brier_skill"] == pytest.approx(1 - m["brier"] / (b * (1 - b)))
+    assert m["log_loss_skill"] == pytest.approx(1 - m["log_loss"] / math.log(2))
+    assert m["pr_auc_lift"] == pytest.approx(m["pr_auc"] / b)
+    assert m["mean_probability"] == pytest.approx(np.mean(P))
+    # The constant predictor of the base rate has no skill by definition, at any base rate.
+    y = np.array([1] * 3 + [0] * 97)
+    constant = classification_metrics(y, np.full(100, 0.03), 0.5)
+    assert constant["brier_skill"] == pytest.approx(0) and constant["log_loss_skill"] == pytest.approx(0)
+    assert constant["calibration_intercept"] == pytest.approx(0, abs=1e-9) and constant["calibration_slope"] == 0
+
+
+def test_calibration_intercept_and_slope_recover_a_known_miscalibration() -> None:
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal(200_000)
+    true_logit = -1.5 + z
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    # Too high by 0.5 on the logit scale: the recalibration is true = model - 0.5, intercept -0.5, slope 1.
+    shifted = calibration(y, 1 / (1 + np.exp(-(true_logit + 0.5))))
+    assert shifted.intercept == pytest.approx(-0.5, abs=3 * shifted.intercept_se) and shifted.intercept_se < 0.01
+    assert shifted.slope == pytest.approx(1.0, abs=3 * shifted.slope_se)
+    # Too extreme: model logit = true / 0.8, so true = 0.8 * model: slope 0.8.
+    extreme = calibration(y, 1 / (1 + np.exp(-true_logit / 0.8)))
+    assert extreme.slope == pytest.approx(0.8, abs=3 * extreme.slope_se) and extreme.slope_se < 0.01
+    exact = calibration(y, 1 / (1 + np.exp(-true_logit)))
+    assert abs(exact.intercept) < 3 * exact.intercept_se and abs(exact.slope - 1) < 3 * exact.slope_se
+
+
+@pytest.mark.parametrize(
+    ("objective", "kwargs", "threshold", "value"),
+    [
+        # F1 at 0.8: tp 2, fp 0, fn 1 -> 4/5; at 0.35: tp 3, fp 2 -> 6/8; at 0.9: 2/3.
+        ("f_beta", {}, 0.8, 0.8),
+        # F2 weighs recall: at 0.35, 5 * 3 / (5 * 3 + 0 + 2) = 15/17 beats 0.8's 10/(10 + 4) = 5/7.
+        ("f_beta", {"beta": 2.0}, 0.35, 15 / 17),
+        # Costs: a miss costs 10, a false alarm 1: predicting everyone positive from 0.35 costs 2 false alarms.
+        ("cost", {"cost_false_negative": 10.0}, 0.35, 2 / 6),
+        ("fixed", {"fixed": 0.5}, 0.5, 2 / 3),
+    ],
+)
+def test_threshold_is_chosen_for_the_objective(objective: str, kwargs: dict, threshold: float,
+                                               value: float) -> None:
+    chosen, achieved = choose_threshold(Y, P, objective, **kwargs)
+    assert chosen == pytest.approx(threshold) and achieved == pytest.approx(value)

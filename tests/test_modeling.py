@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from ctloop.config import ModelSettings
 from ctloop.errors import DataValidationError, ModelLoadError
 from ctloop.features import FeatureSpec
-from ctloop.metrics import classification_metrics
+from ctloop.metrics import choose_threshold, classification_metrics
 from ctloop.model_runtime import ONNX_FILE
 from ctloop.modeling import (
     CARD_FILE,
@@ -111,7 +111,16 @@ def test_model_card_records_what_the_model_is_and_was_trained_on(trained: dict,
     assert card == result.card
     spec = FeatureSpec.read(splits["train"])
     assert card["model_type"] == "hist_gradient_boosting" and card["label"] == "churned"
-    assert card["threshold"] == 0.35
+    # The threshold is the F1 optimum on the valid split (the default objective), recorded with how it was chosen.
+    valid = read_split(splits["valid"], spec, "valid")
+    proba = load_model(result.model_dir).pipeline.predict_proba(valid[spec.model_features])[:, 1]
+    threshold, best_f1 = choose_threshold(valid["churned"].to_numpy(), proba, "f_beta")
+    assert card["threshold"] == threshold != settings.model.threshold
+    assert card["threshold_selection"] | {"objective_value": None} == {
+        "objective": "f_beta", "beta": 1.0, "cost_false_positive": 1.0, "cost_false_negative": 1.0,
+        "split": "valid", "objective_value": None}
+    assert card["threshold_selection"]["objective_value"] == pytest.approx(best_f1)
+    assert result.valid_metrics["f1"] == pytest.approx(best_f1)
     assert card["features"] == [{"name": c, "type": "numeric"} for c in spec.model_numeric] + [
         {"name": c, "type": "categorical"} for c in spec.categorical]
     assert FeatureSpec(**card["feature_spec"]) == spec

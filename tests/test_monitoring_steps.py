@@ -141,7 +141,9 @@ def test_same_distribution_is_no_drift_with_scores_measured(champion: Path, tmp_
     r = check.report
     assert r.decision == "no_drift", r.reasons[0].message
     assert sorted(check.compared) == sorted([*NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS])
-    assert r.scores is not None and r.scores.status == "ok" and r.notes == []
+    # Scores compared; at 375 entities a PSI near psi_warn is noise, which the test (not significant) says.
+    assert r.scores is not None and r.scores.status in ("ok", "warn") and r.scores.p_value >= r.alpha
+    assert r.notes == ["one row per customer_id: reference 7996 -> 1000 rows, recent 3000 -> 375 rows"]
     card = json.loads((champion / CARD_FILE).read_text())
     assert check.reference_uri == card["lineage"]["train_uri"]
 
@@ -159,6 +161,10 @@ def test_drifted_batch_is_drift_and_the_step_writes_report_metrics_and_outputs(c
     assert any(r["check"] == "feature_psi" and r["subject"] == "monthly_charges" and r["drifted"] for r in parsed)
     assert metrics.metadata["psi_monthly_charges"] >= s.monitoring.psi_alert
     assert metrics.metadata["drifted_features"] == drifted and metrics.metadata["decision"] == "drift"
+    # The recent rows carry labels: the champion's performance on them is recorded with the drop's bound.
+    assert 0.5 < metrics.metadata["champion_recent_roc_auc"] < 1 and "auc_drop_lower" in metrics.metadata
+    assert metrics.metadata["retrain_policy"] == "always" and metrics.metadata["drift_decision"] == "drift"
+    assert any(r["check"] == "performance_decay" and "champion ROC AUC" in r["message"] for r in parsed)
     html = Path(report.path).read_text()
     assert html.count("<svg") == len(NUMERIC_COLUMNS) + len(CATEGORICAL_COLUMNS) + 1  # features + scores
     assert "DRIFT" in html and "monthly_charges" in html and NOW.isoformat() in html

@@ -98,10 +98,12 @@ def test_policy_config_follows_the_ctloop_settings_file_at_each_launch(tmp_path:
     handle_event(cloud_event(BUCKET, NAME, GEN), s, recorder)
     config.write_text("monitoring: {recent_days: 3}\n")  # unset: always
     handle_event(cloud_event(BUCKET, NAME, "2"), s, recorder)
-    assert [r.pipeline for r in recorder.requests] == ["monitoring", "training"]
+    config.write_text("monitoring: {retrain_policy: on_decay}\n")  # the monitoring pipeline checks for decay
+    handle_event(cloud_event(BUCKET, NAME, "4"), s, recorder)
+    assert [r.pipeline for r in recorder.requests] == ["monitoring", "training", "monitoring"]
     config.write_text("monitoring: {retrain_policy: weekly}\n")
-    with pytest.raises(ConfigError, match=r"monitoring.retrain_policy: Input should be 'always' or 'on_drift', "
-                                          r"found 'weekly'"):
+    with pytest.raises(ConfigError, match=r"monitoring.retrain_policy: Input should be 'always', 'on_drift', "
+                                          r"'on_decay' or 'on_drift_or_decay', found 'weekly'"):
         handle_event(cloud_event(BUCKET, NAME, "3"), s, recorder)
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (line["severity"], line["outcome"]) == ("ERROR", "retry")  # the delivery is retried, not lost

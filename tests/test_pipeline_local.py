@@ -39,7 +39,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         f"local.workdir={workdir}",
         "local.spark_master=local[1]",
         "local.spark_shuffle_partitions=2",
-        "model.params={max_iter: 60}",
+        "model.params={max_iter: 60, max_depth: 3}",
         "deploy.smoke_instances=5",
     ])
     write_sample_data(s.local.landing_dir, s, rows=6000, seed=11)

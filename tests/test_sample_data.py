@@ -184,8 +184,36 @@ def test_drift_shifts_features_and_the_label_relation(tmp_path: Path, settings: 
     assert _auc(model, a, settings) < same - 0.03
 
 
+def test_concept_drift_changes_the_label_relation_only(tmp_path: Path, settings: Settings,
+                                                       base_model: tuple[Any, float]):
+    window = {"rows": 30_000, "start": "2025-07-01T00:00:00Z", "end": "2026-01-01T00:00:00Z"}
+    plain = write_sample_data(tmp_path / "plain", settings, **window)
+    concept = write_sample_data(tmp_path / "concept", settings, concept_drift=1.0, **window)
+    b, a = (_labelled(pq.read_table(r.batch_dir).to_pandas()) for r in (plain, concept))
+    inputs = [c for c in b.columns if c != settings.columns.label_column]
+    # The same seed, batch and size: every input is identical row for row, only labels differ.
+    pd.testing.assert_frame_equal(b[inputs].reset_index(drop=True), a[inputs].reset_index(drop=True))
+    assert concept.concept_drift == 1.0 and (b["churned"] != a["churned"]).mean() > 0.1
+
+    def gap(df: pd.DataFrame, mask: pd.Series) -> float:
+        return df.loc[mask, "churned"].mean() - df.loc[~mask, "churned"].mean()
+    assert gap(b, b["support_calls"] >= 3) > gap(a, a["support_calls"] >= 3) + 0.1
+    assert gap(a, a["region"] == "south") > gap(b, b["region"] == "south") + 0.1
+    model, same = base_model
+    assert _auc(model, a, settings) < same - 0.05
+
+
+def test_tenure_is_stationary_over_the_window(base: tuple[SampleDataResult, pd.DataFrame]):
+    _, frame = base
+    ok = _labelled(frame).sort_values("event_ts")
+    early, late = ok.iloc[: len(ok) // 4], ok.iloc[-len(ok) // 4:]
+    # Customers age, but they leave and are replaced: the tenure distribution stays put.
+    assert abs(early["tenure_months"].mean() - late["tenure_months"].mean()) < 1.5
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"rows": 0}, "rows must be >= 1, found 0"),
+    ({"concept_drift": -0.1}, "concept_drift must be within [0, 1], found -0.1"),
     ({"drift": 1.5}, "drift must be within [0, 1], found 1.5"),
     ({"seed": -1}, "seed must be >= 0, found -1"),
     ({"batch": "../x"}, "batch must be a plain folder name"),

@@ -22,9 +22,9 @@ from ctloop.model_runtime import ONNX_CHECK_FILE, ONNX_FILE, frame_columns
 from ctloop.modeling import CARD_FILE, MODEL_FILE, load_model, predict_proba, read_split, train_model
 from tests.modeling_fixtures import settings_for, write_split, write_splits
 
-# Only the champion comparison can fail under these settings: thresholds and guardrails are wide open.
-OPEN_GATE = {"min_roc_auc": 0.0, "min_pr_auc": 0.0, "max_log_loss": 10.0, "max_brier": 1.0,
-             "max_positive_rate_gap": 1.0}
+# Only the champion comparison can fail under these settings: floors and calibration band are wide open.
+OPEN_GATE = {"min_roc_auc": 0.0, "min_brier_skill": -100.0, "min_log_loss_skill": -100.0, "min_pr_auc_lift": 0.0,
+             "max_calibration_intercept": 100.0, "min_calibration_slope": 1e-6, "max_calibration_slope": 1e6}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +46,9 @@ def splits(work: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def models(work: Path, splits: dict[str, Path]) -> dict[str, Path]:
     """strong: trained on the real labels; weak: trained on shuffled labels (no signal)."""
-    settings = settings_for(work, model={"type": "hist_gradient_boosting", "params": {"max_iter": 60}})
+    # Small trees: on 2,400 rows the default 31-leaf trees overfit into overconfident probabilities (see
+    # test_an_overconfident_booster_fails_the_calibration_slope).
+    settings = settings_for(work, model={"type": "hist_gradient_boosting", "params": STRONG_PARAMS})
     strong = train_model(settings, splits["train"], splits["valid"], work / "strong", "run-strong").model_dir
 
     shuffled = work / "shuffled"
@@ -59,6 +61,9 @@ def models(work: Path, splits: dict[str, Path]) -> dict[str, Path]:
     return {"strong": strong, "weak": weak.model_dir}
 
 
+STRONG_PARAMS = {"max_iter": 60, "max_leaf_nodes": 8}
+
+
 def _by_check(result: Any) -> dict[str, dict[str, Any]]:
     return {r["check"]: r for r in result.decision.reasons}
 
@@ -66,8 +71,7 @@ def _by_check(result: Any) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- run_evaluate
 def test_first_model_scores_the_test_split_and_passes(work: Path, splits: dict[str, Path],
                                                       models: dict[str, Path]) -> None:
-    settings = settings_for(work, gate={"min_roc_auc": 0.7, "max_log_loss": 0.7, "max_brier": 0.25})
-    result = run_evaluate(settings, models["strong"], splits["test"], None)
+    result = run_evaluate(settings_for(work), models["strong"], splits["test"], None)  # the default gate
     test = read_split(splits["test"], FeatureSpec.read(splits["test"]), "test")
     loaded = load_model(models["strong"])
     assert result.candidate_metrics == classification_metrics(test["churned"], predict_proba(loaded, test),
@@ -78,16 +82,49 @@ def test_first_model_scores_the_test_split_and_passes(work: Path, splits: dict[s
     assert len(result.roc["fpr"]) == len(result.roc["thresholds"]) <= 200
 
 
+def test_an_overconfident_booster_fails_the_calibration_slope(work: Path, splits: dict[str, Path]) -> None:
+    settings = settings_for(work, model={"type": "hist_gradient_boosting", "params": {"max_iter": 60}})
+    model = train_model(settings, splits["train"], splits["valid"], work / "overfit", "run-overfit").model_dir
+    result = run_evaluate(settings_for(work), model, splits["test"], None)
+    assert [r["check"] for r in result.decision.failed] == ["calibration_slope"]
+    assert result.candidate_metrics["calibration_slope"] < 0.8 and result.candidate_metrics["roc_auc"] > 0.7
+
+
 def test_worse_champion_loses(work: Path, splits: dict[str, Path], models: dict[str, Path]) -> None:
     result = run_evaluate(settings_for(work, gate=OPEN_GATE), models["strong"], splits["test"],
                           str(models["weak"]))
     assert result.champion_metrics is not None
     assert result.champion_metrics["n"] == result.candidate_metrics["n"]  # the same test rows
     assert result.champion_metrics["roc_auc"] < 0.6 < 0.7 < result.candidate_metrics["roc_auc"]
-    assert result.decision.passed
-    check = _by_check(result)["champion_no_regression"]
-    assert check["passed"] and check["value"] == result.candidate_metrics["roc_auc"]
-    assert check["threshold"] == pytest.approx(result.champion_metrics["roc_auc"] - 0.005)
+    assert result.decision.passed and not result.decision.champion_below_floors
+    check = _by_check(result)["champion_non_inferiority"]
+    comparison = result.decision.comparison
+    assert comparison["difference"] == pytest.approx(result.candidate_metrics["roc_auc"]
+                                                     - result.champion_metrics["roc_auc"])
+    assert check["passed"] and check["value"] == comparison["lower"] > 0
+    assert check["threshold"] == -0.015 and comparison["method"] == "delong"
+
+
+def test_champion_below_the_floors_raises_an_alert_and_is_replaced(work: Path, splits: dict[str, Path],
+                                                                    models: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """The default floors: the no-signal champion fails them, which the reasons, the report and metrics say."""
+    settings = settings_for(work)
+    result = run_evaluate(settings, models["strong"], splits["test"], str(models["weak"]))
+    d = result.decision
+    assert d.passed and d.champion_below_floors
+    alerts = {r["check"] for r in d.reasons if r["alert"]}
+    assert {"champion_min_roc_auc", "champion_below_floors"} <= alerts
+    assert "ALERT: the serving champion is below the gate's floors" in result.markdown
+    assert "| champion_min_roc_auc | roc_auc |" in result.markdown and "**ALERT**" in result.markdown
+
+    outs = {"metrics": _artifact(Metrics, tmp_path / "m"), "classification": _artifact(ClassificationMetrics,
+            tmp_path / "c"), "report": _artifact(Markdown, tmp_path / "report.md")}
+    _, _, _, reasons = run_evaluate_step(settings.to_param(), "run-a", _artifact(Model, models["strong"]),
+                                         _artifact(Dataset, splits["test"]), str(models["weak"]),
+                                         outs["metrics"], outs["classification"], outs["report"])
+    assert outs["metrics"].metadata["champion_below_floors"] == 1
+    assert any(r["check"] == "champion_below_floors" and r["alert"] for r in json.loads(reasons))
 
 
 def test_better_champion_keeps_its_place(work: Path, splits: dict[str, Path],
@@ -95,7 +132,8 @@ def test_better_champion_keeps_its_place(work: Path, splits: dict[str, Path],
     result = run_evaluate(settings_for(work, gate=OPEN_GATE), models["weak"], splits["test"],
                           str(models["strong"]))
     assert not result.decision.passed and result.decision.decision == "fail"
-    assert [r["check"] for r in result.decision.failed] == ["champion_no_regression"]
+    assert [r["check"] for r in result.decision.failed] == ["champion_non_inferiority"]
+    assert "interval [" in _by_check(result)["champion_non_inferiority"]["message"]
     # Scored independently on the same rows, the champion's numbers match what the gate used.
     test = read_split(splits["test"], FeatureSpec.read(splits["test"]), "test")
     champion = load_model(models["strong"])
@@ -107,7 +145,8 @@ def test_min_lift_against_an_identical_champion(work: Path, splits: dict[str, Pa
                                                 models: dict[str, Path]) -> None:
     same = run_evaluate(settings_for(work, gate=OPEN_GATE), models["strong"], splits["test"],
                         str(models["strong"]))
-    assert same.decision.passed  # equal is within tolerance
+    assert same.decision.passed  # identical scores: difference 0, standard error 0
+    assert same.decision.comparison["lower"] == pytest.approx(0.0, abs=1e-12)
     lifted = run_evaluate(settings_for(work, gate={**OPEN_GATE, "min_lift": 0.001}), models["strong"],
                           splits["test"], str(models["strong"]))
     assert [r["check"] for r in lifted.decision.failed] == ["champion_min_lift"]
@@ -125,7 +164,9 @@ def test_report_lists_metrics_and_every_check(work: Path, splits: dict[str, Path
         assert f"| {name} | {cells[0]} | {cells[1]} |" in md
     for reason in result.decision.reasons:
         assert f"| {reason['check']} | {reason['metric']} | {reason['value']:.4f} |" in md
-    assert "1 of 8 checks failed." in md
+    assert f"1 of {len(result.decision.reasons)} checks failed." in md
+    c = result.decision.comparison
+    assert f"90% interval [{c['lower']:+.4f}, {c['upper']:+.4f}]" in md
 
 
 # ------------------------------------------------------------------------------------------- broken champions
@@ -280,7 +321,9 @@ def _artifact(cls: type, path: Path) -> Any:
 
 
 def test_step_bodies_fill_the_artifacts(work: Path, splits: dict[str, Path], tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, model={"type": "logistic_regression"}, gate={"min_roc_auc": 0.99})
+    # class_weight="balanced" (the default) miscalibrates: open the calibration band so only roc_auc fails.
+    settings = settings_for(tmp_path, model={"type": "logistic_regression"},
+                            gate={"min_roc_auc": 0.99, "max_calibration_intercept": 10.0})
     config = settings.to_param()
     train_ds = _artifact(Dataset, splits["train"])
     train_ds.metadata["git_sha"] = "0123abc"
@@ -321,8 +364,8 @@ def test_components_run_under_the_kfp_local_runner(work: Path, splits: dict[str,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
     # The config dict travels as a protobuf Struct: max_iter arrives as 40.0 and must still train.
-    settings = settings_for(tmp_path, model={"type": "hist_gradient_boosting", "params": {"max_iter": 40}},
-                            gate={"max_log_loss": 0.7, "max_brier": 0.25})
+    settings = settings_for(tmp_path, model={"type": "hist_gradient_boosting",
+                                                   "params": {"max_iter": 40, "max_depth": 3}})
 
     @dsl.pipeline(name="train-evaluate")
     def train_then_gate(config: dict, run_id: str, train_uri: str, valid_uri: str, test_uri: str) -> str:

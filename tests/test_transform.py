@@ -370,6 +370,26 @@ def test_casts_strings_and_quarantines_unparseable_values(spark, tmp_path: Path)
 
 
 @pytest.mark.spark
+def test_conflicting_labels_for_one_key_are_quarantined(spark, tmp_path: Path) -> None:  # noqa: F811
+    rows = _small_rows()
+    flipped = {**rows[4], "churned": 1 - rows[4]["churned"], "tenure_months": rows[4]["tenure_months"] + 1}
+    agreeing = {**rows[6], "tenure_months": rows[6]["tenure_months"] + 1}  # same label: deduplicated, kept
+    invalid = {**rows[9], "churned": 7}  # a malformed twin does not make a conflict
+    fx = Fixture(rows=[*rows, flipped, agreeing, invalid])
+    write_fixture(fx, tmp_path / "in", files=1)
+    result = _run_local(_settings(), tmp_path / "in", tmp_path, spark)
+    assert result.report["quarantined"]["by_reason_column"] == {"conflicting_label:churned": 2,
+                                                                "invalid_label:churned": 1}
+    quarantine = pd.read_parquet(tmp_path / "task" / tr.QUARANTINE_DIR)
+    conflicting = quarantine[quarantine[transform_job.REASON] == "conflicting_label"]
+    assert sorted(conflicting["churned"]) == [0, 1]
+    assert set(conflicting["event_ts"]) == {pd.Timestamp(rows[4]["event_ts"])}
+    out = pd.concat([pd.read_parquet(tmp_path / "task" / s) for s in tr.SPLITS])
+    assert pd.Timestamp(rows[4]["event_ts"]) not in set(out["event_ts"])
+    assert len(out) == len(rows) - 1
+
+
+@pytest.mark.spark
 def test_nanosecond_timestamps_are_read(spark, tmp_path: Path) -> None:  # noqa: F811
     fx = Fixture(rows=_small_rows())
     write_fixture(fx, tmp_path / "in", files=1, ts_unit="ns")

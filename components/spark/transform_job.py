@@ -11,8 +11,10 @@ Steps, in order:
   4. Quarantine malformed rows, each with one ``_reason`` (the first that applies, in this order) and the
      ``_reason_column`` it concerns: ``null_id`` (null or blank), ``null_timestamp``, ``unparseable_value``
      (a non-null value the cast cannot read: timestamp, label, numerics in column order), ``null_label``,
-     ``invalid_label`` (not 0 or 1), ``negative_value`` (in a column that cannot be negative). Quarantined
-     rows keep their source values, so the report can be traced back to the input.
+     ``invalid_label`` (not 0 or 1), ``negative_value`` (in a column that cannot be negative); then
+     ``conflicting_label``: every otherwise clean row of an (id, timestamp) whose clean rows disagree on the
+     label (which one is true is unknown, so none is kept). Quarantined rows keep their source values, so the
+     report can be traced back to the input.
   5. Keep one row per (id, timestamp): the first by the remaining columns in output order, ascending, nulls
      last, so reruns keep the same row. Quarantine runs first, so a malformed twin never displaces a good row.
   6. History features per entity from strictly earlier rows only: a range frame over the timestamp in
@@ -168,7 +170,7 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
     counts: dict[str, Any] = {"input_rows": raw.count()}
     log.info("read %d rows from %s", counts["input_rows"], args.input)
 
-    flagged = flag_rows(raw.dropDuplicates(), spec, non_negative, nanos_as_long)
+    flagged = flag_conflicting_labels(flag_rows(raw.dropDuplicates(), spec, non_negative, nanos_as_long), spec)
     flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
     featured: DataFrame | None = None
     try:
@@ -301,6 +303,19 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
     typed += [F.when(F.isnan(numeric[c]), None).otherwise(numeric[c]).alias(_TYPED + c) for c in spec.numeric]
     typed += [_col(c).cast("string").alias(_TYPED + c) for c in spec.categorical]
     return df.select("*", *typed, reason.alias(REASON), reason_column.alias(REASON_COLUMN))
+
+
+def flag_conflicting_labels(flagged: DataFrame, spec: JobSpec) -> DataFrame:
+    """Marks ``conflicting_label`` on the clean rows of each (id, timestamp) whose clean rows disagree on the label."""
+    key = Window.partitionBy(F.col(_quote(_TYPED + spec.id_column)), F.col(_quote(_TYPED + spec.timestamp_column)))
+    clean_label = F.when(F.col(REASON).isNull(), F.col(_quote(_TYPED + spec.label_column)))
+    conflict = F.col(REASON).isNull() & (F.min(clean_label).over(key) != F.max(clean_label).over(key))
+    flagged = flagged.withColumn("__conflict", conflict)  # one window, read by both columns below
+    return (flagged
+            .withColumn(REASON_COLUMN, F.when(F.col("__conflict"), F.lit(spec.label_column))
+                        .otherwise(F.col(REASON_COLUMN)))
+            .withColumn(REASON, F.when(F.col("__conflict"), F.lit("conflicting_label")).otherwise(F.col(REASON)))
+            .drop("__conflict"))
 
 
 def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:

@@ -1,5 +1,6 @@
-"""Which pipeline a new batch launches: training (``always``) or the monitoring pipeline (``on_drift``), which
-checks the batch for drift against the champion and launches training only when it drifted."""
+"""Which pipeline a new batch launches: training (``always``) or the monitoring pipeline (``on_drift``,
+``on_decay``, ``on_drift_or_decay``), which checks the batch against the champion and launches training only
+when the policy's condition holds."""
 
 from __future__ import annotations
 
@@ -18,6 +19,6 @@ def retrain_policy(settings: TriggerSettings) -> str:
 
 def pipeline_for_batch(settings: TriggerSettings) -> tuple[Pipeline, str]:
     """The pipeline a new batch launches and the job id prefix of its runs."""
-    if retrain_policy(settings) == "on_drift":
+    if retrain_policy(settings) != "always":  # the monitoring pipeline decides (drift and/or decay)
         return "monitoring", settings.monitor_job_prefix
     return "training", settings.job_prefix

@@ -27,9 +27,10 @@ LAUNCH_PLACEHOLDERS = frozenset(p.strip("{}") for p in _PLACEHOLDERS)
 # Batch mode by default: a batch of many files starts one run when its marker lands (the Spark/Hadoop
 # convention); CTLOOP_TRIGGER_MARKERS="" switches to one run per data file.
 DEFAULT_MARKERS = ("_SUCCESS",)
-# always: every new batch launches training; on_drift: it launches the monitoring pipeline, which retrains only
-# when the batch drifted; config: the ctloop config's monitoring.retrain_policy, read at each launch.
-POLICIES = ("always", "on_drift", "config")
+# always: every new batch launches training; on_drift / on_decay / on_drift_or_decay: it launches the monitoring
+# pipeline, which retrains only when that condition holds (drift of the batch, decay of the champion);
+# config: the ctloop config's monitoring.retrain_policy, read at each launch.
+POLICIES = ("always", "on_drift", "on_decay", "on_drift_or_decay", "config")
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _JOB_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,90}[a-z0-9]$")
@@ -67,7 +68,7 @@ class TriggerSettings:
     claim_seconds: float = 120.0  # a launch claimed longer ago than this without finishing may be taken over
     mirror_dir: str = ""  # when set, the triggering object(s) are copied here before a local launch
     # retrain policy and the monitoring pipeline it (and every schedule tick) launches
-    policy: Literal["always", "on_drift", "config"] = "always"
+    policy: Literal["always", "on_drift", "on_decay", "on_drift_or_decay", "config"] = "always"
     monitor_template: str = ""  # cloud: the compiled monitoring pipeline (path, gs:// or Artifact Registry URI)
     monitor_display_name: str = "ctloop-monitoring"
     monitor_job_prefix: str = "ctloop-monitor"
