@@ -64,7 +64,7 @@ def test_policy_settings_and_their_errors() -> None:
     s = settings()
     assert (s.policy, s.monitor_job_prefix, s.monitor_display_name) == ("always", "ctloop-monitor", "ctloop-monitoring")
     with pytest.raises(SettingsError, match=r"CTLOOP_TRIGGER_POLICY: expected one of \['always', 'on_drift', "
-                                            r"'config'\], found 'sometimes'"):
+                                            r"'on_decay', 'on_drift_or_decay', 'config'\], found 'sometimes'"):
         settings(policy="sometimes")
     with pytest.raises(SettingsError, match="CTLOOP_TRIGGER_MONITOR_TEMPLATE: required when .*POLICY=on_drift"):
         settings(policy="on_drift", monitor_template="")
