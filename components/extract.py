@@ -40,10 +40,12 @@ from ctloop.sql import (
     render_sql,
     transpile_for_duckdb,
 )
+from ctloop.steps import attempt_suffix, start_or_resume
 
 STEP = "extract"
 LOCAL_FILE_SIZE = "256MB"  # DuckDB starts a new part file past this size
 EXPORT_TIMEOUT_S = 3600.0
+MAX_EXPORT_ATTEMPTS = 10
 _GCS_URI = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~=+@:-]+)*/?$")
 _NUMERIC = ("INT64", "FLOAT64", "NUMERIC", "BIGNUMERIC")
 
@@ -72,8 +74,9 @@ def extract(
 ) -> NamedTuple("Outputs", [("row_count", int)]):
     """Extract the configured window of the source table into ``dataset`` (a folder of Parquet files)."""
     from components.extract import extract_to_artifact
+    from ctloop.steps import run_step
 
-    return extract_to_artifact(config, run_id, snapshot_time, dataset)
+    return run_step(extract_to_artifact, config, run_id, snapshot_time, dataset)
 
 
 def extract_to_artifact(config: dict, run_id: str, snapshot_time: str, dataset: Any) -> tuple[int]:
@@ -311,11 +314,12 @@ def _move_into_place(staging: Path, output: Path) -> None:
 
 # ---- cloud backend: BigQuery EXPORT DATA -----------------------------------------------------------------
 
-def job_id_for(run_id: str, statement: str, step: str = STEP) -> str:
-    """Deterministic BigQuery job id: a retry of the same run and statement reuses the job (409 = done)."""
+def job_id_for(run_id: str, statement: str, step: str = STEP, attempt: int = 1) -> str:
+    """Deterministic BigQuery job id: a rerun of the same run and statement finds the job (409); a later
+    attempt, after that job failed, gets a suffix (ctloop.steps.start_or_resume)."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)[:100]
     digest = hashlib.sha256(f"{run_id}\0{step}\0{statement}".encode()).hexdigest()[:16]
-    return f"ctloop_{step}_{slug}_{digest}"
+    return f"ctloop_{step}_{slug}_{digest}{attempt_suffix(attempt)}"
 
 
 def job_labels(settings: Settings, run_id: str, step: str = STEP) -> dict[str, str]:
@@ -345,7 +349,6 @@ def _bigquery_client(settings: Settings) -> Any:
 
 def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output_uri: str, client: Any,
                window: dict[str, str]) -> ExtractResult:
-    from google.api_core.exceptions import Conflict
     from google.cloud import bigquery
 
     statement = export_statement(query, output_uri)
@@ -361,13 +364,18 @@ def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output
     columns = _bq_columns(dry.schema)
     validate_columns(columns, settings)
 
-    job_id = job_id_for(run_id, statement)
     config = bigquery.QueryJobConfig(use_legacy_sql=False, labels=labels)
-    try:
-        job = client.query(statement, job_id=job_id, job_config=config, job_retry=None)
-    except Conflict:
-        # A retried step: the export already ran (or is running) under this id; wait for it instead.
-        job = client.get_job(job_id, project=settings.gcp.project, location=settings.gcp.region)
+
+    def existing(job_id: str) -> Any:
+        return client.get_job(job_id, project=settings.gcp.project, location=settings.gcp.region)
+
+    # A rerun step waits on the export that already ran (or runs) under this id, or starts the next attempt
+    # when that one failed (its error surfaced from job.result() on the earlier attempt).
+    job_id, job = start_or_resume(
+        lambda attempt: job_id_for(run_id, statement, attempt=attempt),
+        lambda job_id: client.query(statement, job_id=job_id, job_config=config, job_retry=None),
+        existing, lambda job: job.state == "DONE" and job.error_result is not None, MAX_EXPORT_ATTEMPTS,
+        f"run {run_id!r}: BigQuery export")
     job.result(timeout=EXPORT_TIMEOUT_S)
 
     summary = summarize_parquet(output)

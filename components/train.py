@@ -29,8 +29,9 @@ def train(
 ):
     """Fit on train, score valid, write the model and its card."""
     from components.train import run_train_step
+    from ctloop.steps import run_step
 
-    run_train_step(config, run_id, train, valid, model, metrics)
+    run_step(run_train_step, config, run_id, train, valid, model, metrics)
 
 
 def lineage_for(settings: Settings, train: Any, valid: Any) -> dict[str, Any]:

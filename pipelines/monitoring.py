@@ -30,37 +30,33 @@ PIPELINE_NAME = "ctloop-monitoring"
 DRIFT = "drift"
 
 
-def _retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Steps that call external services retry transient failures with backoff."""
-    return task.set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0, backoff_max_duration="60s")
-
-
 @dsl.pipeline(name="retrain-on-drift", description="Launch training when the decision is drift.")
 def retrain_on_drift(config: dict, run_id: str, snapshot_time: str, trigger_uri: str, decision: str, reasons: str):
     # A sub-DAG of its own: the KFP local runner resolves a condition on the sub-DAG's inputs, not on a sibling
     # task's output at the root (it would skip the branch), and Vertex runs it the same either way.
     with dsl.If(decision == DRIFT, name="drifted"):
-        launch = _retry(launch_training(config=config, run_id=run_id, snapshot_time=snapshot_time,
-                                        trigger_uri=trigger_uri, reasons=reasons))
-        launch.set_display_name("launch training").set_caching_options(False)
+        launch = launch_training(config=config, run_id=run_id, snapshot_time=snapshot_time,
+                                 trigger_uri=trigger_uri, reasons=reasons)
+        launch.set_display_name("launch-training").set_caching_options(False)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Drift check against the champion's training data; retrain on drift.")
 def monitoring_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = ""):
     # Every step reads moving state (new rows, the current champion) or has side effects: never cached.
-    recent = _retry(collect_recent(config=config, run_id=run_id, snapshot_time=snapshot_time))
-    recent.set_display_name("collect recent batch").set_caching_options(False)
+    # No step-level retries (ctloop/steps.py); display names are [a-z0-9-].
+    recent = collect_recent(config=config, run_id=run_id, snapshot_time=snapshot_time)
+    recent.set_display_name("collect-recent-batch").set_caching_options(False)
 
-    champion = _retry(lookup_champion(config=config, run_id=run_id))
-    champion.set_display_name("look up champion").set_caching_options(False)
+    champion = lookup_champion(config=config, run_id=run_id)
+    champion.set_display_name("look-up-champion").set_caching_options(False)
 
     drift = check_drift(config=config, run_id=run_id, recent=recent.outputs["recent"],
                         champion_uri=champion.outputs["champion_uri"])
-    drift.set_display_name("check drift").set_caching_options(False)
+    drift.set_display_name("check-drift").set_caching_options(False)
 
     retrain = retrain_on_drift(config=config, run_id=run_id, snapshot_time=snapshot_time, trigger_uri=trigger_uri,
                                decision=drift.outputs["decision"], reasons=drift.outputs["reasons"])
-    retrain.set_display_name("retrain on drift").set_caching_options(False)
+    retrain.set_display_name("retrain-on-drift").set_caching_options(False)
 
 
 def run_monitoring_local(

@@ -448,3 +448,42 @@ def test_job_ids_are_deterministic_and_valid():
     assert a != job_id_for("run 7/ä", "SELECT 2") and a != job_id_for("run_7/ä", "SELECT 1")
     assert a.startswith("ctloop_extract_run_7__") and len(a) <= 1024
     assert all(c.isascii() and (c.isalnum() or c in "_-") for c in a)
+
+
+def test_a_failed_export_is_retried_under_a_new_job_id(workdir: Path, local_result: tuple, tmp_path: Path,
+                                                        recording_server: RecordingServer):
+    """The step reruns after a transient export failure: the failed job is found (409) and not waited on again;
+    the next attempt gets its own id and succeeds."""
+    from ctloop.steps import run_step, transient_retry
+
+    expected, local_out = local_result
+    mount = tmp_path / "gcs" / "dataset"
+    fake = FakeBigQuery(recording_server, _schema(expected.columns), mount, sorted(local_out.glob("*.parquet")))
+    jobs: dict[str, dict] = {}
+
+    def insert(req: RecordedRequest) -> tuple[int, dict]:
+        if req.json["configuration"].get("dryRun"):
+            return fake.insert(req)
+        job_id = req.json["jobReference"]["jobId"]
+        if job_id in jobs:
+            return 409, {"error": {"code": 409, "message": f"Already Exists: Job ctloop-dev:europe-west4.{job_id}"}}
+        status, body = fake.insert(req)
+        if not jobs:  # the first export fails in BigQuery's backend
+            body["status"] = {"state": "DONE", "errorResult": {"reason": "backendError", "message": "try again"}}
+        jobs[job_id] = body
+        return status, body
+
+    recording_server.route("POST", JOBS, insert)
+    recording_server.route("GET", rf"{JOBS}/[\w-]+", lambda req: (200, jobs[req.path.rsplit("/", 1)[1]]))
+    s = _settings(workdir, backend="cloud")
+    result = run_step(run_extract, s, run_id="run-7", output_path=str(mount), output_uri=OUTPUT_URI,
+                      snapshot_time=SNAPSHOT, bq_client=_client(recording_server),
+                      retry=transient_retry(deadline_s=30.0, initial_s=0.01))
+
+    first = job_id_for("run-7", result.engine_query)
+    second = job_id_for("run-7", result.engine_query, attempt=2)
+    assert second == first + "-a2" and result.job_id == second
+    assert [e["jobReference"]["jobId"] for e in _inserts(recording_server, dry=False)] == [first, first, second]
+    (get,) = recording_server.find("GET", rf"{JOBS}/{first}")  # found failed on the rerun: next attempt
+    assert get.query["location"] == ["europe-west4"]
+    assert (result.row_count, result.checksum) == (expected.row_count, expected.checksum)
