@@ -208,3 +208,23 @@ def test_the_report_shows_each_failed_steps_reason(tmp_path: Path) -> None:
     html = render_run_report(record)
     assert "<td>extract</td>" in html and "<td>t: column &#x27;x&#x27; has type STRING</td>" in html
     assert "<pre>" not in html
+
+
+def test_the_feature_list_says_each_role_and_whether_it_was_inferred() -> None:
+    from ctloop.features import feature_roles, resolve_feature_spec
+
+    types = {"customer_id": "string", "event_ts": "timestamp", "churned": "int", "tenure": "double",
+             "plan": "string"}
+    inferred = Settings()
+    configured = inferred.with_overrides({"columns.numeric_features": ["tenure"], "data.history_features": False})
+    assert feature_roles(resolve_feature_spec(inferred, types), inferred)[:5] == [
+        ("customer_id", "id", "configured (columns.id_column)"),
+        ("event_ts", "timestamp", "configured (columns.timestamp_column)"),
+        ("churned", "label", "configured (columns.label_column)"),
+        ("tenure", "numeric feature", "inferred from the column type"),
+        ("plan", "categorical feature", "inferred from the column type")]
+    roles = feature_roles(resolve_feature_spec(inferred, types), inferred)
+    assert ("hist_prior_events", "numeric feature", "derived (per-entity history, data.history_features)") in roles
+    assert feature_roles(resolve_feature_spec(configured, types), configured)[3:] == [
+        ("tenure", "numeric feature", "configured (columns.numeric_features)"),
+        ("plan", "categorical feature", "inferred from the column type")]
