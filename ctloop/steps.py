@@ -1,22 +1,26 @@
 """How a component body runs inside its step: the one place that decides what is retried and what a failure says.
 
 - Expected errors (``CtloopError``: bad data, bad settings, a rejected precondition) are deterministic: the step
-  fails at once, printing one line, ``ctloop error: <reason>``, as the last line of its log and exiting 1 without a
-  traceback. The local runner shows that line per failed step (pipelines/local_run.py); on Vertex it is the last
-  line of the step's log.
+  fails at once, printing one line, ``ctloop error: <reason>``, as the last line of its stderr and exiting 1
+  without a traceback. The local runner shows that line per failed step (pipelines/local_run.py). On Vertex the
+  task's error message quotes the tail of the container's stderr and, where the container has one, its
+  Kubernetes termination log, which gets the same line.
 - Transient Google API errors (429, 500, 503, connection resets: ``google.api_core.retry.if_transient_error``)
   retry the whole body with backoff, in the same process. Bodies are idempotent (deterministic job ids, atomic
   moves), so a rerun picks up where the failed attempt stopped. The pipelines set no step-level retry: KFP would
   rerun a step for any failure, deterministic ones included.
 """
 
+import contextlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ctloop.errors import CtloopError
 
 REASON_PREFIX = "ctloop error: "
+TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' default terminationMessagePath
 T = TypeVar("T")
 
 # Backoff for transient errors: 2 s, 4 s, 8 s ... up to 60 s apart, giving up after 10 minutes in all.
@@ -38,12 +42,17 @@ def reason_line(exc: BaseException) -> str:
     return REASON_PREFIX + " ".join(str(exc).split())
 
 
-def run_step(body: Callable[..., T], *args: Any, retry: Any = None, **kwargs: Any) -> T:
+def run_step(body: Callable[..., T], *args: Any, retry: Any = None, termination_log: Path = TERMINATION_LOG,
+             **kwargs: Any) -> T:
     """Run a component's body under the step policy (module docstring); ``retry`` overrides the backoff."""
     try:
         return (retry or transient_retry())(body)(*args, **kwargs)
     except CtloopError as exc:
-        print(reason_line(exc), file=sys.stderr, flush=True)
+        line = reason_line(exc)
+        print(line, file=sys.stderr, flush=True)
+        if termination_log.exists():
+            with contextlib.suppress(OSError):  # not writable here: the log line is enough
+                termination_log.write_text(line + "\n")
         raise SystemExit(1) from None
 
 

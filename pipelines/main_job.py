@@ -104,9 +104,6 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
         for reason in rejection_reasons(record):
             echo(f"rejected: {reason}")
         echo("the champion keeps serving")
-    for step in record.steps:
-        if step.status == "FAILED":
-            echo(f"failed: {step.name}: {step.error}")
 
 
 def _free_port() -> int:

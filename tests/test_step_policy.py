@@ -28,7 +28,8 @@ FAST = transient_retry(deadline_s=5.0, initial_s=0.01)
 
 # ---- run_step: deterministic errors fail once, transient ones retry ------------------------------------------
 
-def test_an_expected_error_fails_once_with_one_line_and_no_traceback(capsys: pytest.CaptureFixture) -> None:
+def test_an_expected_error_fails_once_with_one_line_and_no_traceback(capsys: pytest.CaptureFixture,
+                                                                      tmp_path: Path) -> None:
     calls = []
 
     def body() -> None:
@@ -36,10 +37,15 @@ def test_an_expected_error_fails_once_with_one_line_and_no_traceback(capsys: pyt
         raise DataValidationError("t: column 'churned' has type STRING;\n expected INT64 or BOOL")
 
     with pytest.raises(SystemExit) as exit_info:
-        run_step(body, retry=FAST)
+        run_step(body, retry=FAST, termination_log=tmp_path / "absent")
     assert exit_info.value.code == 1 and len(calls) == 1
-    err = capsys.readouterr().err
-    assert err == f"{REASON_PREFIX}t: column 'churned' has type STRING; expected INT64 or BOOL\n"
+    line = f"{REASON_PREFIX}t: column 'churned' has type STRING; expected INT64 or BOOL\n"
+    assert capsys.readouterr().err == line and not (tmp_path / "absent").exists()
+    # In a Kubernetes container (Vertex), the termination message gets the same line.
+    (tmp_path / "termination-log").write_text("")
+    with pytest.raises(SystemExit):
+        run_step(body, retry=FAST, termination_log=tmp_path / "termination-log")
+    assert (tmp_path / "termination-log").read_text() == line
 
 
 def test_transient_google_errors_are_retried_in_the_step() -> None:
