@@ -61,7 +61,8 @@ def run_training_local(
         why = "; ".join(rejection_reasons(record)) or "nothing was deployed"
         echo(f"no model is deployed yet: the first candidate was rejected ({why}); "
              f"the next run that passes the gate deploys one")
-        return EXIT_NOTHING_DEPLOYED
+        # Asked to serve, there is nothing to serve; a --no-serve run (the trigger's) did all it was asked.
+        return EXIT_NOTHING_DEPLOYED if serve else 0
     if serve:
         predict_from_served_endpoint(settings, record, echo)
     return 0

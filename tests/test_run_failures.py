@@ -74,3 +74,7 @@ def test_a_rejected_first_candidate_says_nothing_is_deployed_and_why(tmp_path: P
     assert lines[-1].startswith("no model is deployed yet: the first candidate was rejected (")
     assert all(r in lines[-1] for r in reasons), lines[-1]
     assert not any("Traceback" in ln or "LookupError" in ln for ln in lines), lines
+    # Without serving (as the trigger runs it) the run did all it was asked: same message, exit 0.
+    quiet: list[str] = []
+    assert run_training_local(s, run_id="run-rejected-again", serve=False, echo=quiet.append) == 0
+    assert quiet[-1].startswith("no model is deployed yet: the first candidate was rejected (")
