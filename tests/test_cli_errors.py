@@ -65,3 +65,13 @@ def test_serving_on_a_port_in_use_names_the_port(tmp_path: Path) -> None:
         line = _one_line_failure(_ctloop(tmp_path, "serve", "--port", str(port)))
     assert line.startswith(f"Error: serve: cannot listen on 127.0.0.1:{port} (")
     assert line.endswith("); choose another --port")
+
+
+@pytest.mark.slow
+def test_a_run_without_landing_data_says_where_it_looked(tmp_path: Path) -> None:
+    done = _ctloop(tmp_path, "run", "--run-id", "no-data")
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == (f"error: extract: ctloop-dev.ctloop.events: expected Parquet files under "
+                    f"{tmp_path.resolve()}/landing/ctloop/events, found none (write sample data with "
+                    f"`ctloop sample-data`)")
