@@ -60,9 +60,12 @@ def pandas_transform(input_dir: Path, out: Path, workdir: Path, overrides: list[
 def train(split_dir: Path, out: Path, workdir: Path, overrides: list[str]) -> dict[str, Any]:
     """The product's train step (train_model) on ``split_dir/train`` and ``split_dir/valid``."""
     from bench.workspace import bench_settings
-    from ctloop.modeling import train_model
+    from ctloop.threads import use_local_threads
 
     settings = bench_settings(workdir, overrides)
+    use_local_threads(settings)  # as a local step gets it: before scikit-learn loads its OpenMP runtime
+    from ctloop.modeling import train_model
+
     t0 = time.perf_counter()
     result = train_model(settings, split_dir / "train", split_dir / "valid", out, "bench-scaling",
                          {"git_sha": "bench"})

@@ -41,8 +41,9 @@ def deploy(
 ) -> NamedTuple("Outputs", endpoint=str, deployed_model_id=str):
     """Staging + smoke test, then production; returns the production endpoint and the deployed model id."""
     from components.deploy import run_deploy_step
+    from ctloop.steps import run_step
 
-    return run_deploy_step(config, run_id, model_name, version, champion_version, test, vertex_endpoint)
+    return run_step(run_deploy_step, config, run_id, model_name, version, champion_version, test, vertex_endpoint)
 
 
 def run_deploy_step(config: dict, run_id: str, model_name: str, version: str, champion_version: str, test: Any,

@@ -45,8 +45,9 @@ def check_drift(
 ) -> NamedTuple("Outputs", decision=str, drifted_features=int, reasons=str):
     """Recent batch vs the champion's training data: decision "drift"/"no_drift", reasons a JSON list."""
     from components.drift import run_drift_step
+    from ctloop.steps import run_step
 
-    return run_drift_step(config, run_id, recent, champion_uri, metrics, report)
+    return run_step(run_drift_step, config, run_id, recent, champion_uri, metrics, report)
 
 
 @dataclass(frozen=True)

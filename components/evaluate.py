@@ -49,8 +49,10 @@ def evaluate_gate(
 ) -> NamedTuple("Outputs", decision=str, primary_metric=float, champion_metric=float, reasons=str):
     """Candidate vs champion on the test split; decision "pass"/"fail", reasons a JSON list of checks."""
     from components.evaluate import run_evaluate_step
+    from ctloop.steps import run_step
 
-    return run_evaluate_step(config, run_id, model, test, champion_uri, metrics, classification, report)
+    return run_step(run_evaluate_step, config, run_id, model, test, champion_uri, metrics, classification,
+                    report)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ pass through the component). Local: DuckDB runs the same SQL, transpiled, over t
 backends validate the columns before writing, count and checksum the written files the same way, and leave
 nothing at the output path when validation fails.
 
-Checksum: SHA-256 of the row count, the column names/types and the sum (mod 2^64) of the low 64 bits of each
-row's MD5 over its JSON text. Summing makes it independent of row order and of how rows are split into files,
-and it is computed from the files themselves, so the same rows give the same checksum on either backend.
-On the cloud backend that means reading the export back through the mount (I/O in proportion to the extract)
-rather than a second BigQuery scan of a table that may have changed since the export.
+Checksum, local: SHA-256 of the row count, the column names/types and the sum (mod 2^64) of the low 64 bits of
+each row's MD5 over its JSON text; summing makes it independent of row order and of how rows are split into files.
+Cloud: SHA-256 of the row count, the column names/types and the exported objects' names, sizes and CRC32C as
+Cloud Storage computed them on write, with the row count from the Parquet footers: no data page is read back, so
+the step's I/O and memory stay flat however large the export (the local checksum would re-read all of it).
 """
 
 import hashlib
@@ -41,10 +41,12 @@ from ctloop.sql import (
     render_sql,
     transpile_for_duckdb,
 )
+from ctloop.steps import attempt_suffix, start_or_resume
 
 STEP = "extract"
 LOCAL_FILE_SIZE = "256MB"  # DuckDB starts a new part file past this size
 EXPORT_TIMEOUT_S = 3600.0
+MAX_EXPORT_ATTEMPTS = 10
 _GCS_URI = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9._~=+@:-]+)*/?$")
 _NUMERIC = ("INT64", "FLOAT64", "NUMERIC", "BIGNUMERIC")
 
@@ -73,8 +75,9 @@ def extract(
 ) -> NamedTuple("Outputs", [("row_count", int)]):
     """Extract the configured window of the source table into ``dataset`` (a folder of Parquet files)."""
     from components.extract import extract_to_artifact
+    from ctloop.steps import run_step
 
-    return extract_to_artifact(config, run_id, snapshot_time, dataset)
+    return run_step(extract_to_artifact, config, run_id, snapshot_time, dataset)
 
 
 def extract_to_artifact(config: dict, run_id: str, snapshot_time: str, dataset: Any) -> tuple[int]:
@@ -108,13 +111,14 @@ def run_extract(
     snapshot_time: str | None = None,
     landing_dir: Path | None = None,
     bq_client: Any = None,
+    storage_client: Any = None,
 ) -> ExtractResult:
     """Extract ``[window_end - data.window_days, window_end)`` of the source table into ``output_path``.
 
     ``window_end`` is ``data.window_end`` if set, else ``snapshot_time`` (ISO; no offset = UTC), else now.
     Local backend: reads ``landing_dir`` (default ``local.landing_dir``). Cloud backend: BigQuery exports to
     ``output_uri`` (gs://) and the files are read back through ``output_path`` (the /gcs/ mount on Vertex);
-    ``bq_client`` overrides the ``google.cloud.bigquery.Client``. Raises DataValidationError for missing or
+    ``bq_client``/``storage_client`` override the Google clients. Raises DataValidationError for missing or
     mistyped columns and too few rows; nothing is then left at ``output_path``.
     """
     if not run_id:
@@ -142,7 +146,7 @@ def run_extract(
     if settings.backend == "local":
         landing = landing_dir or settings.local.landing_dir
         return _run_local(settings, query, Path(output_path), landing, window)
-    return _run_cloud(settings, query, run_id, Path(output_path), output_uri, bq_client, window)
+    return _run_cloud(settings, query, run_id, Path(output_path), output_uri, bq_client, storage_client, window)
 
 
 # ---- validation (both backends) ---------------------------------------------------------------------------
@@ -312,11 +316,12 @@ def _move_into_place(staging: Path, output: Path) -> None:
 
 # ---- cloud backend: BigQuery EXPORT DATA -----------------------------------------------------------------
 
-def job_id_for(run_id: str, statement: str, step: str = STEP) -> str:
-    """Deterministic BigQuery job id: a retry of the same run and statement reuses the job (409 = done)."""
+def job_id_for(run_id: str, statement: str, step: str = STEP, attempt: int = 1) -> str:
+    """Deterministic BigQuery job id: a rerun of the same run and statement finds the job (409); a later
+    attempt, after that job failed, gets a suffix (ctloop.steps.start_or_resume)."""
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)[:100]
     digest = hashlib.sha256(f"{run_id}\0{step}\0{statement}".encode()).hexdigest()[:16]
-    return f"ctloop_{step}_{slug}_{digest}"
+    return f"ctloop_{step}_{slug}_{digest}{attempt_suffix(attempt)}"
 
 
 def job_labels(settings: Settings, run_id: str, step: str = STEP) -> dict[str, str]:
@@ -343,9 +348,34 @@ def _bigquery_client(settings: Settings) -> Any:
     return bigquery.Client(project=settings.gcp.project, location=settings.gcp.region)
 
 
+def summarize_export(storage_client: Any, output_uri: str, mount: Path,
+                     schema: dict[str, str]) -> ParquetSummary:
+    """Row count and checksum of an export from its metadata only: the objects' CRC32C and sizes from Cloud
+    Storage, the row counts from each file's Parquet footer (read through ``mount``)."""
+    import pyarrow.parquet as pq
+
+    bucket, _, prefix = output_uri.removeprefix("gs://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    objects = sorted((b.name.removeprefix(prefix), int(b.size or 0), b.crc32c or "")
+                     for b in storage_client.list_blobs(bucket, prefix=prefix, fields="items(name,size,crc32c)")
+                     if b.name.endswith(".parquet") and "/" not in b.name.removeprefix(prefix))
+    files = [name for name, _, _ in objects if (mount / name).is_file()]
+    if not objects or len(files) < len(objects):  # nothing exported, or the mount does not show it
+        return ParquetSummary(rows=0, checksum="", files=files)
+    rows = sum(pq.ParquetFile(mount / name).metadata.num_rows for name in files)
+    payload = json.dumps({"rows": rows, "columns": sorted(schema.items()), "objects": objects},
+                         separators=(",", ":"))
+    return ParquetSummary(rows=rows, checksum="sha256:" + hashlib.sha256(payload.encode()).hexdigest(), files=files)
+
+
+def _storage_client(settings: Settings) -> Any:
+    from google.cloud import storage
+
+    return storage.Client(project=settings.gcp.project)
+
+
 def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output_uri: str, client: Any,
-               window: dict[str, str]) -> ExtractResult:
-    from google.api_core.exceptions import Conflict
+               storage_client: Any, window: dict[str, str]) -> ExtractResult:
     from google.cloud import bigquery
 
     statement = export_statement(query, output_uri)
@@ -361,17 +391,22 @@ def _run_cloud(settings: Settings, query: str, run_id: str, output: Path, output
     columns = _bq_columns(dry.schema)
     validate_columns(columns, settings)
 
-    job_id = job_id_for(run_id, statement)
     config = bigquery.QueryJobConfig(use_legacy_sql=False, labels=labels)
-    try:
-        job = client.query(statement, job_id=job_id, job_config=config, job_retry=None)
-    except Conflict:
-        # A retried step: the export already ran (or is running) under this id; wait for it instead.
-        job = client.get_job(job_id, project=settings.gcp.project, location=settings.gcp.region)
+
+    def existing(job_id: str) -> Any:
+        return client.get_job(job_id, project=settings.gcp.project, location=settings.gcp.region)
+
+    # A rerun step waits on the export that already ran (or runs) under this id, or starts the next attempt
+    # when that one failed (its error surfaced from job.result() on the earlier attempt).
+    job_id, job = start_or_resume(
+        lambda attempt: job_id_for(run_id, statement, attempt=attempt),
+        lambda job_id: client.query(statement, job_id=job_id, job_config=config, job_retry=None),
+        existing, lambda job: job.state == "DONE" and job.error_result is not None, MAX_EXPORT_ATTEMPTS,
+        f"run {run_id!r}: BigQuery export")
     job.result(timeout=EXPORT_TIMEOUT_S)
 
-    summary = summarize_parquet(output)
-    if not summary.files:
+    summary = summarize_export(storage_client or _storage_client(settings), output_uri, output, columns)
+    if not summary.checksum:
         # BigQuery writes at least one (maybe empty) file: none visible means the mount does not show them.
         raise CtloopError(f"{settings.source_table}: export job {job_id} finished but no Parquet files are "
                           f"visible at {output} (expected the mount of {output_uri})")

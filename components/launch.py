@@ -35,8 +35,9 @@ def launch_training(
 ) -> NamedTuple("Outputs", job_id=str, job_name=str, created=bool):
     """Launch the training pipeline once for this monitoring run; created=False when it had been launched."""
     from components.launch import run_launch_step
+    from ctloop.steps import run_step
 
-    return run_launch_step(config, run_id, snapshot_time, trigger_uri, reasons)
+    return run_step(run_launch_step, config, run_id, snapshot_time, trigger_uri, reasons)
 
 
 def launch_training_run(settings: Settings, *, run_id: str, snapshot_time: str = "", trigger_uri: str = "",

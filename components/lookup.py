@@ -22,8 +22,9 @@ def lookup_champion(
 ) -> NamedTuple("Outputs", champion_uri=str, champion_version=str):
     """The current champion's artifact URI and version ('' and '' when there is none)."""
     from components.lookup import run_lookup_step
+    from ctloop.steps import run_step
 
-    return run_lookup_step(config, run_id)
+    return run_step(run_lookup_step, config, run_id)
 
 
 def run_lookup_step(config: dict, run_id: str) -> tuple[str, str]:

@@ -38,8 +38,9 @@ def collect_recent(
 ) -> NamedTuple("Outputs", [("row_count", int)]):
     """The recent batch (extract SQL over the recent window, or the prediction log) as Parquet files."""
     from components.recent import collect_recent_to_artifact
+    from ctloop.steps import run_step
 
-    return collect_recent_to_artifact(config, run_id, snapshot_time, recent)
+    return run_step(collect_recent_to_artifact, config, run_id, snapshot_time, recent)
 
 
 @dataclass(frozen=True)

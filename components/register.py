@@ -39,8 +39,9 @@ def register(
 ) -> NamedTuple("Outputs", model_resource=str, version=str):
     """Register the model as a new version; returns the model resource (local: its name) and the version."""
     from components.register import run_register_step
+    from ctloop.steps import run_step
 
-    return run_register_step(config, run_id, model, metrics, vertex_model)
+    return run_step(run_register_step, config, run_id, model, metrics, vertex_model)
 
 
 @dataclass(frozen=True)

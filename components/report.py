@@ -15,8 +15,10 @@ from components.images import COMPONENT_IMAGE
 def report_rejection(config: dict, run_id: str, reasons: str, trigger_uri: str, report: Output[Markdown]):
     """Write the gate's failed checks as a Markdown report."""
     from components.report import write_rejection_report
+    from ctloop.steps import run_step
 
-    write_rejection_report(run_id=run_id, reasons_json=reasons, trigger_uri=trigger_uri, out_path=report.path)
+    run_step(write_rejection_report, run_id=run_id, reasons_json=reasons, trigger_uri=trigger_uri,
+             out_path=report.path)
     report.metadata["run_id"] = run_id
     report.metadata["decision"] = "fail"
 

@@ -30,8 +30,9 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.errors import CtloopError, DataValidationError
-from ctloop.features import FeatureSpec, resolve_feature_spec
+from ctloop.features import FeatureSpec, feature_roles, resolve_feature_spec
 from ctloop.launching import label_value
+from ctloop.steps import attempt_suffix, start_or_resume
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -62,8 +63,9 @@ def transform(
 ):
     """Clean, deduplicate, quarantine, add point-in-time history features and split by time."""
     from components.transform import run_transform_step
+    from ctloop.steps import run_step
 
-    run_transform_step(config, run_id, dataset, train, valid, test, report)
+    run_step(run_transform_step, config, run_id, dataset, train, valid, test, report)
 
 
 class DataprocBatchError(CtloopError):
@@ -168,7 +170,7 @@ def run_transform(
         for split in SPLITS:
             Path(paths[split]).mkdir(parents=True, exist_ok=True)
             spec.write(paths[split])
-    markdown = render_report(report, spec, run_id)
+    markdown = render_report(report, spec, run_id, feature_roles(spec, settings))
     _write_file(Path(report_path), markdown)
     return TransformResult(spec=spec, report=report, markdown=markdown, batch_name=batch_name)
 
@@ -215,7 +217,7 @@ def batch_id_for(run_id: str, attempt: int = 1) -> str:
     if not run_id:
         raise ValueError("run_id: empty; the transform needs the pipeline run id as its idempotency key")
     digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
-    suffix = f"-{digest}" + (f"-a{attempt}" if attempt > 1 else "")
+    suffix = f"-{digest}" + attempt_suffix(attempt)
     slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
     head = "transform-" + slug
     return head[: 63 - len(suffix)].rstrip("-") + suffix
@@ -257,28 +259,27 @@ def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str])
 
 def submit_batch(client: "BatchControllerClient", parent: str, batch: "Batch", run_id: str,
                  poll_seconds: float, timeout_seconds: float) -> "Batch":
-    """Create the run's batch and wait for it; a Conflict means a retried step: wait on the existing batch.
+    """Create the run's batch and wait for it; a Conflict means a rerun step: wait on the existing batch.
 
     An existing batch that FAILED or was CANCELLED is not resurrected: the next attempt id is tried instead,
-    so retrying a failed step reruns the job while a retry of a running or finished one does not.
+    so rerunning a failed step reruns the job while a rerun of a running or finished one does not.
     """
-    from google.api_core import exceptions
 
-    for attempt in range(1, _MAX_ATTEMPTS + 1):
-        batch_id = batch_id_for(run_id, attempt)
-        name = f"{parent}/batches/{batch_id}"
-        try:
-            client.create_batch(request={"parent": parent, "batch": batch, "batch_id": batch_id})
-            log.info("created Dataproc batch %s", name)
-        except exceptions.Conflict:
-            existing = client.get_batch(name=name)
-            state = existing.state.name
-            log.info("Dataproc batch %s exists already (%s)", name, state)
-            if state in ("FAILED", "CANCELLED"):
-                continue
-        return wait_for_batch(client, name, poll_seconds, timeout_seconds)
-    raise DataprocBatchError(f"run {run_id!r}: {_MAX_ATTEMPTS} Dataproc batch attempts exist and all failed; "
-                             f"see {parent}/batches/{batch_id_for(run_id, _MAX_ATTEMPTS)}")
+    def create(batch_id: str) -> None:
+        client.create_batch(request={"parent": parent, "batch": batch, "batch_id": batch_id})
+        log.info("created Dataproc batch %s/batches/%s", parent, batch_id)
+
+    def failed(existing: "Batch") -> bool:
+        log.info("Dataproc batch %s exists already (%s)", existing.name, existing.state.name)
+        return existing.state.name in ("FAILED", "CANCELLED")
+
+    try:
+        batch_id, _ = start_or_resume(lambda attempt: batch_id_for(run_id, attempt), create,
+                                   lambda batch_id: client.get_batch(name=f"{parent}/batches/{batch_id}"), failed,
+                                   _MAX_ATTEMPTS, f"run {run_id!r}: Dataproc batch")
+    except CtloopError as exc:
+        raise DataprocBatchError(str(exc)) from exc
+    return wait_for_batch(client, f"{parent}/batches/{batch_id}", poll_seconds, timeout_seconds)
 
 
 def wait_for_batch(client: "BatchControllerClient", name: str, poll_seconds: float,
@@ -304,8 +305,9 @@ def wait_for_batch(client: "BatchControllerClient", name: str, poll_seconds: flo
     return batch
 
 
-def render_report(report: dict[str, Any], spec: FeatureSpec, run_id: str) -> str:
-    """The data-quality report as Markdown."""
+def render_report(report: dict[str, Any], spec: FeatureSpec, run_id: str,
+                  roles: list[tuple[str, str, str]] | None = None) -> str:
+    """The data-quality report as Markdown; ``roles``: (column, role, origin) rows (ctloop.features)."""
     q = report["quarantined"]
     d = report["duplicates_dropped"]
     lines = [
@@ -350,6 +352,9 @@ def render_report(report: dict[str, Any], spec: FeatureSpec, run_id: str) -> str
              **{c: "derived" for c in spec.derived}}
     for feature, rate in report["null_rate"].items():
         lines.append(f"| `{feature}` | {kinds.get(feature, '?')} | {rate:.4f} |")
+    if roles:
+        lines += ["", "## Columns and their roles", "", "| column | role | chosen by |", "|---|---|---|"]
+        lines += [f"| `{column}` | {role} | {origin} |" for column, role, origin in roles]
     return "\n".join(lines) + "\n"
 
 

@@ -175,6 +175,10 @@ class LocalSettings(_Strict):
     spark_master: str = "local[2]"
     spark_driver_memory: str = "2g"
     spark_shuffle_partitions: int = 8
+    # OpenMP/BLAS in local steps, the local server and tests (ctloop/threads.py): waiting threads sleep
+    # (PASSIVE) instead of spinning, so another busy process costs CPU share, not a stalled barrier each time.
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
+    threads: int = Field(default=0, ge=0)  # OpenMP/BLAS threads per local process; 0 = one per CPU
 
     def path(self, *parts: str) -> Path:
         return Path(self.workdir).resolve().joinpath(*parts)
@@ -199,6 +203,38 @@ class LocalSettings(_Strict):
     @property
     def runs_dir(self) -> Path:
         return self.path("runs")
+
+
+class StepResources(_Strict):
+    """CPU and memory limits of one step's container (Kubernetes quantities, as kfp's set_cpu_limit takes them)."""
+
+    cpu: str = Field(pattern=r"^([0-9]*[.])?[0-9]+m?$")  # cores, or millicores with "m"
+    memory: str = Field(pattern=r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> Any:
+        # YAML and --set give `cpu: 4` as a number (and a KFP dict parameter turns ints into floats).
+        return (str(int(v)) if float(v).is_integer() else str(v)) if isinstance(v, int | float) else v
+
+
+# Per step (component) CPU and memory on Vertex AI Pipelines, written into the compiled YAML
+# (pipelines/compile.py); the local runner ignores them. Sized for the README's scale (tens of millions of rows):
+# train and the drift check hold whole splits in pandas (the row ceiling per GB: docs/architecture.md), extract
+# and transform only drive BigQuery and Dataproc. Settings override single steps; the others keep these.
+DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
+    "extract": ("2", "8G"),
+    "transform": ("1", "4G"),
+    "train": ("8", "32G"),
+    "lookup_champion": ("1", "2G"),
+    "evaluate_gate": ("4", "16G"),
+    "register": ("1", "4G"),
+    "deploy": ("2", "8G"),
+    "report_rejection": ("1", "2G"),
+    "collect_recent": ("2", "8G"),
+    "check_drift": ("4", "16G"),
+    "launch_training": ("1", "4G"),
+}
 
 
 _CRON_FIELDS = 5
@@ -273,6 +309,16 @@ class Settings(_Strict):
     deploy: DeploySettings = Field(default_factory=DeploySettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    resources: dict[str, StepResources] = Field(default_factory=dict, validate_default=True)  # DEFAULT_RESOURCES
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        unknown = sorted(set(v or {}) - set(DEFAULT_RESOURCES))
+        if unknown:
+            raise ValueError(f"resources: unknown step(s) {unknown}; expected some of {sorted(DEFAULT_RESOURCES)}")
+        defaults = {step: {"cpu": cpu, "memory": memory} for step, (cpu, memory) in DEFAULT_RESOURCES.items()}
+        return {step: {**defaults[step], **dict((v or {}).get(step) or {})} for step in defaults}
 
     @model_validator(mode="after")
     def _roles_distinct(self) -> Settings:

@@ -111,3 +111,20 @@ def resolve_feature_spec(settings: Settings, column_types: dict[str, str]) -> Fe
         history_means=list(numeric[:MAX_HISTORY_MEANS]) if settings.data.history_features else [],
         history_enabled=settings.data.history_features,
     )
+
+
+def feature_roles(spec: FeatureSpec, settings: Settings) -> list[tuple[str, str, str]]:
+    """(column, role, where the role came from) for every column the model sees or the pipeline keys on."""
+    cols = settings.columns
+
+    def origin(configured: list[str] | None, setting: str) -> str:
+        return f"configured ({setting})" if configured is not None else "inferred from the column type"
+
+    rows = [(spec.id_column, "id", "configured (columns.id_column)"),
+            (spec.timestamp_column, "timestamp", "configured (columns.timestamp_column)"),
+            (spec.label_column, "label", "configured (columns.label_column)")]
+    rows += [(c, "numeric feature", origin(cols.numeric_features, "columns.numeric_features")) for c in spec.numeric]
+    rows += [(c, "categorical feature", origin(cols.categorical_features, "columns.categorical_features"))
+             for c in spec.categorical]
+    rows += [(c, "numeric feature", "derived (per-entity history, data.history_features)") for c in spec.derived]
+    return rows

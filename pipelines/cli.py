@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from ctloop.config import Settings, load_settings
 from ctloop.errors import CtloopError
+from ctloop.threads import use_local_threads
 
 DEFAULT_CONFIG = Path("ctloop.yaml")
 
@@ -207,7 +208,7 @@ def compile_cmd(ctx: _Ctx, out: Path, component_image: str | None) -> None:
     """Compile every pipeline to YAML with the component image pinned."""
     from pipelines.compile import compile_all
 
-    for path in compile_all(out, component_image or ctx.settings.gcp.component_image):
+    for path in compile_all(out, component_image or ctx.settings.gcp.component_image, ctx.settings.resources):
         click.echo(str(path))
 
 
@@ -251,6 +252,7 @@ def demo_cmd(ctx: _Ctx, rows: int, drift: float, seed: int) -> None:
 @_fail_cleanly
 def serve_cmd(ctx: _Ctx, endpoint: str | None, host: str, port: int) -> None:
     """Serve an endpoint's deployed models locally (honours its traffic split)."""
+    use_local_threads(ctx.settings)  # before scikit-learn loads its OpenMP runtime
     from ctloop.registry import LocalRegistry
     from serving.app import serve_endpoint
 
@@ -258,8 +260,23 @@ def serve_cmd(ctx: _Ctx, endpoint: str | None, host: str, port: int) -> None:
     from serving.prediction_log import config_from_settings
 
     name = endpoint or s.deploy.production_endpoint
-    serve_endpoint(LocalRegistry(s.local.registry_db), name, host, port,
-                   prediction_log=config_from_settings(s, name))
+    registry = LocalRegistry(s.local.registry_db)
+    deployed = registry.get_endpoint(name)
+    if deployed is None or not deployed.deployments:
+        raise CtloopError(f"endpoint {name!r}: no model is deployed to it yet (registry {s.local.registry_db}); "
+                          f"`ctloop run` deploys one once a candidate passes the gate")
+    _check_port_free(host, port)
+    serve_endpoint(registry, name, host, port, prediction_log=config_from_settings(s, name))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CtloopError(f"serve: cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from exc
 
 
 @cli.command("registry")
@@ -270,6 +287,8 @@ def registry_cmd(ctx: _Ctx) -> None:
     from ctloop.registry import LocalRegistry
 
     reg = LocalRegistry(ctx.settings.local.registry_db)
+    if not reg.list_models():
+        click.echo(f"no models registered yet in {ctx.settings.local.registry_db}")
     for model in reg.list_models():
         name = getattr(model, "name", model)
         click.echo(f"{name}")
@@ -289,7 +308,7 @@ def endpoints_cmd(ctx: _Ctx) -> None:
     reg = LocalRegistry(s.local.registry_db)
     for name in (s.deploy.staging_endpoint, s.deploy.production_endpoint):
         ep = reg.get_endpoint(name)
-        click.echo(name)
+        click.echo(name if ep and ep.deployments else f"{name}  (nothing deployed)")
         for d in getattr(ep, "deployments", []) if ep else []:
             click.echo(f"  {d.deployed_model_id}  {d.model} v{d.version}  {d.traffic_percent}%")
 

@@ -21,10 +21,14 @@ from typing import Any
 
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
+from ctloop.steps import REASON_PREFIX
+from ctloop.threads import use_local_threads
 
 _TASK_START = re.compile(r"Executing task .*?'([^']+)'")
 _TASK_END = re.compile(r"Task .*?'([^']+)'.* finished with status .*?(SUCCESS|FAILURE)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a Python traceback: ``package.module.SomeError: message``.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b(: .*)?$")
 
 
 class PipelineRunError(CtloopError):
@@ -39,6 +43,8 @@ class StepRecord:
     seconds: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str = ""  # a failed step's one-line reason
+    attempts: int = 0  # times the runner started it
 
 
 @dataclass
@@ -137,7 +143,8 @@ def run_local(
     def on_event(task: str, event: str) -> None:
         now = time.perf_counter()
         if event == "start":
-            steps[task] = StepRecord(name=task, started=now)
+            attempts = steps[task].attempts if task in steps else 0
+            steps[task] = StepRecord(name=task, started=now, attempts=attempts + 1)
             show(f"  ▸ {task} ...")
             return
         step = steps.setdefault(task, StepRecord(name=task, started=now))
@@ -147,6 +154,7 @@ def run_local(
         show(f"  {mark} {task} {step.seconds:.1f}s")
 
     existing = {p.name for p in root.iterdir()} if root.exists() else set()
+    use_local_threads(settings)  # the step processes inherit it
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True, enable_caching=True)
     started_at = datetime.now(UTC).isoformat()
@@ -182,7 +190,9 @@ def run_local(
         error=error,
     )
     if error:
-        record.error = f"{error}\n{_failed_step_tail(record, log_path)}".strip()
+        _attach_reasons(record, log_path)
+        failed = [s for s in record.steps if s.status == "FAILED"]
+        record.error = "; ".join(f"{s.name}: {s.error}" for s in failed) or error.splitlines()[0]
     _write_atomic(record_path, record.to_json())
     return record
 
@@ -204,16 +214,23 @@ def _collect_outputs(run_root: Path, steps: dict[str, StepRecord]) -> None:
                 step.artifacts[name] = {"uri": arts[0].get("uri", ""), "metadata": arts[0].get("metadata", {})}
 
 
-def _failed_step_tail(record: RunRecord, log_path: Path, lines: int = 25) -> str:
-    """The last log lines of the failed step: the component's own error is what a user needs to see."""
-    failed = [s.name for s in record.steps if s.status == "FAILED"]
+def _attach_reasons(record: RunRecord, log_path: Path) -> None:
+    """Give each failed step its one-line reason from its own section of the log: the step's ``ctloop error:``
+    line (ctloop/steps.py), else the last line of its traceback, else its last log line."""
     text = _ANSI.sub("", log_path.read_text()) if log_path.is_file() else ""
-    if failed:
-        marker = text.rfind(f"Executing task '{failed[-1]}'")
-        if marker >= 0:
-            text = text[marker:]
-    tail = [ln for ln in text.splitlines() if ln.strip()][-lines:]
-    return "\n".join(tail)
+    for step in record.steps:
+        if step.status != "FAILED":
+            continue
+        start = text.rfind(f"Executing task '{step.name}'")
+        if start < 0:
+            step.error = "failed before its log started"
+            continue
+        following = _TASK_START.search(text, start + 1)
+        lines = [ln.strip() for ln in text[start:following.start() if following else None].splitlines()]
+        lines = [ln for ln in lines if ln and not _TASK_END.search(ln)]
+        reasons = [ln.removeprefix(REASON_PREFIX) for ln in lines if ln.startswith(REASON_PREFIX)]
+        raised = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+        step.error = (reasons or raised or lines[-1:] or ["no log output"])[-1]
 
 
 def _write_atomic(path: Path, text: str) -> None:

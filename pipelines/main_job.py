@@ -44,9 +44,32 @@ def run_training_local(
     if record.status != "SUCCEEDED":
         echo(f"error: {record.error}")
         return 1
+    if not production_deployed(settings):
+        why = "; ".join(rejection_reasons(record)) or "nothing was deployed"
+        echo(f"no model is deployed yet: the first candidate was rejected ({why}); "
+             f"the next run that passes the gate deploys one")
+        # Asked to serve, there is nothing to serve; a --no-serve run (the trigger's) did all it was asked.
+        return EXIT_NOTHING_DEPLOYED if serve else 0
     if serve:
         predict_from_served_endpoint(settings, record, echo)
     return 0
+
+
+EXIT_NOTHING_DEPLOYED = 3  # the run succeeded, but no candidate has ever passed the gate: nothing to serve
+
+
+def production_deployed(settings: Settings) -> bool:
+    """Whether the local production endpoint serves a model."""
+    from ctloop.registry import LocalRegistry
+
+    endpoint = LocalRegistry(settings.local.registry_db).get_endpoint(settings.deploy.production_endpoint)
+    return bool(endpoint and endpoint.deployments)
+
+
+def rejection_reasons(record: RunRecord) -> list[str]:
+    """The gate's failed checks, one line each ([] when it passed or did not run)."""
+    reasons = json.loads(record.output("evaluate-gate", "reasons", "[]") or "[]")
+    return [r.get("message") or r.get("check") for r in reasons if not r.get("passed")]
 
 
 def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
@@ -66,10 +89,8 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
              f"version {record.output('register', 'version', '?')}; "
              f"deployed to {record.output('deploy', 'endpoint', '?')}")
     elif decision == "fail":
-        failed = [r for r in json.loads(record.output("evaluate-gate", "reasons", "[]") or "[]")
-                  if not r.get("passed")]
-        for r in failed:
-            echo(f"rejected: {r.get('message') or r.get('check')}")
+        for reason in rejection_reasons(record):
+            echo(f"rejected: {reason}")
         echo("the champion keeps serving")
 
 

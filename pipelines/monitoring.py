@@ -24,7 +24,6 @@ from components.recent import collect_recent
 from ctloop.config import Settings
 from ctloop.launching import pipeline_parameters
 from pipelines.local_run import RunRecord, new_run_id, run_local
-from pipelines.retry import retry_transient
 
 PIPELINE_NAME = "ctloop-monitoring"
 DRIFT = "drift"
@@ -35,27 +34,28 @@ def retrain_on_drift(config: dict, run_id: str, snapshot_time: str, trigger_uri:
     # A sub-DAG of its own: the KFP local runner resolves a condition on the sub-DAG's inputs, not on a sibling
     # task's output at the root (it would skip the branch), and Vertex runs it the same either way.
     with dsl.If(decision == DRIFT, name="drifted"):
-        launch = retry_transient(launch_training(config=config, run_id=run_id, snapshot_time=snapshot_time,
-                                        trigger_uri=trigger_uri, reasons=reasons))
-        launch.set_display_name("launch training").set_caching_options(False)
+        launch = launch_training(config=config, run_id=run_id, snapshot_time=snapshot_time,
+                                 trigger_uri=trigger_uri, reasons=reasons)
+        launch.set_display_name("launch-training").set_caching_options(False)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Drift check against the champion's training data; retrain on drift.")
 def monitoring_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = ""):
     # Every step reads moving state (new rows, the current champion) or has side effects: never cached.
-    recent = retry_transient(collect_recent(config=config, run_id=run_id, snapshot_time=snapshot_time))
-    recent.set_display_name("collect recent batch").set_caching_options(False)
+    # No step-level retries (ctloop/steps.py); display names are [a-z0-9-].
+    recent = collect_recent(config=config, run_id=run_id, snapshot_time=snapshot_time)
+    recent.set_display_name("collect-recent-batch").set_caching_options(False)
 
-    champion = retry_transient(lookup_champion(config=config, run_id=run_id))
-    champion.set_display_name("look up champion").set_caching_options(False)
+    champion = lookup_champion(config=config, run_id=run_id)
+    champion.set_display_name("look-up-champion").set_caching_options(False)
 
     drift = check_drift(config=config, run_id=run_id, recent=recent.outputs["recent"],
                         champion_uri=champion.outputs["champion_uri"])
-    drift.set_display_name("check drift").set_caching_options(False)
+    drift.set_display_name("check-drift").set_caching_options(False)
 
     retrain = retrain_on_drift(config=config, run_id=run_id, snapshot_time=snapshot_time, trigger_uri=trigger_uri,
                                decision=drift.outputs["decision"], reasons=drift.outputs["reasons"])
-    retrain.set_display_name("retrain on drift").set_caching_options(False)
+    retrain.set_display_name("retrain-on-drift").set_caching_options(False)
 
 
 def run_monitoring_local(

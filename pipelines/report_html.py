@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +107,58 @@ def _reasons(reasons_json: str) -> str:
     return _table(rows, ["check", "value", "comparator", "threshold", "result", "detail"])
 
 
+_INLINE = re.compile(r"`([^`]+)`|\*\*([^*]+)\*\*")
+
+
+def _inline(text: str) -> str:
+    """`code` and **bold**, everything else escaped."""
+    out, last = [], 0
+    for m in _INLINE.finditer(text):
+        out.append(_e(text[last:m.start()]))
+        out.append(f"<code>{_e(m.group(1))}</code>" if m.group(1) is not None else f"<b>{_e(m.group(2))}</b>")
+        last = m.end()
+    return "".join(out) + _e(text[last:])
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def markdown_html(text: str, heading_level: int = 3) -> str:
+    """The Markdown the steps write (headings, paragraphs, pipe tables, `code`, **bold**) as HTML, headings
+    starting at ``heading_level`` so they nest under the report's own sections."""
+    parts: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("|") and i + 1 < len(lines) and set(lines[i + 1].strip()) <= set("|-: "):
+            header, i = _cells(line), i + 2
+            rows = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                rows.append([_inline(c) for c in _cells(lines[i])])
+                i += 1
+            parts.append(_table(rows, header))
+            continue
+        if m := re.match(r"^(#{1,6})\s+(.*)$", line):
+            level = min(6, heading_level + len(m.group(1)) - 1)
+            parts.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
+        elif line:
+            parts.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    return "".join(parts)
+
+
 def _markdown_file(uri: str) -> str:
     p = Path(uri)
-    return f"<pre>{_e(p.read_text())}</pre>" if uri and p.is_file() else ""
+    return markdown_html(p.read_text()) if uri and p.is_file() else ""
 
 
 def render_run_report(record: RunRecord) -> str:
     """The whole report as one HTML string."""
     steps = [[_e(s.name), '<span class="ok">' + s.status + "</span>" if s.status == "SUCCEEDED"
-              else '<span class="bad">' + s.status + "</span>", f"{s.seconds:.2f}s"] for s in record.steps]
+              else '<span class="bad">' + s.status + "</span>", f"{s.seconds:.2f}s", _e(s.error)]
+             for s in record.steps]
     decision = record.output("evaluate-gate", "decision", "")
     gate = record.step("evaluate-gate")
     metrics = record.artifact("evaluate-gate", "metrics").get("metadata", {})
@@ -128,8 +172,8 @@ def render_run_report(record: RunRecord) -> str:
         f"<h1>ctloop run <code>{_e(record.run_id)}</code></h1>",
         f"<p>Status: <b>{_e(record.status)}</b> · started {_e(record.started_at)} · {record.seconds:.1f}s total · "
         f"gate decision: <b>{_e(decision or 'n/a')}</b></p>",
-        f"<pre>{_e(record.error)}</pre>" if record.error else "",
-        "<h2>Steps</h2>", _table(steps, ["step", "status", "wall time"]),
+        f'<p class="bad">{_e(record.error)}</p>' if record.error else "",
+        "<h2>Steps</h2>", _table(steps, ["step", "status", "wall time", "reason"]),
         "<h2>Data quality</h2>", _markdown_file(dq.get("uri", "")) or "<p>No data-quality report.</p>",
         "<h2>Metrics (test split)</h2>",
         _table([[_e(k), _num(v)] for k, v in sorted(metrics.items())], ["metric", "value"]) if metrics else "",

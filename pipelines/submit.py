@@ -39,7 +39,7 @@ def submit(
     with tempfile.TemporaryDirectory() as tmp:
         if template is None:
             template = str(compile_pipeline(PIPELINE_FUNCS[pipeline], Path(tmp) / f"{PIPELINE_NAMES[pipeline]}.yaml",
-                                            settings.gcp.component_image))
+                                            settings.gcp.component_image, settings.resources))
         return create_pipeline_job(settings, pipeline=pipeline, template_path=template, job_id=job_id,
                                    snapshot=snapshot_time, trigger_uri=trigger_uri, enable_caching=enable_caching,
                                    client_options=client_options)

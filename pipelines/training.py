@@ -22,7 +22,6 @@ from components.register import register
 from components.report import report_rejection
 from components.train import train
 from components.transform import transform
-from pipelines.retry import retry_transient
 
 PIPELINE_NAME = "ctloop-training"
 GATE_PASS = "pass"
@@ -31,17 +30,19 @@ GATE_PASS = "pass"
 @dsl.pipeline(name=PIPELINE_NAME, description="Continuous training: extract, transform, train, gate, register, deploy.")
 def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = ""):
     # Extract reads a moving table: never serve it from cache. Side-effecting steps are never cached either.
-    data = retry_transient(extract(config=config, run_id=run_id, snapshot_time=snapshot_time))
-    data.set_display_name("extract (BigQuery)").set_caching_options(False)
+    # No step-level retries: a step retries transient API errors itself and fails once on bad data or settings
+    # (ctloop/steps.py). Display names are [a-z0-9-]: some backends build paths from them.
+    data = extract(config=config, run_id=run_id, snapshot_time=snapshot_time)
+    data.set_display_name("extract-bigquery").set_caching_options(False)
 
-    splits = retry_transient(transform(config=config, run_id=run_id, dataset=data.outputs["dataset"]))
-    splits.set_display_name("transform (Dataproc PySpark)")
+    splits = transform(config=config, run_id=run_id, dataset=data.outputs["dataset"])
+    splits.set_display_name("transform-dataproc-pyspark")
 
     model = train(config=config, run_id=run_id, train=splits.outputs["train"], valid=splits.outputs["valid"])
-    model.set_display_name("train (scikit-learn)")
+    model.set_display_name("train-scikit-learn")
 
-    champion = retry_transient(lookup_champion(config=config, run_id=run_id))
-    champion.set_display_name("look up champion").set_caching_options(False)
+    champion = lookup_champion(config=config, run_id=run_id)
+    champion.set_display_name("look-up-champion").set_caching_options(False)
 
     gate = evaluate_gate(
         config=config,
@@ -50,20 +51,18 @@ def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigge
         test=splits.outputs["test"],
         champion_uri=champion.outputs["champion_uri"],
     )
-    gate.set_display_name("evaluate gate").set_caching_options(False)
+    gate.set_display_name("evaluate-gate").set_caching_options(False)
 
     with dsl.If(gate.outputs["decision"] == GATE_PASS, name="gate-passed"):
-        version = retry_transient(register(config=config, run_id=run_id, model=model.outputs["model"],
-                                  metrics=gate.outputs["metrics"]))
-        version.set_display_name("register (Model Registry)").set_caching_options(False)
-        # No step-level retry: a failed smoke test is deterministic and already rolled back; the Google
-        # clients retry transient API errors inside the step.
+        version = register(config=config, run_id=run_id, model=model.outputs["model"],
+                           metrics=gate.outputs["metrics"])
+        version.set_display_name("register-model-registry").set_caching_options(False)
         # The champion the gate compared against: deploy promotes only if it still is the champion.
         rollout = deploy(config=config, run_id=run_id, model_name=version.outputs["model_resource"],
                          version=version.outputs["version"],
                          champion_version=champion.outputs["champion_version"], test=splits.outputs["test"])
-        rollout.set_display_name("deploy (staging, smoke, production)").set_caching_options(False)
+        rollout.set_display_name("deploy-staging-smoke-production").set_caching_options(False)
     with dsl.Else(name="gate-failed"):
         rejected = report_rejection(config=config, run_id=run_id, reasons=gate.outputs["reasons"],
                                     trigger_uri=trigger_uri)
-        rejected.set_display_name("report rejection").set_caching_options(False)
+        rejected.set_display_name("report-rejection").set_caching_options(False)

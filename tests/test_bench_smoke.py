@@ -348,3 +348,19 @@ def test_step_phases_split_a_runner_log(tmp_path: Path) -> None:
     assert set(phases) == {"train", "deploy"}
     assert phases["train"] == pytest.approx({"executor_start": 0.05, "body": 2.5, "exit": 0.45})
     assert phases["deploy"] == pytest.approx({"executor_start": 0.05, "body": 1.0, "exit": 0.05})
+
+
+def test_the_contention_section_reports_the_shipped_ratio_against_its_target() -> None:
+    from bench import contention
+
+    results = {"alone": {"seconds": 4.0, "cpu": 7.0, "wall": 5.0},
+               contention.SHIPPED: {"seconds": 5.0, "cpu": 7.5, "wall": 6.0},
+               "competing, OMP_NUM_THREADS=1": {"seconds": 6.0, "cpu": 6.0, "wall": 7.0}}
+    assert contention.contention_ratio(results) == 1.25
+    section = Section("loop", "Loop")
+    contention.add_to(section, results)
+    shipped, one_thread = section.figures
+    assert shipped.name == f"train, {contention.SHIPPED} (contention ratio)"
+    assert (shipped.ratio, shipped.met) == (1.25, True) and one_thread.target is None
+    results[contention.SHIPPED]["seconds"] = 6.0
+    assert contention.contention_ratio(results) == 1.5

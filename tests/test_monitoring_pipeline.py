@@ -91,7 +91,8 @@ def test_compile_writes_the_monitoring_pipeline_with_the_image_pinned(tmp_path: 
                               "exec-launch-training"}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["collect-recent"]["retryPolicy"]["maxRetryCount"] == 2
+    # Transient errors are retried inside the step, bad data fails once (ctloop/steps.py): no KFP retry policy.
+    assert all("retryPolicy" not in t for t in tasks.values())
     assert all(t.get("cachingOptions", {}).get("enableCache", False) is False for t in tasks.values())
 
 

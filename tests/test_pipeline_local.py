@@ -82,16 +82,17 @@ def test_compiled_yaml_pins_the_image_and_installs_nothing_at_run_time(compiled:
 
     assert f"kfp=={kfp.__version__}" in (REPO / "requirements.lock").read_text()
     assert "requirements.lock" in (REPO / "components" / "Dockerfile").read_text()
-    # Retries on the external steps, never a cached extract.
+    # Never a cached extract. No step is retried as a whole: bad data or settings fail once, and transient
+    # API errors are retried inside the step (ctloop/steps.py; tests/test_step_policy.py).
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["extract"]["cachingOptions"].get("enableCache", False) is False
-    assert tasks["extract"]["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["transform"]["retryPolicy"]["maxRetryCount"] == 2
-    # Inside the gate-passed branch: register retries; deploy does not (a failed smoke test is deterministic and
-    # already rolled back, so rerunning the whole step would only repeat it).
     passed_branch = spec["components"]["comp-condition-2"]["dag"]["tasks"]
-    assert passed_branch["register"]["retryPolicy"]["maxRetryCount"] == 2
-    assert "retryPolicy" not in passed_branch["deploy"]
+    for task in ("extract", "transform"):
+        assert "retryPolicy" not in tasks[task], task
+    for task in ("register", "deploy"):
+        assert "retryPolicy" not in passed_branch[task], task
+    # Each step's CPU and memory from the settings travel in the YAML.
+    assert executors["exec-train"]["container"]["resources"]["resourceMemoryLimit"] == "32G"
 
 
 def test_first_run_of_the_compiled_yaml_trains_gates_registers_deploys_and_serves(

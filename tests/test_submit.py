@@ -33,8 +33,8 @@ def vertex(recording_server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -
     return recording_server
 
 
-def _submit(server: RecordingServer, run_id: str, **kw: object):
-    settings = load_settings(REPO / "ctloop.yaml")
+def _submit(server: RecordingServer, run_id: str, overrides: dict[str, object] | None = None, **kw: object):
+    settings = load_settings(REPO / "ctloop.yaml").with_overrides(overrides or {})
     return submit_training(
         settings, run_id=run_id, snapshot_time="2026-11-01T00:00:00Z", trigger_uri="gs://b/o.parquet#17",
         client_options={"api_endpoint": server.url, "credentials": AnonymousCredentials(), "api_transport": "rest"},
@@ -69,6 +69,17 @@ def test_submit_sends_one_create_pipeline_job_with_deterministic_id(vertex: Reco
     # enable_caching=False is applied to every task.
     tasks = body["pipelineSpec"]["root"]["dag"]["tasks"]
     assert all(t.get("cachingOptions", {}).get("enableCache") in (None, False) for t in tasks.values())
+
+
+def test_submit_compiles_with_the_settings_step_resources(vertex: RecordingServer) -> None:
+    vertex.route("POST", JOBS, lambda r: (200, {"name": f"{JOB_NAMES}/{r.query['pipelineJobId'][0]}",
+                                               "state": "PIPELINE_STATE_PENDING"}))
+    _submit(vertex, "ctloop-train-res", overrides={"resources.train.cpu": "8", "resources.train.memory": "32Gi"})
+    (req,) = vertex.find("POST", JOBS)
+    executors = req.json["pipelineSpec"]["deploymentSpec"]["executors"]
+    (train,) = [e for name, e in executors.items() if name == "exec-train"]
+    assert train["container"]["resources"]["resourceCpuLimit"] == "8"
+    assert train["container"]["resources"]["resourceMemoryLimit"] == "32Gi"
 
 
 def test_already_existing_job_is_success_not_failure(vertex: RecordingServer) -> None:

@@ -392,3 +392,25 @@ def test_components_run_under_the_kfp_local_runner(work: Path, splits: dict[str,
     [report] = list((tmp_path / "root").rglob("report"))
     assert "Gate decision: **PASS**" in report.read_text()
     assert (tmp_path / "runs" / "experiments.jsonl").is_file()
+
+
+def test_cloud_train_refuses_splits_beyond_its_memory_limit(tmp_path: Path) -> None:
+    """Rows counted from the Parquet footers against resources.train.memory: a clear line instead of an OOM kill."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.train import TRAIN_BYTES_PER_ROW, check_memory
+    from ctloop.errors import CtloopError
+
+    for split, rows in (("train", 3000), ("valid", 1000)):
+        (tmp_path / split).mkdir()
+        pq.write_table(pa.table({"x": list(range(rows))}), tmp_path / split / "part-0.parquet")
+        (tmp_path / split / "_feature_spec.json").write_text("{}")  # not data: not counted
+    fits = Settings().with_overrides({"backend": "cloud", "resources.train.memory": "1G"})
+    check_memory(fits, str(tmp_path / "train"), str(tmp_path / "valid"))
+    small = fits.with_overrides({"resources.train.memory": "3M"})  # 4,000 rows need 4 MB
+    assert 4000 * TRAIN_BYTES_PER_ROW > 3e6
+    with pytest.raises(CtloopError, match=r"^train: 4,000 train \+ valid rows need about 0.004G of memory at 1000 "
+                                          r"bytes per row; resources.train.memory is 3M: raise it"):
+        check_memory(small, str(tmp_path / "train"), str(tmp_path / "valid"))
+    check_memory(small.with_overrides({"backend": "local"}), str(tmp_path / "train"), str(tmp_path / "valid"))

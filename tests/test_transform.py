@@ -320,6 +320,9 @@ def test_report_null_rates_and_markdown(local_run: LocalRun) -> None:
     assert f"| exact duplicates dropped | {report['duplicates_dropped']['exact']} |" in md
     negatives = local_run.fixture.bad["negative_value:support_calls"]
     assert f"| negative_value | `support_calls` | {negatives} |" in md
+    # The columns' roles, and where each came from (here: configured, not inferred).
+    assert "| `churned` | label | configured (columns.label_column) |" in md
+    assert "| `tenure_months` | numeric feature | configured (columns.numeric_features) |" in md
     saved = json.loads((local_run.out / "task" / tr.REPORT_JSON).read_text())
     assert saved == report
     meta = local_run.result.split_metadata("test")
