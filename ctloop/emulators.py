@@ -279,20 +279,24 @@ class FakeGcs:
                               client_options={"api_endpoint": self.url})
 
 
-def start_fake_gcs(log_dir: Path, *, pubsub_host: str, project: str, topic: str, port: int | None = None,
-                   data_root: Path | None = None, timeout: float = 30.0) -> FakeGcs:
-    """fake-gcs-server publishing OBJECT_FINALIZE to ``projects/<project>/topics/<topic>`` on ``pubsub_host``.
+def start_fake_gcs(log_dir: Path, *, pubsub_host: str | None = None, project: str = "", topic: str = "",
+                   port: int | None = None, data_root: Path | None = None, timeout: float = 30.0) -> FakeGcs:
+    """fake-gcs-server; with ``pubsub_host``, publishing OBJECT_FINALIZE to ``projects/<project>/topics/<topic>``.
 
-    Create the topic first: notifications for uploads made before it exists are lost.
+    Create the topic first: notifications for uploads made before it exists are lost. The server logs to a file
+    (a pipe nobody reads would stall it once full).
     """
     port = port or free_port()
     backend = ["-backend", "memory"]
     if data_root is not None:
         backend = ["-backend", "filesystem", "-filesystem-root", str(data_root)]
+    events: list[str] = []
+    env = dict(os.environ)
+    if pubsub_host is not None:
+        events = ["-event.pubsub-project-id", project, "-event.pubsub-topic", topic, "-event.list", "finalize"]
+        env["PUBSUB_EMULATOR_HOST"] = pubsub_host
     argv = [str(find_fake_gcs_server()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-            *backend, "-external-url", f"http://127.0.0.1:{port}", "-event.pubsub-project-id", project,
-            "-event.pubsub-topic", topic, "-event.list", "finalize", "-log-level", "warn"]
-    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_host}
+            *backend, "-external-url", f"http://127.0.0.1:{port}", *events, "-log-level", "warn"]
     proc = start_process("fake-gcs-server", argv, log_dir / "fake-gcs-server.log", env=env)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, f"{url}/storage/v1/b", timeout)

