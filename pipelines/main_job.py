@@ -174,9 +174,10 @@ def submit_compiled(
     template: str | None,
     enable_caching: bool | None = None,
     client_options: dict[str, Any] | None = None,
+    extra_parameters: dict[str, Any] | None = None,
 ) -> SubmitResult:
     """Submit one of the project's pipelines with the cloud backend; compiles ``pipeline_func`` when no template
-    (a compiled file or an Artifact Registry URI) is given."""
+    (a compiled file or an Artifact Registry URI) is given. ``extra_parameters``: the pipeline's own ones."""
     from pipelines.compile import compile_pipeline
 
     cloud = settings.with_overrides({"backend": "cloud"})
@@ -186,7 +187,8 @@ def submit_compiled(
                                             settings.gcp.component_image))
         return submit_pipeline(
             cloud, template_path=template, run_id=job_id,
-            parameter_values=pipeline_arguments(cloud, job_id, snapshot_time, trigger_uri),
+            parameter_values={**pipeline_arguments(cloud, job_id, snapshot_time, trigger_uri),
+                              **(extra_parameters or {})},
             enable_caching=enable_caching, labels={"trigger": "manual" if not trigger_uri else "gcs"},
             display_name=display_name, client_options=client_options,
         )

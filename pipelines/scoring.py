@@ -1,0 +1,102 @@
+"""The scoring pipeline: the registry's champion (or a given version) scores every entity's latest row.
+
+Steps, in order:
+  1. collect_scoring_rows  the extract SQL (BigQuery / DuckDB) over the scoring window ending at the run's
+                           snapshot time -> Dataset
+  2. score_batch           the score job (Dataproc Serverless / local Spark): training's features, the model's
+                           predict_proba -> scores Dataset, the destination (BigQuery / Parquet), HTML report
+
+It runs on a schedule (terraform/scoring.tf: Cloud Scheduler -> the trigger function) or from ``ctloop score``.
+"""
+
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl
+
+from components.score import collect_scoring_rows, score_batch
+from ctloop.config import Settings
+from pipelines.local_run import RunRecord, new_run_id, run_local
+from pipelines.submit import SubmitResult, job_id_for
+
+PIPELINE_NAME = "ctloop-scoring"
+RUN_PREFIX = "ctloop-score"
+
+
+def _retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Steps that call external services retry transient failures with backoff."""
+    return task.set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0, backoff_max_duration="60s")
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Batch scoring: the champion scores every entity's latest row.")
+def scoring_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = "",
+                     model_version: str = ""):
+    # Both steps read moving state (new rows, the current champion) and write the destination: never cached.
+    rows = _retry(collect_scoring_rows(config=config, run_id=run_id, snapshot_time=snapshot_time))
+    rows.set_display_name("collect rows (BigQuery)").set_caching_options(False)
+
+    scored = _retry(score_batch(config=config, run_id=run_id, rows=rows.outputs["rows"],
+                                model_version=model_version, snapshot_time=snapshot_time))
+    scored.set_display_name("score (Dataproc PySpark)").set_caching_options(False)
+
+
+def run_scoring_local(
+    settings: Settings,
+    *,
+    run_id: str | None,
+    snapshot_time: str = "",
+    model_version: str = "",
+    echo: Callable[[str], None] = print,
+) -> tuple[int, RunRecord]:
+    """Run the scoring pipeline with the KFP local runner; prints counts, the destination and the report path.
+
+    Returns (exit code, run record).
+    """
+    from pipelines.main_job import pipeline_arguments
+
+    run_id = run_id or new_run_id(RUN_PREFIX)
+    version = model_version or settings.scoring.model_version
+    echo(f"ctloop score {run_id} (local: DuckDB, Spark {settings.local.spark_master}; model {version})")
+    arguments = {**pipeline_arguments(settings, run_id, snapshot_time, ""), "model_version": model_version}
+    record = run_local(scoring_pipeline, settings, run_id=run_id, arguments=arguments, echo=echo)
+    echo_summary(record, echo)
+    if record.status != "SUCCEEDED":
+        echo(f"error: {record.error}")
+        return 1, record
+    return 0, record
+
+
+def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
+    echo(f"status: {record.status} in {record.seconds:.1f}s")
+    meta = record.artifact("score-batch", "scores").get("metadata", {})
+    if meta:
+        ref = meta.get("reference") or {}
+        echo(f"rows: {meta['input_rows']} read, {meta['scored_rows']} entities scored by model version "
+             f"{meta['model_version']}; mean probability {meta['mean_probability']:.4f}"
+             + (f" (test split: {ref['mean_probability']:.4f})" if ref.get("mean_probability") is not None else ""))
+        echo(f"scores: {meta['destination']}")
+    report = record.artifact("score-batch", "report").get("uri")
+    if report:
+        record.report_path = str(Path(report))
+        echo(f"report: {report}")
+
+
+def submit_scoring(
+    settings: Settings,
+    *,
+    run_id: str | None,
+    snapshot_time: str = "",
+    trigger_uri: str = "",
+    model_version: str = "",
+    template: str | None = None,
+    client_options: dict[str, Any] | None = None,
+) -> SubmitResult:
+    """Submit the scoring pipeline to Vertex AI Pipelines (compiled now when no template is given)."""
+    from pipelines.main_job import submit_compiled
+
+    return submit_compiled(settings, scoring_pipeline, display_name=PIPELINE_NAME,
+                           job_id=job_id_for(run_id or new_run_id(RUN_PREFIX), prefix=RUN_PREFIX),
+                           snapshot_time=snapshot_time, trigger_uri=trigger_uri, template=template,
+                           client_options=client_options, extra_parameters={"model_version": model_version})
