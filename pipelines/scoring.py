@@ -10,6 +10,7 @@ It runs on a schedule (terraform/scoring.tf: Cloud Scheduler -> the trigger func
 """
 
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,23 @@ def run_scoring_local(
     echo(f"ctloop score {run_id} (local: DuckDB, Spark {settings.local.spark_master}; model {version})")
     arguments = {**pipeline_arguments(settings, run_id, snapshot_time, ""), "model_version": model_version}
     record = run_local(scoring_pipeline, settings, run_id=run_id, arguments=arguments, echo=echo)
+    keep_report(record, settings.local.runs_dir / run_id)
     echo_summary(record, echo)
     if record.status != "SUCCEEDED":
         echo(f"error: {record.error}")
         return 1, record
     return 0, record
+
+
+def keep_report(record: RunRecord, run_dir: Path) -> None:
+    """Copy the step's HTML report next to the run record and name it there (as training runs do)."""
+    source = Path(record.artifact("score-batch", "report").get("uri") or "")
+    if record.report_path or not source.is_file():
+        return
+    target = run_dir / "report.html"
+    shutil.copyfile(source, target)
+    record.report_path = str(target)
+    (run_dir / "run.json").write_text(record.to_json())
 
 
 def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
@@ -77,10 +90,8 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
              f"{meta['model_version']}; mean probability {meta['mean_probability']:.4f}"
              + (f" (test split: {ref['mean_probability']:.4f})" if ref.get("mean_probability") is not None else ""))
         echo(f"scores: {meta['destination']}")
-    report = record.artifact("score-batch", "report").get("uri")
-    if report:
-        record.report_path = str(Path(report))
-        echo(f"report: {report}")
+    if record.report_path:
+        echo(f"report: {record.report_path}")
 
 
 def submit_scoring(
