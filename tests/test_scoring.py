@@ -80,9 +80,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, spark: Any) -> dict[str, A
     return {"settings": s, "extract": extract, "splits": splits, "model_dir": model_dir, "root": root}
 
 
+def _settings_out(trained: dict[str, Any], tmp: Path) -> Settings:
+    """The trained settings with this test's own scores destination."""
+    return trained["settings"].with_overrides({"scoring.output_dir": str(tmp / "out")})
+
+
 def _score(trained: dict[str, Any], spark: Any, run_id: str, tmp: Path, version: str = "") -> Any:  # noqa: F811
     scores = tmp / run_id / "scores"
-    return run_scoring(trained["settings"], run_id=run_id, input_path=str(trained["extract"]),
+    return run_scoring(_settings_out(trained, tmp), run_id=run_id, input_path=str(trained["extract"]),
                        input_uri=str(trained["extract"]), scores_path=str(scores), scores_uri=str(scores),
                        model_version=version, snapshot_time=AS_OF, spark=spark)
 
@@ -90,7 +95,7 @@ def _score(trained: dict[str, Any], spark: Any, run_id: str, tmp: Path, version:
 def test_scores_equal_offline_predict_proba_on_trainings_features(trained: dict[str, Any], spark: Any,  # noqa: F811
                                                                   tmp_path: Path) -> None:
     result = _score(trained, spark, "score-1", tmp_path)
-    s = trained["settings"]
+    s = _settings_out(trained, tmp_path)
     out = pd.read_parquet(destination_dir(s, "score-1", "1"))
     # Offline: every row of the transform's three splits carries training's features; each entity's latest row
     # is what scoring at AS_OF sees (the extract window ends there).
@@ -118,7 +123,7 @@ def test_scores_equal_offline_predict_proba_on_trainings_features(trained: dict[
 
 def test_rerun_replaces_its_own_output_and_another_run_adds_its_own(trained: dict[str, Any], spark: Any,  # noqa: F811
                                                                     tmp_path: Path) -> None:
-    s = trained["settings"]
+    s = _settings_out(trained, tmp_path)
     first = _score(trained, spark, "score-rerun", tmp_path)
     second = _score(trained, spark, "score-rerun", tmp_path)
     dest = destination_dir(s, "score-rerun", "1")
