@@ -114,25 +114,14 @@ class ScoringModel:
 
 def resolve_model(settings: Settings, ref: str) -> ScoringModel:
     """The registry version ``ref`` names: a version number, or an alias (``champion``)."""
-    name = settings.model.display_name
-    if settings.backend == "cloud":
-        from ctloop.vertex import Where, find_parent_model, get_model_version
-
-        where = Where(settings.gcp.project, settings.gcp.region)
-        parent = find_parent_model(name, where)
-        model = get_model_version(parent.resource_name, ref, where) if parent is not None else None
-        if model is None:
-            raise CtloopError(f"score: model {name!r} has no version {ref!r} in the Vertex AI Model Registry")
-        return ScoringModel(str(model.version_id), model.uri or "")
-
-    from ctloop.registry import LocalRegistry, RegistryError
+    from ctloop.registry import RegistryError, open_registry
 
     try:
-        version = LocalRegistry(settings.local.registry_db).get_version(name, ref)
+        version = open_registry(settings).get_version(ref)
     except RegistryError as exc:
-        raise CtloopError(f"score: model {name!r} version or alias {ref!r} not found in "
-                          f"{settings.local.registry_db} ({exc}); train a model first (ctloop run)") from exc
-    return ScoringModel(str(version.version_id), version.artifact_uri)
+        raise CtloopError(f"score: model {settings.model.display_name!r} has no version {ref!r}: {exc}; "
+                          f"train a model first (ctloop run) or pass another --model-version") from exc
+    return ScoringModel(str(version.version), version.artifact_uri)
 
 
 def local_path(uri: str) -> Path:

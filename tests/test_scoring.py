@@ -137,7 +137,7 @@ def test_rerun_replaces_its_own_output_and_another_run_adds_its_own(trained: dic
 
 
 def test_unknown_version_is_one_clear_error(trained: dict[str, Any]) -> None:
-    with pytest.raises(CtloopError, match=r"model 'ctloop-churn' version or alias '7' not found"):
+    with pytest.raises(CtloopError, match=r"model 'ctloop-churn' has no version '7'"):
         resolve_model(trained["settings"], "7")
     assert resolve_model(trained["settings"], "champion").version == "1"
 
