@@ -48,23 +48,13 @@ def _settings(workdir: Path) -> Settings:
     return load_settings(REPO / "ctloop.yaml", [f"local.workdir={workdir}", "data.min_rows=10"])
 
 
-def _labelled_sample(settings: Settings, rows: int) -> None:
-    """Sample data with every label readable: rows with a malformed label are quarantined by training (so they
-    are no event of its history) but are scored, so they would make the two histories differ."""
-    write_sample_data(settings.local.landing_dir, settings, rows=rows, seed=11, end=AS_OF)
-    for part in settings.local.landing_dir.rglob("*.parquet"):
-        frame = pd.read_parquet(part)
-        label = pd.to_numeric(frame["churned"], errors="coerce")
-        frame[label.isin([0, 1])].to_parquet(part, index=False)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, spark: Any) -> dict[str, Any]:  # noqa: F811
     """The training path end to end without the runner: extract, transform (local Spark), train, register the
     model as champion; returns the settings, the extract and the transform outputs."""
     root = tmp_path_factory.mktemp("scoring")
     s = _settings(root / "work")
-    _labelled_sample(s, rows=6000)
+    write_sample_data(s.local.landing_dir, s, rows=6000, seed=11, end=AS_OF)
     extract = root / "extract"
     run_extract(s, run_id="train-1", output_path=str(extract), output_uri=str(extract), snapshot_time=AS_OF)
     splits = {name: root / "transform" / name for name in ("train", "valid", "test")}
@@ -134,6 +124,23 @@ def test_rerun_replaces_its_own_output_and_another_run_adds_its_own(trained: dic
     _score(trained, spark, "score-other", tmp_path, version="1")
     runs = sorted(p.name for p in dest.parent.parent.iterdir())
     assert runs == ["run_id=score-other", "run_id=score-rerun"]
+
+
+def test_rows_without_labels_are_scored(trained: dict[str, Any], spark: Any, tmp_path: Path) -> None:  # noqa: F811
+    """A table of rows to score need not know their outcome: no label column at all scores the same entities."""
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    frame = pd.read_parquet(trained["extract"])
+    label = pd.to_numeric(frame["churned"], errors="coerce")
+    frame[label.isin([0, 1])].drop(columns=["churned"]).to_parquet(unlabelled / "part-0.parquet", index=False)
+    scores = tmp_path / "scores"
+    result = run_scoring(_settings_out(trained, tmp_path), run_id="no-labels", input_path=str(unlabelled),
+                         input_uri=str(unlabelled), scores_path=str(scores), scores_uri=str(scores),
+                         snapshot_time=AS_OF, spark=spark)
+    out = pd.read_parquet(result.destination)
+    trained_entities = pd.concat([pd.read_parquet(p) for p in trained["splits"].values()])["customer_id"]
+    assert len(out) == out["customer_id"].nunique() == trained_entities.nunique()
+    assert out["probability"].between(0, 1).all()
 
 
 def test_unknown_version_is_one_clear_error(trained: dict[str, Any]) -> None:

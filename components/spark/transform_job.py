@@ -282,7 +282,8 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
               label_required: bool = True) -> DataFrame:
     """Source columns plus typed copies (``__typed__<col>``) and the quarantine reason (null = clean).
 
-    ``label_required=False`` (scoring) leaves the label out of the checks: rows to score need no outcome.
+    ``label_required=False`` (scoring) lets a row without a label through (its outcome is not known yet); a
+    label that is there but unreadable or not 0/1 still marks the row malformed, as in training.
     """
     types = {f.name: f.dataType for f in df.schema.fields}
     ident = _col(spec.id_column).cast("string")
@@ -296,12 +297,11 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
         (ts.isNull(), "unparseable_value", spec.timestamp_column),
     ]
     label_raw = _col(spec.label_column)
-    if label_required:
-        checks.append((label_raw.isNotNull() & label_num.isNull(), "unparseable_value", spec.label_column))
+    checks.append((label_raw.isNotNull() & label_num.isNull(), "unparseable_value", spec.label_column))
     checks += [(_col(c).isNotNull() & numeric[c].isNull(), "unparseable_value", c) for c in spec.numeric]
     if label_required:
         checks.append((label_raw.isNull(), "null_label", spec.label_column))
-        checks.append((~label_num.isin(0.0, 1.0), "invalid_label", spec.label_column))
+    checks.append((~label_num.isin(0.0, 1.0), "invalid_label", spec.label_column))  # null stays unflagged
     checks += [(numeric[c] < 0, "negative_value", c) for c in non_negative]
 
     reason = reason_column = None
