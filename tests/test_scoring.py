@@ -54,7 +54,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, spark: Any) -> dict[str, A
     model as champion; returns the settings, the extract and the transform outputs."""
     root = tmp_path_factory.mktemp("scoring")
     s = _settings(root / "work")
-    write_sample_data(s.local.landing_dir, s, rows=6000, seed=11, end=AS_OF)
+    write_sample_data(s.local.landing_dir, s, rows=4000, seed=11, end=AS_OF)
     extract = root / "extract"
     run_extract(s, run_id="train-1", output_path=str(extract), output_uri=str(extract), snapshot_time=AS_OF)
     splits = {name: root / "transform" / name for name in ("train", "valid", "test")}
