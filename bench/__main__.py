@@ -25,6 +25,7 @@ SUITES = {
     "trigger": ("bench.trigger", "upload -> function -> launch latency on the emulators"),
     "serving": ("bench.serving", "prediction server throughput and latency vs in-process predict"),
     "compile": ("bench.compile_time", "compile time of all pipelines"),
+    "scoring": ("bench.scoring", "batch scoring rows/s with the champion (1M rows)"),
 }
 RESULTS_DIR = REPO / "bench" / "results"
 

@@ -209,7 +209,7 @@ def job_args(spec: FeatureSpec, non_negative: list[str], settings: Settings, *, 
     return args
 
 
-def batch_id_for(run_id: str, attempt: int = 1) -> str:
+def batch_id_for(run_id: str, attempt: int = 1, step: str = "transform") -> str:
     """A valid Dataproc batch id (4-63 of [a-z0-9-]) derived from the run id; later attempts get a suffix.
 
     Readable slug plus a hash of the exact run id, so two run ids that slug alike still get different batches.
@@ -219,28 +219,29 @@ def batch_id_for(run_id: str, attempt: int = 1) -> str:
     digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
     suffix = f"-{digest}" + attempt_suffix(attempt)
     slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
-    head = "transform-" + slug
+    head = f"{step}-" + slug
     return head[: 63 - len(suffix)].rstrip("-") + suffix
 
 
-def upload_job_file(client: "storage.Client", bucket: str) -> str:
+def upload_job_file(client: "storage.Client", bucket: str, job_file: Path = JOB_FILE) -> str:
     """Upload the job file under its content hash unless already there; returns its URI."""
     from google.api_core import exceptions
 
-    data = JOB_FILE.read_bytes()
-    name = f"ctloop/spark/{hashlib.sha256(data).hexdigest()[:16]}/{JOB_FILE.name}"
+    data = job_file.read_bytes()
+    name = f"ctloop/spark/{hashlib.sha256(data).hexdigest()[:16]}/{job_file.name}"
     blob = client.bucket(bucket).blob(name)
     try:
         # if_generation_match=0: create only if absent, in one request; the name is the content, so an
         # existing object already holds these bytes.
         blob.upload_from_string(data, content_type="text/x-python", if_generation_match=0)
-        log.info("uploaded the transform job to gs://%s/%s", bucket, name)
+        log.info("uploaded %s to gs://%s/%s", job_file.name, bucket, name)
     except exceptions.PreconditionFailed:
-        log.info("transform job already staged at gs://%s/%s", bucket, name)
+        log.info("%s already staged at gs://%s/%s", job_file.name, bucket, name)
     return f"gs://{bucket}/{name}"
 
 
-def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str]) -> "Batch":
+def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str], step: str = "transform",
+                ) -> "Batch":
     """The Dataproc Serverless PySpark batch: the component image carries the job's Python."""
     from google.cloud import dataproc_v1
 
@@ -253,12 +254,12 @@ def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str])
         pyspark_batch=dataproc_v1.PySparkBatch(main_python_file_uri=main_uri, args=args),
         runtime_config=dataproc_v1.RuntimeConfig(container_image=gcp.component_image),
         environment_config=dataproc_v1.EnvironmentConfig(execution_config=execution),
-        labels={**settings.labels, "ctloop-step": "transform", "ctloop-run": label_value(run_id)},
+        labels={**settings.labels, "ctloop-step": step, "ctloop-run": label_value(run_id)},
     )
 
 
 def submit_batch(client: "BatchControllerClient", parent: str, batch: "Batch", run_id: str,
-                 poll_seconds: float, timeout_seconds: float) -> "Batch":
+                 poll_seconds: float, timeout_seconds: float, step: str = "transform") -> "Batch":
     """Create the run's batch and wait for it; a Conflict means a rerun step: wait on the existing batch.
 
     An existing batch that FAILED or was CANCELLED is not resurrected: the next attempt id is tried instead,
@@ -274,7 +275,7 @@ def submit_batch(client: "BatchControllerClient", parent: str, batch: "Batch", r
         return existing.state.name in ("FAILED", "CANCELLED")
 
     try:
-        batch_id, _ = start_or_resume(lambda attempt: batch_id_for(run_id, attempt), create,
+        batch_id, _ = start_or_resume(lambda attempt: batch_id_for(run_id, attempt, step), create,
                                    lambda batch_id: client.get_batch(name=f"{parent}/batches/{batch_id}"), failed,
                                    _MAX_ATTEMPTS, f"run {run_id!r}: Dataproc batch")
     except CtloopError as exc:

@@ -234,6 +234,8 @@ DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
     "collect_recent": ("2", "8G"),
     "check_drift": ("4", "16G"),
     "launch_training": ("1", "4G"),
+    "collect_scoring_rows": ("2", "8G"),
+    "score_batch": ("1", "4G"),  # submits and waits on the Dataproc batch that does the scoring
 }
 
 
@@ -296,6 +298,36 @@ class MonitoringSettings(_Strict):
         return self
 
 
+class ScoringSettings(_Strict):
+    """Batch scoring: which rows, which model, where the scores go (docs/architecture.md, "Batch scoring")."""
+
+    # The rows: the extract SQL over ``source_table`` (default data.bq_table) for the last ``window_days``
+    # (default data.window_days, so history features see the same span as in training) before the scoring time.
+    source_table: str | None = None
+    query_file: str | None = None
+    window_days: int | None = Field(default=None, gt=0)
+    model_version: str = "champion"  # a registry alias or a version number
+    # Cloud: the destination BigQuery table in data.bq_dataset. Local: Parquet under ``output_dir``
+    # ("" = <workdir>/scores), one folder per run id and model version.
+    bq_table: str = "scores"
+    output_dir: str = ""
+    schedule: str = "0 7 * * *"  # cron, UTC: the scheduled scoring run (terraform/scoring.tf)
+
+    @field_validator("source_table", "bq_table")
+    @classmethod
+    def _ident(cls, v: str | None) -> str | None:
+        if v is not None and not _IDENT.match(v):
+            raise ValueError(f"BigQuery name {v!r} is not a plain identifier")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != _CRON_FIELDS:
+            raise ValueError(f"scoring.schedule: expected a 5-field cron expression such as '0 7 * * *', found {v!r}")
+        return v
+
+
 class Settings(_Strict):
     """Everything a run needs. Serialisable, so it can be a pipeline parameter."""
 
@@ -309,6 +341,7 @@ class Settings(_Strict):
     deploy: DeploySettings = Field(default_factory=DeploySettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     resources: dict[str, StepResources] = Field(default_factory=dict, validate_default=True)  # DEFAULT_RESOURCES
 
     @field_validator("resources", mode="before")

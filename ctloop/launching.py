@@ -25,10 +25,11 @@ from ctloop.errors import CtloopError
 if TYPE_CHECKING:
     from ctloop.config import Settings
 
-Pipeline = Literal["training", "monitoring"]
+Pipeline = Literal["training", "monitoring", "scoring"]
 # The compiled pipelines' names (pipelineInfo.name), also the PipelineJob display names.
-PIPELINE_NAMES: dict[str, str] = {"training": "ctloop-training", "monitoring": "ctloop-monitoring"}
-JOB_PREFIXES: dict[str, str] = {"training": "ctloop-train", "monitoring": "ctloop-monitor"}
+PIPELINE_NAMES: dict[str, str] = {"training": "ctloop-training", "monitoring": "ctloop-monitoring",
+                                  "scoring": "ctloop-scoring"}
+JOB_PREFIXES: dict[str, str] = {"training": "ctloop-train", "monitoring": "ctloop-monitor", "scoring": "ctloop-score"}
 
 _JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
 _LABEL_BAD = re.compile(r"[^a-z0-9_-]+")
@@ -152,13 +153,15 @@ def create_pipeline_job(
     enable_caching: bool | None = False,
     display_name: str = "",
     client_options: Mapping[str, Any] | None = None,
+    extra_parameters: Mapping[str, Any] | None = None,
 ) -> Launched:
     """Create the Vertex AI PipelineJob ``job_id`` (the only place that does); 409 = it exists = success.
 
     ``template_path``: a compiled YAML, a ``gs://`` URI or an Artifact Registry template URI
     (``https://REGION-kfp.pkg.dev/PROJECT/REPO/NAME/TAG``). The run gets the cloud backends. Caching is off
     unless asked for: a launch means new data. ``client_options`` (api_endpoint, api_transport, credentials)
-    let tests point the real client at a local server.
+    let tests point the real client at a local server. ``extra_parameters``: the pipeline's own parameters
+    beyond the common ones (the scoring pipeline's ``model_version``).
     """
     from google.api_core import exceptions
     from google.cloud import aiplatform
@@ -168,7 +171,8 @@ def create_pipeline_job(
     if not template_path:
         raise LaunchError(f"no template for the {pipeline} pipeline")
     gcp = settings.gcp
-    params = pipeline_parameters(settings, job_id, snapshot, trigger_uri, backend="cloud")
+    params = {**pipeline_parameters(settings, job_id, snapshot, trigger_uri, backend="cloud"),
+              **dict(extra_parameters or {})}
     job_labels = run_labels(settings, trigger_uri, cause=cause, **dict(extra_labels or {}))
     options = dict(client_options or {})
     credentials = options.pop("credentials", None)

@@ -21,6 +21,9 @@ def local_spark(settings: Settings, app_name: str = "ctloop") -> SparkSession:
     """
     # Bind to loopback: no hostname lookups (which stall on machines without DNS) and nothing exposed.
     os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    # PySpark starts its Python workers with $PYSPARK_PYTHON (default: python3 from PATH); the
+    # spark.pyspark.python option below reaches only spark-submit. Workers must run this interpreter.
+    os.environ["PYSPARK_PYTHON"] = sys.executable
     local = settings.local
     builder = (
         SparkSession.builder.master(local.spark_master)

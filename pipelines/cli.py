@@ -199,6 +199,30 @@ def monitor_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, 
     sys.exit(code)
 
 
+@cli.command("score")
+@click.option("--target", type=click.Choice(["local", "vertex"]), default="local", show_default=True)
+@click.option("--run-id", default=None, help="Idempotency key: a rerun replaces its own scores.")
+@click.option("--snapshot-time", default="", help="ISO timestamp the scores are as of (default: now).")
+@click.option("--model-version", default="", help="Registry version or alias (default: scoring.model_version).")
+@click.option("--template", default=None, help="--target vertex: compiled YAML or Artifact Registry URI.")
+@pass_ctx
+@_fail_cleanly
+def score_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, model_version: str,
+              template: str | None) -> None:
+    """Score every entity's latest row with the champion (or --model-version); write the scores."""
+    from pipelines.scoring import run_scoring_local
+    from pipelines.submit import submit_scoring
+
+    if target == "vertex":
+        result = submit_scoring(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
+                                model_version=model_version, template=template)
+        click.echo(f"{'submitted' if result.created else 'already submitted'}: {result.job_name}")
+        return
+    code, _ = run_scoring_local(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
+                                model_version=model_version, echo=click.echo)
+    sys.exit(code)
+
+
 @cli.command("compile")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("build/pipelines"), show_default=True)
 @click.option("--component-image", default=None, help="Image every component runs in (default: gcp.component_image).")

@@ -18,9 +18,10 @@ from ctloop.errors import CtloopError
 def all_pipelines() -> dict[str, Callable[..., Any]]:
     """Name -> pipeline function, for every pipeline the project ships."""
     from pipelines.monitoring import monitoring_pipeline
+    from pipelines.scoring import scoring_pipeline
     from pipelines.training import training_pipeline
 
-    return {"training": training_pipeline, "monitoring": monitoring_pipeline}
+    return {"training": training_pipeline, "monitoring": monitoring_pipeline, "scoring": scoring_pipeline}
 
 
 def compile_pipeline(pipeline_func: Callable[..., Any], out_path: Path, component_image: str,

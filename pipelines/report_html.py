@@ -3,35 +3,18 @@ decision with its reasons, and lineage. Plots are inline SVG, so the file needs 
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from ctloop.html import CSS, table
+from ctloop.html import escape as _e
 from pipelines.local_run import RunRecord
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px;color:#1f2328}
-h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
-th{background:#f6f8fa}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
-pre{background:#f6f8fa;padding:.75rem;overflow:auto;font-size:.85rem}.plots{display:flex;gap:2rem;flex-wrap:wrap}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value))
 
 
 def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else _e(value)
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _curve_svg(xs: list[float], ys: list[float], title: str, xlabel: str, ylabel: str, diagonal: bool) -> str:
@@ -104,7 +87,7 @@ def _reasons(reasons_json: str) -> str:
     rows = [[_e(r.get("check", "")), _num(r.get("value")), _e(r.get("comparator", "")), _num(r.get("threshold")),
              '<span class="ok">pass</span>' if r.get("passed") else '<span class="bad">fail</span>',
              _e(r.get("message", ""))] for r in reasons]
-    return _table(rows, ["check", "value", "comparator", "threshold", "result", "detail"])
+    return table(rows, ["check", "value", "comparator", "threshold", "result", "detail"])
 
 
 _INLINE = re.compile(r"`([^`]+)`|\*\*([^*]+)\*\*")
@@ -138,7 +121,7 @@ def markdown_html(text: str, heading_level: int = 3) -> str:
             while i < len(lines) and lines[i].strip().startswith("|"):
                 rows.append([_inline(c) for c in _cells(lines[i])])
                 i += 1
-            parts.append(_table(rows, header))
+            parts.append(table(rows, header))
             continue
         if m := re.match(r"^(#{1,6})\s+(.*)$", line):
             level = min(6, heading_level + len(m.group(1)) - 1)
@@ -173,24 +156,24 @@ def render_run_report(record: RunRecord) -> str:
         f"<p>Status: <b>{_e(record.status)}</b> · started {_e(record.started_at)} · {record.seconds:.1f}s total · "
         f"gate decision: <b>{_e(decision or 'n/a')}</b></p>",
         f'<p class="bad">{_e(record.error)}</p>' if record.error else "",
-        "<h2>Steps</h2>", _table(steps, ["step", "status", "wall time", "reason"]),
+        "<h2>Steps</h2>", table(steps, ["step", "status", "wall time", "reason"]),
         "<h2>Data quality</h2>", _markdown_file(dq.get("uri", "")) or "<p>No data-quality report.</p>",
         "<h2>Metrics (test split)</h2>",
-        _table([[_e(k), _num(v)] for k, v in sorted(metrics.items())], ["metric", "value"]) if metrics else "",
+        table([[_e(k), _num(v)] for k, v in sorted(metrics.items())], ["metric", "value"]) if metrics else "",
         _plots(classification),
         "<h2>Gate decision</h2>",
         _reasons(record.output("evaluate-gate", "reasons", "")) if gate else "<p>The gate did not run.</p>",
         "<h2>Deployment</h2>",
-        _table([[_e(k), _e(v)] for k, v in rollout.items()], ["field", "value"]) if rollout else
+        table([[_e(k), _e(v)] for k, v in rollout.items()], ["field", "value"]) if rollout else
         "<p>Nothing was registered or deployed in this run.</p>",
         "<h2>Lineage</h2>",
-        _table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted({**extract_meta, **model_meta}.items())],
+        table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted({**extract_meta, **model_meta}.items())],
                ["field", "value"]),
-        _table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted(record.parameters.items())],
+        table([[_e(k), f"<code>{_e(v)}</code>"] for k, v in sorted(record.parameters.items())],
                ["parameter", "value"]),
     ]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ctloop run {_e(record.run_id)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
 
 
 def write_run_report(record: RunRecord, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""``ctloop submit`` / ``--target vertex``: submit the training or monitoring pipeline to Vertex AI Pipelines.
+"""``ctloop submit`` / ``--target vertex``: submit the training, monitoring or scoring pipeline to Vertex AI.
 
 The request itself is ``ctloop.launching.create_pipeline_job`` (the same call the trigger function and the
 monitoring pipeline make); this module only picks the template: the one given (a compiled file or an Artifact
@@ -17,9 +17,11 @@ from ctloop.launching import JOB_PREFIXES, PIPELINE_NAMES, Launched, Pipeline, c
 from pipelines.compile import compile_pipeline
 from pipelines.local_run import new_run_id
 from pipelines.monitoring import monitoring_pipeline
+from pipelines.scoring import scoring_pipeline
 from pipelines.training import training_pipeline
 
-PIPELINE_FUNCS: dict[str, Callable[..., Any]] = {"training": training_pipeline, "monitoring": monitoring_pipeline}
+PIPELINE_FUNCS: dict[str, Callable[..., Any]] = {"training": training_pipeline, "monitoring": monitoring_pipeline,
+                                                 "scoring": scoring_pipeline}
 
 
 def submit(
@@ -32,6 +34,7 @@ def submit(
     template: str | None = None,
     enable_caching: bool | None = False,
     client_options: dict[str, Any] | None = None,
+    extra_parameters: dict[str, Any] | None = None,
 ) -> Launched:
     """Submit ``pipeline`` once under the job id derived from ``run_id`` (a new id when none is given)."""
     prefix = JOB_PREFIXES[pipeline]
@@ -42,7 +45,7 @@ def submit(
                                             settings.gcp.component_image, settings.resources))
         return create_pipeline_job(settings, pipeline=pipeline, template_path=template, job_id=job_id,
                                    snapshot=snapshot_time, trigger_uri=trigger_uri, enable_caching=enable_caching,
-                                   client_options=client_options)
+                                   client_options=client_options, extra_parameters=extra_parameters)
 
 
 def submit_training(settings: Settings, *, run_id: str | None, **kw: Any) -> Launched:
@@ -53,3 +56,8 @@ def submit_training(settings: Settings, *, run_id: str | None, **kw: Any) -> Lau
 def submit_monitoring(settings: Settings, *, run_id: str | None, **kw: Any) -> Launched:
     """Submit the monitoring pipeline (see ``submit``)."""
     return submit(settings, "monitoring", run_id=run_id, **kw)
+
+
+def submit_scoring(settings: Settings, *, run_id: str | None, model_version: str = "", **kw: Any) -> Launched:
+    """Submit the scoring pipeline (see ``submit``); ``model_version`` empty: ``scoring.model_version``."""
+    return submit(settings, "scoring", run_id=run_id, extra_parameters={"model_version": model_version}, **kw)

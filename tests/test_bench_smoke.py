@@ -307,7 +307,7 @@ def test_load_generator_refuses_other_hosts() -> None:
 
 def test_command_line_options(tmp_path: Path) -> None:
     full = parse_args(["--workdir", str(tmp_path)])
-    assert full.out == RESULTS_DIR and full.suites == ["loop", "scaling", "trigger", "serving", "compile"]
+    assert full.out == RESULTS_DIR and full.suites == ["loop", "scaling", "trigger", "serving", "compile", "scoring"]
     partial = parse_args(["--only", "serving,compile", "--only", "loop", "--workdir", str(tmp_path)])
     assert partial.suites == ["loop", "serving", "compile"] and partial.out == tmp_path / "results"
     assert parse_args(["--quick", "--workdir", str(tmp_path)]).out == tmp_path / "results"

@@ -32,11 +32,13 @@ Steps, in order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -144,14 +146,21 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> di
     unknown = [c for c in non_negative if c not in spec.numeric]
     if unknown:
         raise ValueError(f"--non-negative: {unknown} are not numeric features of the spec {spec.numeric}")
+    with job_session(spark, "ctloop-transform") as session:
+        return _run(session, args, spec, non_negative)
+
+
+@contextlib.contextmanager
+def job_session(spark: SparkSession | None, app_name: str) -> Iterator[SparkSession]:
+    """The caller's session (or a new one, stopped afterwards) with the job's settings, restored on exit."""
     own_session = spark is None
     if spark is None:
-        spark = SparkSession.builder.appName("ctloop-transform").getOrCreate()
+        spark = SparkSession.builder.appName(app_name).getOrCreate()
     saved = {k: spark.conf.get(k, None) for k in [*_SESSION_CONF, _NANOS_AS_LONG]}
     for key, value in _SESSION_CONF.items():
         spark.conf.set(key, value)
     try:
-        return _run(spark, args, spec, non_negative)
+        yield spark
     finally:
         for key, value in saved.items():
             if value is None:
@@ -272,8 +281,12 @@ def check_columns(df: DataFrame, spec: JobSpec, path: str) -> None:
 
 
 def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_long: bool = False,
-              ) -> DataFrame:
-    """Source columns plus typed copies (``__typed__<col>``) and the quarantine reason (null = clean)."""
+              label_required: bool = True) -> DataFrame:
+    """Source columns plus typed copies (``__typed__<col>``) and the quarantine reason (null = clean).
+
+    ``label_required=False`` (scoring) lets a row without a label through (its outcome is not known yet); a
+    label that is there but unreadable or not 0/1 still marks the row malformed, as in training.
+    """
     types = {f.name: f.dataType for f in df.schema.fields}
     ident = _col(spec.id_column).cast("string")
     ts = _typed_timestamp(spec.timestamp_column, types[spec.timestamp_column], nanos_as_long)
@@ -288,8 +301,9 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
     label_raw = _col(spec.label_column)
     checks.append((label_raw.isNotNull() & label_num.isNull(), "unparseable_value", spec.label_column))
     checks += [(_col(c).isNotNull() & numeric[c].isNull(), "unparseable_value", c) for c in spec.numeric]
-    checks.append((label_raw.isNull(), "null_label", spec.label_column))
-    checks.append((~label_num.isin(0.0, 1.0), "invalid_label", spec.label_column))
+    if label_required:
+        checks.append((label_raw.isNull(), "null_label", spec.label_column))
+    checks.append((~label_num.isin(0.0, 1.0), "invalid_label", spec.label_column))  # null stays unflagged
     checks += [(numeric[c] < 0, "negative_value", c) for c in non_negative]
 
     reason = reason_column = None
