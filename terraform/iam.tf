@@ -50,10 +50,11 @@ resource "google_project_iam_member" "pipeline" {
   member  = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
-resource "google_bigquery_dataset_iam_member" "pipeline_reads_dataset" {
+# Data Editor on the one dataset: extract reads the landing table; scoring creates and rewrites its scores table.
+resource "google_bigquery_dataset_iam_member" "pipeline_edits_dataset" {
   project    = var.project_id
   dataset_id = google_bigquery_dataset.ctloop.dataset_id
-  role       = "roles/bigquery.dataViewer"
+  role       = "roles/bigquery.dataEditor"
   member     = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
