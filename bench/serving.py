@@ -83,7 +83,7 @@ def _floor(model_dir: Path, instances: list[dict[str, Any]], budget: dict[str, f
 
 def _start_server(model_dir: Path, workers: int, launcher: str, log_dir: Path) -> Any:
     from bench.serving_app import FACTORY, MODEL_DIR_ENV
-    from ctloop.emulators import free_port, start_process, wait_ready
+    from devtools.emulators import free_port, start_process, wait_ready
 
     port = free_port()
     if launcher == "uvicorn":

@@ -29,7 +29,7 @@ from ctloop.drift import (
 from ctloop.errors import DataValidationError
 from ctloop.features import FeatureSpec
 from ctloop.modeling import build_pipeline
-from ctloop.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
+from devtools.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
 
 S = MonitoringSettings()
 NUMERIC, CATEGORICAL = list(NUMERIC_COLUMNS), list(CATEGORICAL_COLUMNS)
