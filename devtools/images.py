@@ -108,9 +108,12 @@ class Engine:
         out = self.run(["image", "inspect", "--format", "{{.Size}}", tag]).stdout.decode().strip()
         return int(out) / 1e6
 
-    def build_flags(self) -> list[str]:
-        """Flags every build gets: the host's CA bundle (TLS proxy) for podman builds."""
-        return ["-v", "/etc/ssl/certs:/etc/ssl/certs:ro"] if self.is_podman and Path(CA_BUNDLE).is_file() else []
+    def ca_mount(self) -> list[str]:
+        """The host's CA bundle (its TLS proxy's CA included) over the container's, for pip and uv.
+
+        The bundle file only: a build that installs Java writes its keystore under /etc/ssl/certs/java.
+        """
+        return ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"] if self.is_podman and Path(CA_BUNDLE).is_file() else []
 
 
 def last_lines(proc: subprocess.CompletedProcess, lines: int = 30) -> str:
@@ -218,15 +221,16 @@ def ensure_local_base(eng: Engine, tag: str = LOCAL_BASE, rebuild: bool = False)
 
 def build(eng: Engine, image: Image) -> float:
     """Build ``image`` from the repository root (layers cached by the engine); returns its size in MB."""
-    args = ["build", "-f", image.dockerfile, "-t", image.tag, *eng.build_flags()]
+    args = ["build", "-f", image.dockerfile, "-t", image.tag, *eng.ca_mount()]
     for key, value in image.build_args.items():
         args += ["--build-arg", f"{key}={value}"]
-    say(f"{image.name}: building {image.tag} from {image.dockerfile}")
-    proc = subprocess.run([eng.binary, *args, str(REPO)], env=eng.env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+    log = write_containers_conf().parent / f"{image.name}.build.log"
+    say(f"{image.name}: building {image.tag} from {image.dockerfile} (log: {log.relative_to(REPO)})")
+    with log.open("wb") as out:
+        proc = subprocess.run([eng.binary, *args, str(REPO)], env=eng.env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise ImageError(f"image {image.name} ({image.dockerfile}), build failed (exit {proc.returncode}):\n"
-                         f"{last_lines(proc)}")
+        tail = "\n".join(log.read_text(errors="replace").rstrip().splitlines()[-30:])
+        raise ImageError(f"image {image.name} ({image.dockerfile}), build failed (exit {proc.returncode}):\n{tail}")
     return eng.size_mb(image.tag)
 
 
