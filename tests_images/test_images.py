@@ -32,6 +32,8 @@ from tests_images.conftest import CONTAINER_WAIT_S, Containers
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENT = images.COMPONENT_IMAGE
+# Whole pipelines and Spark jobs in containers on a small shared machine: more than the suite's 600 s default.
+pytestmark = pytest.mark.timeout(1800)
 
 
 def _free_port() -> int:
