@@ -6,13 +6,15 @@ BIN := $(VENV)/bin
 TOOLS_VENV := .venv-tools
 UV_VERSION := 0.13.9
 
-.PHONY: setup tools run test lint compile bench demo clean trigger-bundle
+.PHONY: setup tools run test lint compile bench demo clean trigger-bundle images test-images
 
-$(BIN)/.installed: requirements.lock pyproject.toml
+# The development venv: requirements-dev.lock (the runtime lock plus test and lint tools), the project, and the
+# development tools (devtools/: emulators, sample data, demo, image builds), which the images leave out.
+$(BIN)/.installed: requirements-dev.lock pyproject.toml devtools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements-dev.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e . -e devtools
 	touch $@
 
 setup: $(BIN)/.installed
@@ -44,6 +46,16 @@ bench: setup
 
 demo: setup
 	$(BIN)/ctloop demo
+
+# The component and serving images, built here with podman (installed from Debian if missing) or Docker, from
+# the Dockerfiles the release builds; the base is a debootstrapped bookworm (no registry needed), built once.
+images: setup
+	$(BIN)/python -m devtools.images
+
+# The images at work (needs `make images`): the training pipeline under kfp's DockerRunner, the serving image
+# with Vertex's environment, the transform job as Dataproc starts it, the trigger bundle in a clean container.
+test-images: setup
+	$(BIN)/pytest -q -p no:cacheprovider tests_images
 
 clean:
 	rm -rf $(VENV) .ctloop build

@@ -109,8 +109,8 @@ def _floor(model_dir: Path, instances: list[dict[str, Any]], budget: dict[str, f
 def _start_server(model_dir: Path, workers: int, launcher: str, runtime: str, log_dir: Path, echo: Any) -> Any:
     from bench import cpr
     from bench.serving_app import FACTORY, MODEL_DIR_ENV, RUNTIME_ENV
-    from ctloop.emulators import start_process, wait_ready
     from ctloop.ports import free_port
+    from devtools.emulators import start_process, wait_ready
 
     port = free_port()
     env = {**os.environ, MODEL_DIR_ENV: str(model_dir), RUNTIME_ENV: runtime, "PYTHONPATH": str(REPO)}

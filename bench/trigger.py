@@ -103,7 +103,7 @@ def run(ctx: Context) -> Section:
     import httpx
     from google.pubsub_v1 import PubsubMessage
 
-    from ctloop.emulators import LocalCloud
+    from devtools.emulators import LocalCloud
 
     n_uploads, n_direct, n_dups = (12, 10, 10) if ctx.quick else (60, 30, 50)
     section = Section("trigger", f"Trigger latency on the emulator chain ({n_uploads} uploads)")

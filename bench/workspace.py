@@ -29,7 +29,7 @@ def bench_settings(workdir: Path, overrides: list[str] | None = None) -> Setting
 
 
 def _generator_fingerprint() -> str:
-    from ctloop import sample_data
+    from devtools import sample_data
 
     return hashlib.sha256(Path(sample_data.__file__).read_bytes()).hexdigest()[:16]
 
@@ -41,7 +41,7 @@ def ensure_sample_data(data_root: Path, rows: int, settings: Settings) -> Path:
     rewriting would produce the same files). Returns the landing directory (``<landing>/<dataset>/<table>/``
     below it holds the batch).
     """
-    from ctloop.sample_data import default_window, write_sample_data
+    from devtools.sample_data import default_window, write_sample_data
 
     root = data_root / f"rows-{rows}"
     landing = root / "landing"

@@ -72,7 +72,7 @@ def landing_schema(settings: Settings, schema: pa.Schema) -> list[dict[str, str]
 
 def sample_schema(settings: Settings) -> pa.Schema:
     """The Parquet schema of the bundled sample data for ``settings``."""
-    from ctloop.sample_data import generate_part
+    from devtools.sample_data import generate_part
 
     return generate_part(settings, 0, rows=50).schema
 

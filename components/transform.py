@@ -242,7 +242,11 @@ def upload_job_file(client: "storage.Client", bucket: str, job_file: Path = JOB_
 
 def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str], step: str = "transform",
                 ) -> "Batch":
-    """The Dataproc Serverless PySpark batch: the component image carries the job's Python."""
+    """The Dataproc Serverless PySpark batch on the pinned runtime's own image.
+
+    The job file needs only pyspark and the standard library, which the runtime provides: no custom container
+    (Dataproc's custom containers must not carry Spark, and the component image does, for the local backend).
+    """
     from google.cloud import dataproc_v1
 
     gcp = settings.gcp
@@ -252,7 +256,7 @@ def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str],
         execution.subnetwork_uri = gcp.dataproc_subnetwork
     return dataproc_v1.Batch(
         pyspark_batch=dataproc_v1.PySparkBatch(main_python_file_uri=main_uri, args=args),
-        runtime_config=dataproc_v1.RuntimeConfig(container_image=gcp.component_image),
+        runtime_config=dataproc_v1.RuntimeConfig(version=gcp.dataproc_runtime_version),
         environment_config=dataproc_v1.EnvironmentConfig(execution_config=execution),
         labels={**settings.labels, "ctloop-step": step, "ctloop-run": label_value(run_id)},
     )

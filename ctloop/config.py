@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Backend = Literal["local", "cloud"]
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _GCP_ID = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$")
+# Dataproc Serverless runtime versions and the Spark each runs (Google's published runtime release notes). The
+# transform batch pins one whose Spark major equals the local pyspark's, so both run the same defaults (ANSI).
+DATAPROC_RUNTIME_SPARK = {"2.2": "3.5", "2.3": "3.5", "3.0": "4.0"}
 
 
 class _Strict(BaseModel):
@@ -38,6 +41,7 @@ class GcpSettings(_Strict):
     component_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/component:latest"
     serving_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/serving:latest"
     dataproc_subnetwork: str | None = None
+    dataproc_runtime_version: str = "3.0"
     experiment: str = "ctloop"
 
     @field_validator("project")
@@ -45,6 +49,15 @@ class GcpSettings(_Strict):
     def _project_id(cls, v: str) -> str:
         if not _GCP_ID.match(v):
             raise ValueError(f"gcp.project: {v!r} is not a valid GCP project id")
+        return v
+
+    @field_validator("dataproc_runtime_version", mode="before")
+    @classmethod
+    def _dataproc_runtime(cls, v: Any) -> str:
+        v = str(v)  # YAML reads an unquoted 3.0 as a number
+        if v not in DATAPROC_RUNTIME_SPARK:
+            raise ValueError(f"gcp.dataproc_runtime_version: expected one of {sorted(DATAPROC_RUNTIME_SPARK)}, "
+                             f"found {v!r}")
         return v
 
 
@@ -79,7 +92,7 @@ class DataSettings(_Strict):
 
     bq_dataset: str = "ctloop"
     bq_table: str = "events"
-    query_file: str = "extract.sql"  # under components/sql unless absolute
+    query_file: str = "extract.sql"  # under ctloop/queries unless absolute
     window_days: int = Field(default=730, gt=0)
     window_end: str | None = None  # ISO timestamp; None = the run's snapshot time
     valid_fraction: float = Field(default=0.15, gt=0, lt=0.5)

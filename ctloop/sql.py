@@ -1,6 +1,6 @@
 """BigQuery SQL templates: render them with validated values, and run them on DuckDB locally.
 
-Templates (``components/sql/*.sql``) name each value with its kind, ``{{ kind:name }}``:
+Templates (``ctloop/queries/*.sql``) name each value with its kind, ``{{ kind:name }}``:
 
 ========== ===================================================== ==========================================
 kind       accepts                                                written as
@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,15 @@ _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,61}[a-z0-9]$")
 
 
 def sql_dir() -> Path:
-    """The folder holding the project's SQL templates (``components/sql``)."""
-    import components
-
-    # __path__ rather than __file__: an editable install can expose the package as a namespace package.
-    for entry in components.__path__:
-        candidate = Path(entry) / "sql"
-        if candidate.is_dir():
-            return candidate
-    raise SqlError(f"no sql/ folder in the components package (searched {list(components.__path__)})")
+    """The folder holding the project's SQL templates: ``ctloop/queries``, this package's own data."""
+    folder = resources.files("ctloop") / "queries"
+    if not folder.is_dir():
+        raise SqlError(f"no queries/ folder in the installed ctloop package ({folder})")
+    return Path(str(folder))
 
 
 def load_template(query_file: str) -> tuple[str, str]:
-    """``(source name, template text)`` for ``query_file``: absolute, or a name under ``components/sql``."""
+    """``(source name, template text)`` for ``query_file``: absolute, or a name under ``ctloop/queries``."""
     path = Path(query_file)
     if not path.is_absolute():
         path = sql_dir() / query_file

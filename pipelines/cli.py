@@ -58,6 +58,20 @@ class _Ctx:
 pass_ctx = click.make_pass_decorator(_Ctx)
 
 
+def _devtools(module: str) -> Any:
+    """A ``devtools`` module: development tooling, installed by ``make setup`` but never into the images."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"devtools.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("devtools", f"devtools.{module}"):
+            raise
+        raise click.ClickException(
+            f"this command needs the development tools (devtools.{module}), which only the development "
+            "install has: run `make setup` in a ctloop checkout") from exc
+
+
 @click.group()
 @click.option("--config", "config", type=click.Path(path_type=Path), default=None,
               help="Settings YAML (default: ./ctloop.yaml if present, else built-in defaults).")
@@ -83,8 +97,7 @@ def cli(ctx: click.Context, config: Path | None, overrides: tuple[str, ...], wor
 def sample_data_cmd(ctx: _Ctx, rows: int, seed: int, drift: float, concept_drift: float, batch: str,
                     if_missing: bool) -> None:
     """Write the deterministic customer-churn sample data into the local landing area."""
-    from ctloop.sample_data import write_sample_data
-
+    write_sample_data = _devtools("sample_data").write_sample_data
     s = ctx.settings
     table_dir = s.local.landing_dir / s.data.bq_dataset / s.data.bq_table
     if if_missing and any(table_dir.rglob("*.parquet")):
@@ -263,8 +276,7 @@ def submit_cmd(ctx: _Ctx, template: str | None, run_id: str | None, snapshot_tim
 @_fail_cleanly
 def demo_cmd(ctx: _Ctx, rows: int, drift: float, seed: int) -> None:
     """The whole loop on local emulators: upload, trigger, train, deploy, drifted batch, retrain, predict."""
-    from pipelines.demo import run_demo
-
+    run_demo = _devtools("demo").run_demo
     sys.exit(run_demo(ctx.settings, rows=rows, drift=drift, seed=seed, echo=click.echo))
 
 

@@ -117,8 +117,12 @@ def run_local(
     run_id: str,
     arguments: dict[str, Any],
     echo: Callable[[str], None] = print,
+    runner: Any = None,
 ) -> RunRecord:
-    """Run ``pipeline_func`` under kfp.local with ``arguments``; returns the run record (also on failure)."""
+    """Run ``pipeline_func`` under kfp.local with ``arguments``; returns the run record (also on failure).
+
+    ``runner``: a ``kfp.local`` runner; default ``SubprocessRunner(use_venv=False)`` (this process's venv).
+    """
     from kfp import local
 
     run_dir = settings.local.runs_dir / run_id
@@ -155,7 +159,7 @@ def run_local(
 
     existing = {p.name for p in root.iterdir()} if root.exists() else set()
     use_local_threads(settings)  # the step processes inherit it
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True, enable_caching=True)
     started_at = datetime.now(UTC).isoformat()
     t0 = time.perf_counter()

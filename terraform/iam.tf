@@ -77,15 +77,6 @@ resource "google_storage_bucket_iam_member" "pipeline_reads_landing" {
   member = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
-# Dataproc Serverless pulls the component image (its custom container) as the batch's service account.
-resource "google_artifact_registry_repository_iam_member" "pipeline_pulls_images" {
-  project    = var.project_id
-  location   = google_artifact_registry_repository.docker.location
-  repository = google_artifact_registry_repository.docker.name
-  role       = "roles/artifactregistry.reader"
-  member     = "serviceAccount:${google_service_account.pipeline.email}"
-}
-
 # The monitoring pipeline launches retraining from the training template (components/launch.py).
 resource "google_artifact_registry_repository_iam_member" "pipeline_reads_templates" {
   project    = var.project_id

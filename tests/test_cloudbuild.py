@@ -439,7 +439,7 @@ PUBSUB_EMULATOR_IMAGES = {"gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0
 # apt packages a step may install for itself, and the commands they add.
 APT_PROVIDES = {"openjdk-17-jre-headless": {"java"}, "default-jre-headless": {"java"}}
 # `make test` runs the whole suite: the Spark and Pub/Sub emulator tests need java, tests/test_terraform.py needs
-# terraform, the trigger-chain and demo tests need the emulator jar (ctloop/emulators.py).
+# terraform, the trigger-chain and demo tests need the emulator jar (devtools/emulators.py).
 MAKE_TEST_NEEDS = {"java", "terraform", "pubsub-emulator-jar", "python3"}
 # Shell keywords keep the next word in command position; builtins are commands the shell itself provides.
 SHELL_KEYWORDS = {"if", "then", "else", "elif", "fi", "esac", "do", "done", "while", "until", "{", "}", "!", "in"}
@@ -565,9 +565,9 @@ def test_emulator_step_copies_the_jar_the_test_step_reads() -> None:
         jar = dict(str(e).split("=", 1) for e in test["env"])["CTLOOP_PUBSUB_EMULATOR_JAR"]
         assert _produces(emulator, jar) and "pubsub-emulator" in test["waitFor"]
         assert "platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar" in _script(emulator)
-        from ctloop.emulators import PUBSUB_JAR_GLOB
+        from devtools.emulators import PUBSUB_JAR_GLOB
 
-        assert PUBSUB_JAR_GLOB in _script(emulator), "the step copies the jar ctloop/emulators.py looks for"
+        assert PUBSUB_JAR_GLOB in _script(emulator), "the step copies the jar devtools/emulators.py looks for"
 
 
 def test_script_commands_parses_the_deploy_step() -> None:

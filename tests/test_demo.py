@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from ctloop.config import Settings, load_settings
-from ctloop.emulators import http_status
 from ctloop.errors import CtloopError
 from ctloop.local_launch import group_members, stop_groups
-from pipelines.demo import demo_lock, prepare_demo_dir, run_demo
+from devtools.demo import demo_lock, prepare_demo_dir, run_demo
+from devtools.emulators import http_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_demo_dir_is_emptied_but_a_foreign_one_is_refused(tmp_path: Path) -> Non
 def test_one_demo_per_workdir(tmp_path: Path) -> None:
     with demo_lock(tmp_path):
         child = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                "from pipelines.demo import demo_lock\n"
+                                "from devtools.demo import demo_lock\n"
                                 f"with demo_lock(Path({str(tmp_path)!r})): pass"],
                                cwd=REPO, capture_output=True, text=True)
         assert child.returncode == 1 and "another `ctloop demo` is running with workdir" in child.stderr

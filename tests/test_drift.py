@@ -32,7 +32,7 @@ from ctloop.drift import (
 from ctloop.errors import DataValidationError
 from ctloop.features import FeatureSpec
 from ctloop.modeling import train_model
-from ctloop.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
+from devtools.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
 from tests.modeling_fixtures import write_split
 
 S = MonitoringSettings()

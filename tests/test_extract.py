@@ -26,7 +26,7 @@ from components.extract import (
 )
 from ctloop.config import Settings
 from ctloop.errors import CtloopError, DataValidationError
-from ctloop.sample_data import write_sample_data
+from devtools.sample_data import write_sample_data
 from tests.recording_server import RecordedRequest, RecordingServer
 
 SNAPSHOT = "2025-07-01T00:00:00Z"

@@ -16,7 +16,7 @@ from ctloop.gate import decide
 from ctloop.metrics import classification_metrics
 from ctloop.modeling import build_pipeline
 from ctloop.paired import PairedDifference, paired_difference
-from ctloop.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part
+from devtools.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part
 
 GATE = GateSettings(min_recall=0.40, min_precision=0.35)
 GOOD = {"roc_auc": 0.80, "pr_auc": 0.55, "f1": 0.60, "precision": 0.50, "recall": 0.70, "log_loss": 0.45,

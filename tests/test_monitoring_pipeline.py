@@ -28,7 +28,7 @@ from kfp import components as kfp_components
 from ctloop.config import Settings, load_settings
 from ctloop.launching import pipeline_parameters as pipeline_arguments
 from ctloop.registry import LocalRegistry
-from ctloop.sample_data import write_sample_data
+from devtools.sample_data import write_sample_data
 from pipelines.compile import all_pipelines, compile_pipeline
 from pipelines.local_run import RunRecord, run_local
 from pipelines.monitoring import PIPELINE_NAME, monitoring_pipeline, run_monitoring_local

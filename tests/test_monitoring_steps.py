@@ -29,7 +29,7 @@ from ctloop.launching import retrain_job_id as training_run_id
 from ctloop.local_launch import launch_env
 from ctloop.modeling import CARD_FILE, train_model
 from ctloop.prediction_log import log_root
-from ctloop.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
+from devtools.sample_data import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_part, write_sample_data
 from serving.prediction_log import PredictionLogConfig, PredictionLogger
 from tests.recording_server import RecordingServer
 

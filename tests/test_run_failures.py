@@ -18,7 +18,7 @@ import pytest
 
 from ctloop.config import Settings, load_settings
 from ctloop.registry import LocalRegistry
-from ctloop.sample_data import write_sample_data
+from devtools.sample_data import write_sample_data
 from pipelines.local_run import RunRecord
 from pipelines.main_job import EXIT_NOTHING_DEPLOYED, run_training_local
 

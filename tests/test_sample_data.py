@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from ctloop.config import Settings, load_settings
-from ctloop.sample_data import SampleDataResult, generate_part, write_sample_data
+from devtools.sample_data import SampleDataResult, generate_part, write_sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "2024-01-01T00:00:00Z", "2025-07-01T00:00:00Z"

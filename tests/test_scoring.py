@@ -31,7 +31,7 @@ from ctloop.config import Settings, load_settings
 from ctloop.errors import CtloopError
 from ctloop.modeling import load_model, predict_proba, train_model
 from ctloop.registry import LocalRegistry
-from ctloop.sample_data import write_sample_data
+from devtools.sample_data import write_sample_data
 from pipelines.compile import all_pipelines, compile_pipeline
 from pipelines.scoring import scoring_pipeline
 from pipelines.submit import submit_scoring

@@ -324,7 +324,7 @@ def gcs(model_dir: Path) -> Iterator[str]:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    from ctloop.emulators import start_fake_gcs
+    from devtools.emulators import start_fake_gcs
 
     server = start_fake_gcs(model_dir.parent / "fake-gcs")
     with pytest.MonkeyPatch.context() as env:
@@ -481,6 +481,9 @@ def test_serving_a_model_imports_only_what_the_image_installs(model_dir: Path) -
 def test_dockerfile_is_pinned_non_root_and_runs_the_server() -> None:
     text = (ROOT / "serving" / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    arg = re.fullmatch(r"\$\{(\w+)\}", base)  # the base as a build argument: its default is the release base
+    if arg:
+        base = re.search(rf"^ARG {arg.group(1)}=(\S+)$", text, re.M).group(1)
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
     user = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in ("root", "0")

@@ -109,7 +109,7 @@ def test_bad_values_and_templates_are_named(template: str, params: dict, message
 
 def test_templates_load_by_name_or_absolute_path(tmp_path: Path):
     source, text = load_template("extract.sql")
-    assert source.endswith("components/sql/extract.sql") and "QUALIFY" in text
+    assert source.endswith("ctloop/queries/extract.sql") and "QUALIFY" in text
     mine = tmp_path / "mine.sql"
     mine.write_text("SELECT 1")
     assert load_template(str(mine)) == (str(mine), "SELECT 1")

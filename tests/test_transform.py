@@ -1,8 +1,10 @@
 """The transform step: the PySpark job on local Spark (one shared session) and the Dataproc path over REST."""
 
+import ast
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from components import transform as tr
 from components.spark import transform_job
-from ctloop.config import Settings
+from ctloop.config import DATAPROC_RUNTIME_SPARK, Settings
 from ctloop.errors import DataValidationError
 from ctloop.features import FeatureSpec, resolve_feature_spec
 from tests.spark_fixtures import spark  # noqa: F401  (pytest fixture)
@@ -643,7 +645,8 @@ def test_cloud_uploads_the_job_creates_the_batch_and_waits(recording_server, clo
     assert json.loads(args["--non-negative"]) == NUMERIC
     assert body["labels"] == {"app": "ctloop", "env": "test", "ctloop-step": "transform",
                               "ctloop-run": "ctloop-train-20240101-abc"}
-    assert body["runtimeConfig"]["containerImage"] == c.settings.gcp.component_image
+    # The pinned runtime's own image: no custom container (it would have to leave Spark out).
+    assert body["runtimeConfig"] == {"version": c.settings.gcp.dataproc_runtime_version}
     assert body["environmentConfig"]["executionConfig"]["serviceAccount"] == c.settings.gcp.service_account
     # The job parses the exact argument list it is given.
     parsed = transform_job.parse_args(body["pysparkBatch"]["args"])
@@ -798,3 +801,36 @@ def test_non_negative_must_name_numeric_features(tmp_path: Path) -> None:
     write_fixture(Fixture(rows=_small_rows(5)), tmp_path / "in", files=1)
     with pytest.raises(ValueError, match=r"columns.non_negative: \['region'\] are not numeric features"):
         _run_local(_settings(**{"columns.non_negative": ["region"]}), tmp_path / "in", tmp_path, None)
+
+
+# ---- the Spark Dataproc runs is the Spark the local tests run ------------------------------------------------
+
+
+def test_pinned_dataproc_runtime_runs_the_local_spark_major(spark) -> None:  # noqa: F811
+    import pyspark
+
+    runtime = Settings().gcp.dataproc_runtime_version
+    cloud_major = DATAPROC_RUNTIME_SPARK[runtime].split(".")[0]
+    assert pyspark.__version__.split(".")[0] == cloud_major, (
+        f"Dataproc runtime {runtime} runs Spark {DATAPROC_RUNTIME_SPARK[runtime]}, pyspark is {pyspark.__version__}")
+    assert spark.version.split(".")[0] == cloud_major
+    # Spark 4 turns ANSI mode on by default, on both sides; the job is tested under it.
+    assert spark.conf.get("spark.sql.ansi.enabled") == "true"
+
+
+def test_unknown_dataproc_runtime_is_a_settings_error() -> None:
+    with pytest.raises(ValueError, match=r"gcp.dataproc_runtime_version: expected one of .*found '9.9'"):
+        Settings().with_overrides(["gcp.dataproc_runtime_version=9.9"])
+    # Unquoted in YAML, a version reads as a number: still the same setting.
+    assert Settings().with_overrides(["gcp.dataproc_runtime_version=2.2"]).gcp.dataproc_runtime_version == "2.2"
+
+
+def test_the_job_needs_only_pyspark_and_the_standard_library() -> None:
+    """What lets the batch run on Dataproc's runtime image without a custom container."""
+    tree = ast.parse(tr.JOB_FILE.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported, "no imports found: the check would pass vacuously"
+    assert sorted(imported - sys.stdlib_module_names - {"pyspark"}) == []

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from ctloop.emulators import FunctionServer, LocalCloud
+from devtools.emulators import FunctionServer, LocalCloud
 from tests.trigger_helpers import (
     ENTRY_POINT,
     TRIGGER_MAIN,

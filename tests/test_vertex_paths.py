@@ -24,10 +24,10 @@ from components.deploy import run_deploy
 from components.lookup import find_champion, run_lookup_step
 from components.register import run_register, version_aliases
 from ctloop.config import Settings
-from ctloop.emulators import start_fake_gcs
 from ctloop.rollout import ChampionMoved
 from ctloop.smoke import SmokeTestFailed
 from ctloop.vertex import label_value, resource_id, run_alias
+from devtools.emulators import start_fake_gcs
 from serving.app import ServedModel, create_app
 from serving.background import running_server
 from serving.model import fetch_model_dir

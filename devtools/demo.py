@@ -34,11 +34,11 @@ from typing import IO, Any
 import yaml
 
 from ctloop.config import Settings
-from ctloop.emulators import FunctionServer, LocalCloud
 from ctloop.errors import CtloopError
 from ctloop.gate import COMPARISON_CHECKS
 from ctloop.launch_ledger import LaunchRecord, Ledger
 from ctloop.local_launch import stop_unfinished
+from devtools.emulators import FunctionServer, LocalCloud
 
 REPO = Path(__file__).resolve().parents[1]
 TRIGGER_MAIN = REPO / "cloud_functions" / "trigger" / "main.py"
@@ -255,7 +255,7 @@ class Demo:
 def sample_batch(settings: Settings, staging: Path, *, rows: int, seed: int, drift: float,
                  batch: str) -> list[Path]:
     """Sample data files for one batch; a drifted batch covers only the latest months, as new data would."""
-    from ctloop.sample_data import default_window, write_sample_data
+    from devtools.sample_data import default_window, write_sample_data
 
     start, end = default_window()
     if drift > 0:
@@ -379,7 +379,7 @@ def _run(demo: Demo, *, rows: int, drift: float, seed: int, predict: bool) -> in
     return 0
 
 
-def main() -> None:  # pragma: no cover - `python -m pipelines.demo`; the CLI's `ctloop demo` is the usual way
+def main() -> None:  # pragma: no cover - `python -m devtools.demo`; the CLI's `ctloop demo` is the usual way
     from ctloop.config import load_settings
 
     config = Path("ctloop.yaml")

@@ -1,0 +1,92 @@
+"""The container engine, the images ``make images`` built, and a Docker API socket for kfp's DockerRunner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from devtools import images
+
+CONTAINER_WAIT_S = 120
+
+
+class Containers:
+    """Runs containers of the built images; a failure names the image, the step and the container's last lines."""
+
+    def __init__(self, eng: images.Engine) -> None:
+        self.engine = eng
+
+    def run(self, image: str, step: str, args: Sequence[str], *, timeout: float = 900) -> str:
+        """``run --rm`` to completion; returns the output, or fails the test with its last lines."""
+        try:
+            proc = self.engine.run(["run", "--rm", "--network", "host", *args], check=False, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"image {image}, step {step}: still running after {timeout:.0f} s")
+            raise AssertionError from exc
+        if proc.returncode != 0:
+            pytest.fail(f"image {image}, step {step}: exit {proc.returncode}; last lines:\n{images.last_lines(proc)}")
+        return (proc.stdout or b"").decode(errors="replace") + (proc.stderr or b"").decode(errors="replace")
+
+    def start(self, image: str, name: str, args: Sequence[str]) -> None:
+        """``run -d`` under ``name`` (removed by :meth:`stop`)."""
+        self.engine.run(["rm", "-f", name], check=False)
+        self.engine.run(["run", "-d", "--name", name, "--network", "host", *args])
+
+    def running(self, name: str) -> bool:
+        proc = self.engine.run(["inspect", "--format", "{{.State.Running}}", name], check=False)
+        return proc.returncode == 0 and proc.stdout.decode().strip() == "true"
+
+    def logs(self, name: str, lines: int = 30) -> str:
+        proc = self.engine.run(["logs", "--tail", str(lines), name], check=False)
+        return images.last_lines(proc, lines)
+
+    def stop(self, name: str) -> None:
+        self.engine.run(["rm", "-f", "-t", "2", name], check=False)
+
+
+@pytest.fixture(scope="session")
+def engine() -> images.Engine:
+    eng = images.engine()
+    missing = [tag for tag in (images.COMPONENT_IMAGE, images.SERVING_IMAGE, images.LOCAL_BASE)
+               if not eng.exists(tag)]
+    if missing:
+        pytest.fail(f"images missing: {', '.join(missing)}; build them first with `make images`")
+    return eng
+
+
+@pytest.fixture(scope="session")
+def containers(engine: images.Engine) -> Containers:
+    return Containers(engine)
+
+
+@pytest.fixture(scope="session")
+def docker_host(engine: images.Engine) -> Iterator[str]:
+    """``DOCKER_HOST`` for the docker SDK: podman's Docker API service on a private socket, or Docker's own."""
+    if not engine.is_podman:
+        yield os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return
+    sock = Path(tempfile.mkdtemp(prefix="ctloop-podman-")) / "podman.sock"
+    log = (sock.parent / "service.log").open("wb")
+    service = subprocess.Popen([engine.binary, "system", "service", "--time=0", f"unix://{sock}"],
+                               env=engine.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if service.poll() is not None or time.monotonic() > deadline:
+            service.kill()
+            pytest.fail(f"podman system service did not start:\n{(sock.parent / 'service.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    try:
+        yield f"unix://{sock}"
+    finally:
+        service.terminate()
+        try:
+            service.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            service.kill()
+        log.close()
