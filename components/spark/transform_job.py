@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -62,6 +63,7 @@ ROWS_PER_FILE = 1_000_000
 _TS_US = "__ts_us"
 _SPLIT = "__split"
 _TYPED = "__typed__"
+_COPIES = "__copies"
 _MICROS_PER_DAY = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Session settings this job relies on; restored afterwards so a shared session is left as found.
@@ -164,24 +166,31 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
          ) -> dict[str, Any]:
     raw, nanos_as_long = read_input(spark, args.input)
     check_columns(raw, spec, args.input)
-    raw = raw.select(*[_col(c) for c in spec.source_columns])
-    counts: dict[str, Any] = {"input_rows": raw.count()}
-    log.info("read %d rows from %s", counts["input_rows"], args.input)
-
-    flagged = flag_rows(raw.dropDuplicates(), spec, non_negative, nanos_as_long)
-    flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
+    # One shuffle for the whole job: the rows are hash-partitioned by id once, and the exact-duplicate drop
+    # (grouping on every column, id among them) and both windows (partitioned by id) all reuse it. The group
+    # count says how many copies each distinct row had, so the input is never scanned just to count it.
+    distinct = (raw.select(*[_col(c) for c in spec.source_columns]).repartition(_col(spec.id_column))
+                .groupBy(*[_col(c) for c in spec.source_columns]).agg(F.count(F.lit(1)).alias(_COPIES)))
+    flagged = flag_rows(distinct, spec, non_negative, nanos_as_long)
+    # Cached narrow: the typed columns feed the clean path; the source values are kept for quarantined rows only.
+    bad = F.col(REASON).isNotNull()
+    flagged = flagged.select(
+        *[F.col(_quote(_TYPED + c)) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES,
+        *[F.when(bad, _col(c)).alias(c) for c in spec.source_columns],
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     featured: DataFrame | None = None
     try:
-        reasons = flagged.groupBy(REASON, REASON_COLUMN).count().collect()
+        reasons = flagged.groupBy(REASON, REASON_COLUMN).agg(
+            F.count(F.lit(1)).alias("count"), F.sum(_COPIES).alias("copies")).collect()
+        counts: dict[str, Any] = {"input_rows": sum(int(r["copies"]) for r in reasons)}
+        log.info("read %d rows from %s", counts["input_rows"], args.input)
         counts["distinct_rows"] = sum(r["count"] for r in reasons)
         counts["clean_rows"] = sum(r["count"] for r in reasons if r[REASON] is None)
         counts["bad"] = [r for r in reasons if r[REASON] is not None]
-        quarantine = flagged.where(F.col(REASON).isNotNull()).select(
-            *[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
+        quarantine = flagged.where(bad).select(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
         bad_rows = counts["distinct_rows"] - counts["clean_rows"]
-        quarantine.coalesce(max(1, -(-bad_rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(
-            args.quarantine_out)
         if counts["clean_rows"] == 0:
+            _write_parquet(quarantine, bad_rows, args.quarantine_out)
             raise ValueError(f"input {args.input}: no valid rows left after quarantine "
                              f"({_reason_text(counts['bad'])}); nothing to split")
         clean = flagged.where(F.col(REASON).isNull()).select(
@@ -193,13 +202,16 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
                                     .when(F.col(_TS_US) < cuts[1], "valid").otherwise("test"))
         stats = split_stats(split, spec)
         _check_splits(stats, cuts, args)
+        writes = [(quarantine, bad_rows, args.quarantine_out)]
+        writes += [(split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns]),
+                    stats[name]["rows"], getattr(args, f"{name}_out")) for name in SPLITS]
+        # Each output is one or a few files, each written by one task: several outputs at once keep every
+        # core busy (Spark runs jobs from different threads side by side).
+        with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="write") as pool:
+            for future in [pool.submit(_write_parquet, *w) for w in writes]:
+                future.result()
         for name in SPLITS:
-            out = getattr(args, f"{name}_out")
-            rows = split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns])
-            # Files sized by rows, not by the shuffle's partition count: a small split is one file.
-            files = max(1, -(-stats[name]["rows"] // ROWS_PER_FILE))
-            rows.coalesce(files).write.mode("overwrite").parquet(out)
-            log.info("wrote %d %s rows to %s", stats[name]["rows"], name, out)
+            log.info("wrote %d %s rows to %s", stats[name]["rows"], name, getattr(args, f"{name}_out"))
     finally:
         if featured is not None:
             featured.unpersist()
@@ -208,6 +220,11 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
     write_text(spark, args.report_out, json.dumps(report, indent=2, sort_keys=True))
     log.info("quarantined: %s", json.dumps(report["quarantined"]))
     return report
+
+
+def _write_parquet(df: DataFrame, rows: int, out: str) -> None:
+    """Files sized by rows, not by the shuffle's partition count: a small output is one file."""
+    df.coalesce(max(1, -(-rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(out)
 
 
 def build_report(args: argparse.Namespace, spec: JobSpec, counts: dict[str, Any], cuts: tuple[int, int],
@@ -306,20 +323,22 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
 def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
     """One row per (id, timestamp): the first by the other output columns, ascending with nulls last.
 
-    Partitioned by id alone so the history window that follows reuses the same shuffle.
+    Adds ``__ts_us`` (the timestamp in microseconds, which orders rows as the timestamp does) and sorts by
+    it, partitioned by id alone: the history window that follows then needs neither a shuffle nor a sort.
     """
+    df = _with_ts_us(df, spec)
     others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
     w = Window.partitionBy(_col(spec.id_column)).orderBy(
-        _col(spec.timestamp_column).asc(), *[_col(c).asc_nulls_last() for c in others])
-    previous_ts = F.lag(_col(spec.timestamp_column)).over(w)
-    keep = previous_ts.isNull() | (previous_ts != _col(spec.timestamp_column))
+        F.col(_TS_US).asc(), *[_col(c).asc_nulls_last() for c in others])
+    previous_ts = F.lag(F.col(_TS_US)).over(w)
+    keep = previous_ts.isNull() | (previous_ts != F.col(_TS_US))
     # A window value cannot be filtered on directly: materialise it as a column first.
     return df.withColumn("__keep", keep).where(F.col("__keep")).drop("__keep")
 
 
 def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
-    """Adds ``__ts_us`` and the history features from the same entity's strictly earlier rows."""
-    df = df.withColumn(_TS_US, F.unix_micros(_col(spec.timestamp_column)))
+    """Adds ``__ts_us`` (unless there) and the history features from the same entity's strictly earlier rows."""
+    df = _with_ts_us(df, spec)
     if not spec.history_enabled:
         return df
     earlier = (Window.partitionBy(_col(spec.id_column)).orderBy(F.col(_TS_US))
@@ -332,6 +351,12 @@ def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
     derived += [F.avg(_col(c)).over(earlier).cast("double").alias(PRIOR_MEAN_PREFIX + c)
                 for c in spec.history_means]
     return df.select("*", *derived)
+
+
+def _with_ts_us(df: DataFrame, spec: JobSpec) -> DataFrame:
+    if _TS_US in df.columns:
+        return df
+    return df.withColumn(_TS_US, F.unix_micros(_col(spec.timestamp_column)))
 
 
 def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
