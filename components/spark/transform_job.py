@@ -1,7 +1,8 @@
 """The transform job: raw extract -> clean, point-in-time featured, temporally split Parquet + JSON report.
 
 Standalone (pyspark and the standard library only): the cloud backend uploads this file to GCS and runs it as
-a Dataproc Serverless batch; the local backend calls ``main(argv, spark=...)`` in a local Spark session.
+a Dataproc Serverless batch; the local backend calls ``main(argv, spark=...)`` in a local Spark session. The
+feature spec and the derived features' names (defined in ``ctloop.features``) arrive as arguments.
 
 Steps, in order:
   1. Read the input Parquet directory; check the spec's columns are there.
@@ -48,11 +49,6 @@ from pyspark.sql import types as T
 
 log = logging.getLogger("ctloop.transform_job")
 
-# Mirrors ctloop.features (this file cannot import the project): the derived feature names.
-PRIOR_EVENTS = "hist_prior_events"
-DAYS_SINCE_PRIOR = "hist_days_since_prior"
-PRIOR_MEAN_PREFIX = "hist_prior_mean_"
-
 REASON = "_reason"
 REASON_COLUMN = "_reason_column"
 SPLITS = ("train", "valid", "test")
@@ -75,6 +71,34 @@ _NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 
 
 @dataclass(frozen=True)
+class FeatureNames:
+    """The derived features' names. They are defined in ``ctloop.features``, which this file cannot import on
+    Dataproc: the component passes them as ``--feature-names``."""
+
+    prior_events: str
+    days_since_prior: str
+    prior_mean_prefix: str
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureNames:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--feature-names: not valid JSON ({e})") from e
+        expected = sorted(cls.__dataclass_fields__)
+        if not isinstance(data, dict) or sorted(data) != expected:
+            raise ValueError(f"--feature-names: expected the keys {expected}, found {data!r}")
+        return cls(**data)
+
+
+def _project_feature_names() -> FeatureNames:
+    # Only for a JobSpec built by hand inside the project: the job's command line always carries the names.
+    from ctloop.features import DERIVED_NAMES
+
+    return FeatureNames(**DERIVED_NAMES)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """The parts of ``ctloop.features.FeatureSpec`` the job needs, parsed from its JSON."""
 
@@ -85,9 +109,10 @@ class JobSpec:
     categorical: list[str]
     history_means: list[str] = field(default_factory=list)
     history_enabled: bool = True
+    names: FeatureNames = field(default_factory=_project_feature_names)
 
     @classmethod
-    def from_json(cls, text: str) -> JobSpec:
+    def from_json(cls, text: str, names: FeatureNames) -> JobSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -96,14 +121,15 @@ class JobSpec:
         missing = [k for k in required if k not in data]
         if missing:
             raise ValueError(f"--spec: missing field(s) {missing}; found {sorted(data)}")
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f for f in cls.__dataclass_fields__} - {"names"}
+        return cls(**{k: v for k, v in data.items() if k in known}, names=names)
 
     @property
     def derived(self) -> list[str]:
         if not self.history_enabled:
             return []
-        return [PRIOR_EVENTS, DAYS_SINCE_PRIOR] + [PRIOR_MEAN_PREFIX + c for c in self.history_means]
+        n = self.names
+        return [n.prior_events, n.days_since_prior] + [n.prior_mean_prefix + c for c in self.history_means]
 
     @property
     def source_columns(self) -> list[str]:
@@ -122,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quarantine-out", required=True, help="output directory of the quarantined rows")
     p.add_argument("--report-out", required=True, help="JSON report file (path or URI)")
     p.add_argument("--spec", required=True, help="FeatureSpec JSON")
+    p.add_argument("--feature-names", required=True,
+                   help='JSON {"prior_events", "days_since_prior", "prior_mean_prefix"}: the derived features\' names')
     p.add_argument("--valid-fraction", type=float, required=True)
     p.add_argument("--test-fraction", type=float, required=True)
     p.add_argument("--non-negative", default=None,
@@ -139,7 +167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the job; returns the report it wrote. ``spark`` lets a caller share its session."""
     args = parse_args(argv)
-    spec = JobSpec.from_json(args.spec)
+    spec = JobSpec.from_json(args.spec, FeatureNames.from_json(args.feature_names))
     non_negative = spec.numeric if args.non_negative is None else json.loads(args.non_negative)
     unknown = [c for c in non_negative if c not in spec.numeric]
     if unknown:
@@ -344,11 +372,12 @@ def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
     earlier = (Window.partitionBy(_col(spec.id_column)).orderBy(F.col(_TS_US))
                .rangeBetween(Window.unboundedPreceding, -1))
     prior_ts = F.max(F.col(_TS_US)).over(earlier)
+    names = spec.names
     derived = [
-        F.count(F.lit(1)).over(earlier).cast("double").alias(PRIOR_EVENTS),
-        ((F.col(_TS_US) - prior_ts) / _MICROS_PER_DAY).cast("double").alias(DAYS_SINCE_PRIOR),
+        F.count(F.lit(1)).over(earlier).cast("double").alias(names.prior_events),
+        ((F.col(_TS_US) - prior_ts) / _MICROS_PER_DAY).cast("double").alias(names.days_since_prior),
     ]
-    derived += [F.avg(_col(c)).over(earlier).cast("double").alias(PRIOR_MEAN_PREFIX + c)
+    derived += [F.avg(_col(c)).over(earlier).cast("double").alias(names.prior_mean_prefix + c)
                 for c in spec.history_means]
     return df.select("*", *derived)
 
