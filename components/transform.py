@@ -165,17 +165,20 @@ def run_transform(
 
 
 def read_column_types(input_path: str) -> dict[str, str]:
-    """Column name -> Arrow type name of the extract's Parquet files (footers only, no data read)."""
-    import pyarrow.dataset as ds
+    """Column name -> Arrow type name of the extract's Parquet files (one footer, no data read).
+
+    ``pyarrow.parquet`` rather than ``pyarrow.dataset``, which imports pandas: the step does not need it.
+    The extract writes one schema, so the first file's footer speaks for all (as a dataset's schema would).
+    """
+    import pyarrow.parquet as pq
 
     root = Path(input_path)
     files = sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
     if not files:
         raise DataValidationError(f"input {input_path}: no *.parquet files; "
                                   "expected the extract's Dataset directory")
-    schema = ds.dataset(files, format="parquet").schema
     types: dict[str, str] = {}
-    for f in schema:
+    for f in pq.read_schema(files[0]):
         t = f.type
         types[f.name] = str(getattr(t, "value_type", t))  # dictionary-encoded strings read as their values
     return types

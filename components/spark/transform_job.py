@@ -60,6 +60,7 @@ _TS_US = "__ts_us"
 _SPLIT = "__split"
 _TYPED = "__typed__"
 _COPIES = "__copies"
+_TWINS = "__twins"
 _MICROS_PER_DAY = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Session settings this job relies on; restored afterwards so a shared session is left as found.
@@ -194,43 +195,46 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
          ) -> dict[str, Any]:
     raw, nanos_as_long = read_input(spark, args.input)
     check_columns(raw, spec, args.input)
-    # One shuffle for the whole job: the rows are hash-partitioned by id once, and the exact-duplicate drop
-    # (grouping on every column, id among them) and both windows (partitioned by id) all reuse it. The group
-    # count says how many copies each distinct row had, so the input is never scanned just to count it.
-    distinct = (raw.select(*[_col(c) for c in spec.source_columns]).repartition(_col(spec.id_column))
-                .groupBy(*[_col(c) for c in spec.source_columns]).agg(F.count(F.lit(1)).alias(_COPIES)))
-    flagged = flag_rows(distinct, spec, non_negative, nanos_as_long)
-    # Cached narrow: the typed columns feed the clean path; the source values are kept for quarantined rows only.
-    bad = F.col(REASON).isNotNull()
-    flagged = flagged.select(
-        *[F.col(_quote(_TYPED + c)) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES,
-        *[F.when(bad, _col(c)).alias(c) for c in spec.source_columns],
-    ).persist(StorageLevel.MEMORY_AND_DISK)
+    raw = raw.select(*[_col(c) for c in spec.source_columns])
+    counts: dict[str, Any] = {"input_rows": raw.count()}
+    log.info("read %d rows from %s", counts["input_rows"], args.input)
+
+    # Flags depend on a row's values alone, so exact duplicates share them: the malformed rows and the clean
+    # ones are deduplicated apart. The few malformed rows take a cheap pass of their own (no cache of the whole
+    # input); the clean ones go through one shuffle by id, which the exact-duplicate drop (grouping on every
+    # column, id among them) and both windows (partitioned by id) all reuse.
+    flagged = flag_rows(raw, spec, non_negative, nanos_as_long)
+    quarantine = (flagged.where(F.col(REASON).isNotNull())
+                  .groupBy(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
+                  .agg(F.count(F.lit(1)).alias(_COPIES))
+                  .persist(StorageLevel.MEMORY_AND_DISK))
     featured: DataFrame | None = None
     try:
-        reasons = flagged.groupBy(REASON, REASON_COLUMN).agg(
+        reasons = quarantine.groupBy(REASON, REASON_COLUMN).agg(
             F.count(F.lit(1)).alias("count"), F.sum(_COPIES).alias("copies")).collect()
-        counts: dict[str, Any] = {"input_rows": sum(int(r["copies"]) for r in reasons)}
-        log.info("read %d rows from %s", counts["input_rows"], args.input)
-        counts["distinct_rows"] = sum(r["count"] for r in reasons)
-        counts["clean_rows"] = sum(r["count"] for r in reasons if r[REASON] is None)
         counts["bad"] = [r for r in reasons if r[REASON] is not None]
-        quarantine = flagged.where(bad).select(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
-        bad_rows = counts["distinct_rows"] - counts["clean_rows"]
-        if counts["clean_rows"] == 0:
-            _write_parquet(quarantine, bad_rows, args.quarantine_out)
+        bad_rows = sum(r["count"] for r in reasons)
+        bad_input_rows = sum(int(r["copies"]) for r in reasons)
+        quarantine_rows = quarantine.drop(_COPIES)
+        if counts["input_rows"] == bad_input_rows:
+            _write_parquet(quarantine_rows, bad_rows, args.quarantine_out)
             raise ValueError(f"input {args.input}: no valid rows left after quarantine "
                              f"({_reason_text(counts['bad'])}); nothing to split")
-        clean = flagged.where(F.col(REASON).isNull()).select(
+        distinct = (flagged.where(F.col(REASON).isNull()).select(*[_col(c) for c in spec.source_columns])
+                    .repartition(_col(spec.id_column)).dropDuplicates())
+        clean = flag_rows(distinct, spec, non_negative, nanos_as_long).select(
             *[F.col(_quote(_TYPED + c)).alias(c) for c in spec.source_columns])
-        featured = add_history(dedup_id_timestamp(clean, spec), spec).persist(StorageLevel.MEMORY_AND_DISK)
+        featured = add_history(dedup_id_timestamp(clean, spec, count_as=_TWINS), spec)
+        featured = featured.persist(StorageLevel.MEMORY_AND_DISK)
 
         cuts = cut_points(featured, args.valid_fraction, args.test_fraction)
         split = featured.withColumn(_SPLIT, F.when(F.col(_TS_US) < cuts[0], "train")
                                     .when(F.col(_TS_US) < cuts[1], "valid").otherwise("test"))
         stats = split_stats(split, spec)
         _check_splits(stats, cuts, args)
-        writes = [(quarantine, bad_rows, args.quarantine_out)]
+        counts["clean_rows"] = sum(stats[s]["clean_rows"] for s in SPLITS)
+        counts["distinct_rows"] = counts["clean_rows"] + bad_rows
+        writes = [(quarantine_rows, bad_rows, args.quarantine_out)]
         writes += [(split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns]),
                     stats[name]["rows"], getattr(args, f"{name}_out")) for name in SPLITS]
         # Each output is one or a few files, each written by one task: several outputs at once keep every
@@ -243,7 +247,7 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
     finally:
         if featured is not None:
             featured.unpersist()
-        flagged.unpersist()
+        quarantine.unpersist()
     report = build_report(args, spec, counts, cuts, stats)
     write_text(spark, args.report_out, json.dumps(report, indent=2, sort_keys=True))
     log.info("quarantined: %s", json.dumps(report["quarantined"]))
@@ -273,7 +277,7 @@ def build_report(args: argparse.Namespace, spec: JobSpec, counts: dict[str, Any]
         "output_rows": output_rows,
         "fractions": {"valid": args.valid_fraction, "test": args.test_fraction},
         "cut_points": {"valid_start": _iso(cuts[0]), "test_start": _iso(cuts[1])},
-        "splits": {s: {k: v for k, v in stats[s].items() if k != "nulls"} for s in SPLITS},
+        "splits": {s: {k: v for k, v in stats[s].items() if k not in ("nulls", "clean_rows")} for s in SPLITS},
         "null_rate": {c: sum(stats[s]["nulls"][c] for s in SPLITS) / output_rows
                       for c in spec.numeric + spec.categorical + spec.derived},
         "columns": spec.output_columns,
@@ -348,11 +352,12 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
     return df.select("*", *typed, reason.alias(REASON), reason_column.alias(REASON_COLUMN))
 
 
-def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
+def dedup_id_timestamp(df: DataFrame, spec: JobSpec, count_as: str | None = None) -> DataFrame:
     """One row per (id, timestamp): the first by the other output columns, ascending with nulls last.
 
     Adds ``__ts_us`` (the timestamp in microseconds, which orders rows as the timestamp does) and sorts by
     it, partitioned by id alone: the history window that follows then needs neither a shuffle nor a sort.
+    ``count_as`` names a column for how many rows the kept one stood for (itself and its dropped twins).
     """
     df = _with_ts_us(df, spec)
     others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
@@ -361,7 +366,11 @@ def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
     previous_ts = F.lag(F.col(_TS_US)).over(w)
     keep = previous_ts.isNull() | (previous_ts != F.col(_TS_US))
     # A window value cannot be filtered on directly: materialise it as a column first.
-    return df.withColumn("__keep", keep).where(F.col("__keep")).drop("__keep")
+    df = df.withColumn("__keep", keep)
+    if count_as is not None:  # after the window above, whose sort already groups each (id, timestamp)
+        df = df.withColumn(count_as, F.count(F.lit(1)).over(
+            Window.partitionBy(_col(spec.id_column), F.col(_TS_US))))
+    return df.where(F.col("__keep")).drop("__keep")
 
 
 def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
@@ -396,10 +405,12 @@ def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tu
 
 
 def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
-    """Rows, positive rate, time range and per-feature null counts of each split, in one aggregation."""
+    """Rows, positive rate, time range and per-feature null counts of each split, in one aggregation; with a
+    ``__twins`` column (``dedup_id_timestamp(count_as=...)``) also the clean rows before that dedup."""
     features = spec.numeric + spec.categorical + spec.derived
     aggs = [F.count(F.lit(1)).alias("rows"), F.sum(_col(spec.label_column)).alias("positives"),
-            F.min(_TS_US).alias("ts_min"), F.max(_TS_US).alias("ts_max")]
+            F.min(_TS_US).alias("ts_min"), F.max(_TS_US).alias("ts_max"),
+            (F.sum(_TWINS) if _TWINS in df.columns else F.count(F.lit(1))).alias("clean_rows")]
     aggs += [F.sum(_col(c).isNull().cast("long")).alias(f"null_{i}") for i, c in enumerate(features)]
     rows = {r[_SPLIT]: r for r in df.groupBy(_SPLIT).agg(*aggs).collect()}
     stats: dict[str, dict[str, Any]] = {}
@@ -413,6 +424,7 @@ def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
             "ts_min": _iso(r["ts_min"]) if r else None,
             "ts_max": _iso(r["ts_max"]) if r else None,
             "nulls": {c: (int(r[f"null_{i}"]) if r else 0) for i, c in enumerate(features)},
+            "clean_rows": int(r["clean_rows"]) if r else 0,
         }
     return stats
 
