@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from google.api_core import exceptions as gexc
-
 _LABEL_BAD = re.compile(r"[^a-z0-9_-]+")
 _SLUG_BAD = re.compile(r"[^a-z0-9-]+")
 
@@ -85,6 +83,7 @@ def find_parent_model(display_name: str, where: Where) -> Any | None:
 
 def get_model_version(parent_resource: str, version_or_alias: str, where: Where) -> Any | None:
     """``parent@version_or_alias`` as an ``aiplatform.Model``, or None if there is no such version."""
+    from google.api_core import exceptions as gexc
     from google.cloud import aiplatform
 
     try:
@@ -106,6 +105,7 @@ def find_or_create_endpoint(display_name: str, where: Where, endpoint_labels: Ma
 
     The derived id makes creation idempotent: a concurrent or repeated create gets 409 and reads the winner.
     """
+    from google.api_core import exceptions as gexc
     from google.cloud import aiplatform
 
     endpoint = find_endpoint(display_name, where)
