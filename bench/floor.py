@@ -104,7 +104,8 @@ def run_floor(workdir: Path, landing: Path, snapshot_time: str, run_id: str, pro
         registered = timed("register", lambda: run_register(settings, run_id, model_dir, str(model_dir), metrics,
                                                             {"run_id": run_id}))
         deployed = timed("deploy", lambda: run_deploy(settings, run_id, registered.model_name,
-                                                      registered.version, splits["test"]))
+                                                      registered.version, splits["test"],
+                                                      champion.version if champion else None))
     return {
         "steps": steps,
         "phases": phases,

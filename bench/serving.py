@@ -99,7 +99,7 @@ def _start_server(model_dir: Path, workers: int, launcher: str, log_dir: Path) -
 
 
 def run(ctx: Context) -> Section:
-    from components.deploy import smoke_instances
+    from ctloop.smoke import smoke_instances
 
     section = Section("serving", "Prediction server: throughput and latency")
     model_dir, test_dir = ensure_model(ctx)

@@ -31,6 +31,9 @@ class GcpSettings(_Strict):
     landing_bucket: str = "ctloop-dev-landing"
     pipeline_root: str = "gs://ctloop-dev-pipeline-root/runs"
     staging_bucket: str = "ctloop-dev-staging"
+    # Registered model versions' files go to gs://<model_bucket>/models/<model>/<version key>/, outside the
+    # pipeline root, so cleaning pipeline runs never breaks the champion. "" = staging_bucket.
+    model_bucket: str = ""
     service_account: str = "ctloop-pipeline@ctloop-dev.iam.gserviceaccount.com"
     component_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/component:latest"
     serving_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/serving:latest"
@@ -153,6 +156,11 @@ class LocalSettings(_Strict):
     @property
     def registry_db(self) -> Path:
         return self.path("registry.sqlite")
+
+    @property
+    def models_dir(self) -> Path:
+        """Registered model versions' files (``<model>/<version key>/``), outside the pipeline root."""
+        return self.path("models")
 
     @property
     def pipeline_root(self) -> Path:

@@ -1,8 +1,4 @@
-"""Thin helpers over the aiplatform SDK for the register, deploy and lookup steps.
-
-Every call passes project and location explicitly; tests point the SDK at a local server with
-``aiplatform.init`` (``api_endpoint``, ``api_transport="rest"``, anonymous credentials): these calls use it.
-"""
+"""Vertex AI names: where resources live, label values, version aliases and resource ids made valid."""
 
 from __future__ import annotations
 
@@ -10,7 +6,6 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 _LABEL_BAD = re.compile(r"[^a-z0-9_-]+")
 _SLUG_BAD = re.compile(r"[^a-z0-9-]+")
@@ -71,97 +66,3 @@ def resource_id(display_name: str) -> str:
 def model_id_of(resource_name: str) -> str:
     """``projects/p/locations/l/models/123@4`` -> ``123``."""
     return resource_name.rstrip("/").split("/")[-1].split("@")[0]
-
-
-def find_parent_model(display_name: str, where: Where) -> Any | None:
-    """The registered model with this display name (the oldest if several), or None."""
-    from google.cloud import aiplatform
-
-    found = aiplatform.Model.list(filter=f'display_name="{display_name}"', order_by="create_time", **where.kw)
-    return found[0] if found else None
-
-
-def get_model_version(parent_resource: str, version_or_alias: str, where: Where) -> Any | None:
-    """``parent@version_or_alias`` as an ``aiplatform.Model``, or None if there is no such version."""
-    from google.api_core import exceptions as gexc
-    from google.cloud import aiplatform
-
-    try:
-        return aiplatform.Model(model_name=f"{parent_resource}@{version_or_alias}", **where.kw)
-    except gexc.NotFound:
-        return None
-
-
-def find_endpoint(display_name: str, where: Where) -> Any | None:
-    from google.cloud import aiplatform
-
-    found = aiplatform.Endpoint.list(filter=f'display_name="{display_name}"', order_by="create_time",
-                                     **where.kw)
-    return found[0] if found else None
-
-
-def find_or_create_endpoint(display_name: str, where: Where, endpoint_labels: Mapping[str, str]) -> Any:
-    """Find the endpoint by display name, else create it with an id derived from the name.
-
-    The derived id makes creation idempotent: a concurrent or repeated create gets 409 and reads the winner.
-    """
-    from google.api_core import exceptions as gexc
-    from google.cloud import aiplatform
-
-    endpoint = find_endpoint(display_name, where)
-    if endpoint is not None:
-        return endpoint
-    endpoint_id = resource_id(display_name)
-    try:
-        return aiplatform.Endpoint.create(display_name=display_name, endpoint_id=endpoint_id,
-                                          labels=dict(endpoint_labels), **where.kw)
-    except gexc.Conflict:
-        return aiplatform.Endpoint(endpoint_name=f"{where.parent}/endpoints/{endpoint_id}", **where.kw)
-
-
-@dataclass(frozen=True)
-class DeployedModel:
-    id: str
-    model_id: str
-    version: str
-    traffic: int
-    create_time: str
-
-
-def deployed_models(endpoint: Any) -> list[DeployedModel]:
-    """The endpoint's deployed models, oldest first, with their traffic share (read fresh from the API)."""
-    split = endpoint.traffic_split  # this property re-reads the endpoint
-    out = [
-        DeployedModel(id=d.id, model_id=model_id_of(d.model), version=str(d.model_version_id or ""),
-                      traffic=int(split.get(d.id, 0)),
-                      create_time=d.create_time.isoformat() if d.create_time else "")
-        for d in endpoint.list_models()
-    ]
-    return sorted(out, key=lambda d: (d.create_time, d.id))
-
-
-def find_deployed(endpoint: Any, model_resource: str, version: str) -> DeployedModel | None:
-    """The deployment of ``model@version`` on the endpoint. Compared by model id, since Vertex may answer with
-    the project number where we used the project id."""
-    mid = model_id_of(model_resource)
-    matches = (d for d in deployed_models(endpoint) if d.model_id == mid and d.version == str(version))
-    return next(matches, None)
-
-
-def move_alias(parent_resource: str, alias: str, version: str, where: Where) -> str | None:
-    """Point ``alias`` at ``version``; returns the version that held it before (None if none).
-
-    The alias is removed from its old holder first, then added: Vertex keeps an alias on one version only,
-    and this order never needs the server to move it implicitly.
-    """
-    from google.cloud import aiplatform
-
-    registry = aiplatform.models.ModelRegistry(parent_resource, **where.kw)
-    holder = get_model_version(parent_resource, alias, where)
-    previous = str(holder.version_id) if holder is not None else None
-    if previous == str(version):
-        return previous
-    if previous is not None:
-        registry.remove_version_aliases([alias], previous)
-    registry.add_version_aliases([alias], str(version))
-    return previous

@@ -153,6 +153,22 @@ def run_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, trig
     sys.exit(code)
 
 
+@cli.command("doctor")
+@click.option("--target", type=click.Choice(["vertex"]), default="vertex", show_default=True)
+@click.option("--template", default=None, help="Artifact Registry tag URI of the training template.")
+@pass_ctx
+@_fail_cleanly
+def doctor_cmd(ctx: _Ctx, target: str, template: str | None) -> None:
+    """Check a real project before the first cloud run: APIs, buckets, repositories, template, permissions."""
+    from pipelines.doctor import run_doctor
+
+    report = run_doctor(ctx.settings, template=template)
+    for line in report.failures:
+        click.echo(line, err=True)
+    click.echo(f"doctor: {report.passed} checks passed, {len(report.failures)} failed")
+    sys.exit(1 if report.failures else 0)
+
+
 @cli.command("monitor")
 @click.option("--target", type=click.Choice(["local", "vertex"]), default="local", show_default=True)
 @click.option("--run-id", default=None, help="Idempotency key: also keys the training run a drift launches.")

@@ -6,7 +6,8 @@ Steps, in order:
   3. train            scikit-learn Pipeline -> Model + validation Metrics
   4. lookup_champion  the registry's `champion` alias (empty for the first model)
   5. evaluate_gate    candidate and champion scored on the same test split -> decision
-  6. pass: register (new model version) -> deploy (staging, smoke test, production, alias move)
+  6. pass: register (new model version) -> deploy (staging, smoke test, production, alias move if the
+     champion is still the one the gate compared against)
      fail: report_rejection (the champion stays live)
 """
 
@@ -61,8 +62,10 @@ def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigge
         version.set_display_name("register (Model Registry)").set_caching_options(False)
         # No step-level retry: a failed smoke test is deterministic and already rolled back; the Google
         # clients retry transient API errors inside the step.
+        # The champion the gate compared against: deploy promotes only if it still is the champion.
         rollout = deploy(config=config, run_id=run_id, model_name=version.outputs["model_resource"],
-                         version=version.outputs["version"], test=splits.outputs["test"])
+                         version=version.outputs["version"],
+                         champion_version=champion.outputs["champion_version"], test=splits.outputs["test"])
         rollout.set_display_name("deploy (staging, smoke, production)").set_caching_options(False)
     with dsl.Else(name="gate-failed"):
         rejected = report_rejection(config=config, run_id=run_id, reasons=gate.outputs["reasons"],

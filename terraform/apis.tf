@@ -5,6 +5,7 @@ locals {
     "bigquery.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudfunctions.googleapis.com",
+    "compute.googleapis.com", # the Dataproc Serverless network (network.tf)
     "dataproc.googleapis.com",
     "eventarc.googleapis.com",
     "iam.googleapis.com",

@@ -16,6 +16,8 @@ locals {
     _FUNCTION_NAME        = google_cloudfunctions2_function.trigger.name
     _FUNCTION_SA          = google_service_account.trigger.email
     _INVOKER_SA           = google_service_account.trigger_invoker.email
+    _FUNCTION_BUILD_SA    = google_service_account.function_build.email
+    _DATAPROC_SUBNETWORK  = google_compute_subnetwork.dataproc.id
     _TRIGGER_TOPIC        = google_pubsub_topic.landing_events.name
     _TRIGGER_DELIVERY     = var.trigger_delivery
     _DEPLOY_FUNCTION      = "true"

@@ -32,6 +32,8 @@ resource "google_cloudfunctions2_function" "trigger" {
   build_config {
     runtime     = "python311"
     entry_point = "on_object_finalized"
+    # Its own build identity: newer projects' default build account often lacks the builder role.
+    service_account = google_service_account.function_build.id
     source {
       storage_source {
         bucket = google_storage_bucket.staging.name
@@ -50,9 +52,11 @@ resource "google_cloudfunctions2_function" "trigger" {
     ingress_settings               = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision = true
     environment_variables = merge({
-      CTLOOP_TRIGGER_BACKEND  = "cloud"
-      CTLOOP_TRIGGER_BUCKET   = google_storage_bucket.landing.name
-      CTLOOP_TRIGGER_PREFIX   = local.landing_prefix
+      CTLOOP_TRIGGER_BACKEND = "cloud"
+      CTLOOP_TRIGGER_BUCKET  = google_storage_bucket.landing.name
+      CTLOOP_TRIGGER_PREFIX  = local.landing_prefix
+      # A batch of several files starts one run, when its marker lands, not one run per file.
+      CTLOOP_TRIGGER_MARKERS  = join(",", var.batch_markers)
       CTLOOP_TRIGGER_TEMPLATE = local.template_uri
       CTLOOP_TRIGGER_CONFIG   = local.config_uri
       # New batches follow monitoring.retrain_policy of the settings file; ticks launch the monitoring pipeline.

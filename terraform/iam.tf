@@ -28,13 +28,21 @@ resource "google_service_account" "build" {
   description  = "Runs the PR-check and release builds: pushes images and templates, deploys the function."
 }
 
+resource "google_service_account" "function_build" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-function-build"
+  display_name = "ctloop trigger function build (${var.env})"
+  description  = "Builds the trigger function's container from its source (the function's build_config)."
+}
+
 # --- pipeline SA -------------------------------------------------------------------------------------------
 
 resource "google_project_iam_member" "pipeline" {
   for_each = toset([
-    "roles/aiplatform.user",  # pipeline tasks, Model Registry, endpoints
-    "roles/bigquery.jobUser", # run the extract query
-    "roles/dataproc.worker",  # Dataproc Serverless batch workers run as this SA
+    "roles/aiplatform.user",           # pipeline tasks, Model Registry, endpoints
+    "roles/bigquery.jobUser",          # run the extract query
+    "roles/dataproc.serverlessEditor", # the transform creates and polls its Dataproc Serverless batch
+    "roles/dataproc.worker",           # Dataproc Serverless batch workers run as this SA
   ])
 
   project = var.project_id
@@ -49,6 +57,7 @@ resource "google_bigquery_dataset_iam_member" "pipeline_reads_dataset" {
   member     = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
+# Object User: read, write, overwrite and delete objects; unlike Object Admin, no object ACL/IAM changes.
 resource "google_storage_bucket_iam_member" "pipeline_owns_objects" {
   for_each = {
     pipeline_root = google_storage_bucket.pipeline_root.name
@@ -56,7 +65,7 @@ resource "google_storage_bucket_iam_member" "pipeline_owns_objects" {
   }
 
   bucket = each.value
-  role   = "roles/storage.objectAdmin"
+  role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.pipeline.email}"
 }
 
@@ -72,6 +81,15 @@ resource "google_artifact_registry_repository_iam_member" "pipeline_pulls_images
   project    = var.project_id
   location   = google_artifact_registry_repository.docker.location
   repository = google_artifact_registry_repository.docker.name
+  role       = "roles/artifactregistry.reader"
+  member     = "serviceAccount:${google_service_account.pipeline.email}"
+}
+
+# The monitoring pipeline launches retraining from the training template (components/launch.py).
+resource "google_artifact_registry_repository_iam_member" "pipeline_reads_templates" {
+  project    = var.project_id
+  location   = google_artifact_registry_repository.kfp.location
+  repository = google_artifact_registry_repository.kfp.name
   role       = "roles/artifactregistry.reader"
   member     = "serviceAccount:${google_service_account.pipeline.email}"
 }
@@ -106,12 +124,6 @@ resource "google_artifact_registry_repository_iam_member" "trigger_reads_templat
   member     = "serviceAccount:${google_service_account.trigger.email}"
 }
 
-resource "google_storage_bucket_iam_member" "trigger_reads_landing" {
-  bucket = google_storage_bucket.landing.name
-  role   = "roles/storage.objectViewer"
-  member = "serviceAccount:${google_service_account.trigger.email}"
-}
-
 # Only the rendered settings (config/ctloop.yaml), not the rest of the staging bucket.
 resource "google_storage_bucket_iam_member" "trigger_reads_config" {
   bucket = google_storage_bucket.staging.name
@@ -132,14 +144,14 @@ resource "google_cloud_run_service_iam_member" "invoker_runs_trigger" {
   location = google_cloudfunctions2_function.trigger.location
   # A 2nd gen function runs as the Cloud Run service of the same name.
   service = google_cloudfunctions2_function.trigger.name
-  role    = "roles/run.invoker"
+  role    = "roles/run.servicesInvoker"
   member  = "serviceAccount:${google_service_account.trigger_invoker.email}"
 }
 
 # Pub/Sub mints the push request's OIDC token for the invoker SA.
 resource "google_service_account_iam_member" "pubsub_signs_as_invoker" {
   service_account_id = google_service_account.trigger_invoker.name
-  role               = "roles/iam.serviceAccountTokenCreator"
+  role               = "roles/iam.serviceAccountOpenIdTokenCreator"
   member             = local.pubsub_agent
 }
 
@@ -175,7 +187,7 @@ resource "google_artifact_registry_repository_iam_member" "build_pushes" {
 # Publishes config/ctloop.yaml (overwrites it) on release.
 resource "google_storage_bucket_iam_member" "build_publishes_config" {
   bucket = google_storage_bucket.staging.name
-  role   = "roles/storage.objectAdmin"
+  role   = "roles/storage.objectUser"
   member = "serviceAccount:${google_service_account.build.email}"
 }
 
@@ -192,6 +204,24 @@ resource "google_service_account_iam_member" "build_acts_as" {
   }
 
   service_account_id = each.value
+  role               = "roles/iam.serviceAccountUser"
+  member             = "serviceAccount:${google_service_account.build.email}"
+}
+
+# --- function build SA ---------------------------------------------------------------------------------------
+
+# Cloud Run Builder: read the function source, push the built image, write build logs; the role Google names for
+# a function's build account (https://cloud.google.com/run/docs/configuring/services/build-service-account),
+# a subset of roles/cloudbuild.builds.builder.
+resource "google_project_iam_member" "function_build" {
+  project = var.project_id
+  role    = "roles/run.builder"
+  member  = "serviceAccount:${google_service_account.function_build.email}"
+}
+
+# Whoever deploys the function names its build account: Terraform's caller and the release build.
+resource "google_service_account_iam_member" "build_acts_as_function_build" {
+  service_account_id = google_service_account.function_build.name
   role               = "roles/iam.serviceAccountUser"
   member             = "serviceAccount:${google_service_account.build.email}"
 }

@@ -87,10 +87,22 @@ output "ctloop_settings" {
       pipeline_root   = "gs://${google_storage_bucket.pipeline_root.name}/runs"
       staging_bucket  = google_storage_bucket.staging.name
       service_account = google_service_account.pipeline.email
+      # Dataproc Serverless batches run here (network.tf), not on the region's default subnetwork.
+      dataproc_subnetwork = google_compute_subnetwork.dataproc.id
     }
     data = {
       bq_dataset = google_bigquery_dataset.ctloop.dataset_id
       bq_table   = google_bigquery_table.events.table_id
     }
   })
+}
+
+output "dataproc_subnetwork" {
+  description = "Subnetwork of the Dataproc Serverless batches (gcp.dataproc_subnetwork)."
+  value       = google_compute_subnetwork.dataproc.id
+}
+
+output "function_build_service_account" {
+  description = "Service account that builds the trigger function's container."
+  value       = google_service_account.function_build.email
 }

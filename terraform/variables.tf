@@ -36,10 +36,14 @@ variable "bq_table" {
   default     = "events"
 }
 
-variable "hive_partitioning" {
-  description = "Expose key=value folders under the landing table prefix as hive partition columns."
-  type        = bool
-  default     = false
+variable "hive_partition_keys" {
+  description = <<-EOT
+    Folder keys under the landing table prefix exposed as partition columns, in BigQuery's custom layout
+    syntax, e.g. "{batch:STRING}" for .../batch=2024-06/part-0.parquet. Empty = no partition columns.
+    Declared rather than inferred: inference reads files, and the bucket is empty when the table is created.
+  EOT
+  type        = string
+  default     = ""
 }
 
 variable "trigger_delivery" {
@@ -130,4 +134,20 @@ variable "smoke_submit" {
   description = "Release builds submit one training run of the new template (grants the build SA Vertex AI access)."
   type        = bool
   default     = false
+}
+
+variable "dataproc_subnet_cidr" {
+  description = "Address range of the Dataproc Serverless subnetwork (network.tf); Dataproc needs room for every executor."
+  type        = string
+  default     = "10.20.0.0/20"
+}
+
+variable "batch_markers" {
+  description = <<-EOT
+    Base names of the files that close a landing batch (CTLOOP_TRIGGER_MARKERS of the trigger function).
+    Upload a batch's data files first, then its marker: one training run starts for the marker's folder.
+    Empty = every data file starts its own run.
+  EOT
+  type        = list(string)
+  default     = ["_SUCCESS"]
 }

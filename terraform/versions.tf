@@ -3,13 +3,14 @@ terraform {
 
   required_providers {
     google = {
-      source  = "hashicorp/google"
-      version = "~> 6.0"
+      source = "hashicorp/google"
+      # The version tests/test_terraform_schema.py checks every block against (terraform/schema/google.json).
+      version = "~> 6.50.0"
     }
     archive = {
       source = "hashicorp/archive"
-      # 2.4 added glob patterns to archive_file's excludes.
-      version = "~> 2.4"
+      # Checked against terraform/schema/archive.json; 2.4 added glob patterns to archive_file's excludes.
+      version = "~> 2.7.1"
     }
   }
 

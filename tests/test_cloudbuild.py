@@ -8,6 +8,7 @@ import ast
 import hashlib
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -403,3 +404,181 @@ def test_upload_template_rejects_bad_input(tmp_path: Path, capsys: pytest.Captur
         upload_template.main(["--host=http://127.0.0.1:9", f"--template={tmp_path}", "--tags=sha256:x"]) == 1
     )
     assert "'sha256:x' is not a valid tag" in capsys.readouterr().err
+
+
+# --- every step finds its tools in its own image ------------------------------------------------------------
+
+# What each step image provides on PATH. Sources: the python image is docker-library's python:3.11-bookworm
+# (FROM buildpack-deps:bookworm: make, git, curl, apt); hashicorp/terraform is Alpine with /bin/terraform;
+# kaniko's executor image has no shell, only its entrypoint; google-cloud-cli images are Google's
+# cloud-sdk-docker builds: `-slim` has gcloud and Python, `-emulators` adds a Java runtime and the Pub/Sub,
+# Datastore, Firestore and Bigtable emulators (cloud-sdk-docker emulators/Dockerfile).
+_POSIX = {"sh", "cp", "mkdir", "test", "cat", "ls", "rm", "mv", "env"}
+IMAGE_TOOLS: dict[str, set[str]] = {
+    "python:3.11.14-bookworm": _POSIX | {"bash", "apt-get", "make", "python", "python3", "pip", "git", "curl"},
+    "hashicorp/terraform:1.11.4": _POSIX | {"terraform"},
+    "gcr.io/kaniko-project/executor:v1.23.2": {"/kaniko/executor"},
+    "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-slim": _POSIX | {"bash", "gcloud", "python3"},
+    "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-emulators": _POSIX | {"bash", "gcloud", "java"},
+}
+# Images whose Cloud CLI holds the Pub/Sub emulator jar.
+PUBSUB_EMULATOR_IMAGES = {"gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-emulators"}
+# apt packages a step may install for itself, and the commands they add.
+APT_PROVIDES = {"openjdk-17-jre-headless": {"java"}, "default-jre-headless": {"java"}}
+# `make test` runs the whole suite: the Spark and Pub/Sub emulator tests need java, tests/test_terraform.py needs
+# terraform, the trigger-chain and demo tests need the emulator jar (ctloop/emulators.py).
+MAKE_TEST_NEEDS = {"java", "terraform", "pubsub-emulator-jar", "python3"}
+# Shell keywords keep the next word in command position; builtins are commands the shell itself provides.
+SHELL_KEYWORDS = {"if", "then", "else", "elif", "fi", "esac", "do", "done", "while", "until", "{", "}", "!", "in"}
+SHELL_BUILTINS = {"echo", "exit", "cd", "export", "set", "true", "false", "test", "[", "local", "read", "printf"}
+SEPARATORS = {"&&", "||", ";", ";;", "|", "(", ")", "&"}
+_COMMAND = re.compile(r"^[\w./-]+$")
+
+
+def script_commands(script: str) -> list[str]:
+    """The commands a shell script runs: the first word of every simple command, ``$(...)`` included."""
+    commands: list[str] = []
+    for line in re.sub(r"\\\n", " ", script).splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.commenters = "#"
+        tokens = list(lexer)
+        at_command, skip_to_in = True, False
+        for i, token in enumerate(tokens):
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if skip_to_in:
+                skip_to_in = token != "in"
+                continue
+            if token in SEPARATORS:
+                at_command = True
+            elif not at_command:
+                continue
+            elif token in ("case", "for"):
+                skip_to_in = True
+            elif token in SHELL_KEYWORDS or nxt == ")" or re.match(r"^\w+=", token) or not _COMMAND.match(token):
+                continue  # keyword, case pattern, assignment, or a word that cannot name a command
+            elif token.startswith("-"):
+                continue
+            else:
+                if token not in SHELL_BUILTINS:
+                    commands.append(token)
+                at_command = False
+    return commands
+
+
+def _ancestors(doc: dict[str, Any], step: dict[str, Any]) -> list[dict[str, Any]]:
+    """Steps that finish before ``step`` starts (waitFor, transitively; no waitFor = every earlier step)."""
+    steps = doc["steps"]
+    index = steps.index(step)
+    wanted = step.get("waitFor")
+    direct = steps[:index] if wanted is None else [s for s in steps[:index] if s.get("id") in wanted]
+    found: list[dict[str, Any]] = []
+    for parent in direct:
+        for s in [*_ancestors(doc, parent), parent]:
+            if s not in found:
+                found.append(s)
+    return found
+
+
+def _script(step: dict[str, Any]) -> str:
+    args = [str(a) for a in step.get("args", [])]
+    if step.get("entrypoint") in ("bash", "sh") and "-c" in " ".join(args[:-1]):
+        return args[-1]
+    return ""
+
+
+def _produces(step: dict[str, Any], path: str) -> bool:
+    script = _script(step)
+    if path.startswith("/workspace/.venv/"):
+        return bool(re.search(r"^\s*make (setup|test)\b", script, re.M))
+    return bool(re.search(rf"(^|\s){re.escape(path)}(\s|$)", script, re.M))
+
+
+def step_tool_problems(doc: dict[str, Any]) -> list[str]:
+    """Commands a step runs that neither its image, an earlier install in the step, nor a finished step
+    provides; for `make test`, the suite's own needs."""
+    problems = []
+    for step in doc["steps"]:
+        sid, image = step.get("id", "?"), step["name"]
+        if image not in IMAGE_TOOLS:
+            problems.append(f"step {sid}: image {image} is not in IMAGE_TOOLS (record what it provides)")
+            continue
+        env = dict(str(e).split("=", 1) for e in step.get("env", []))
+        path_dirs = env.get("PATH", "").split(":")
+        before = _ancestors(doc, step)
+        tools = set(IMAGE_TOOLS[image])
+        for directory in path_dirs:
+            if directory.startswith("/builder/home/"):
+                for tool in ("terraform", "java", "gcloud"):
+                    if any(_produces(s, f"{directory}/{tool}") for s in before):
+                        tools.add(tool)
+        script = _script(step)
+        for package, provided in APT_PROVIDES.items():
+            if re.search(rf"apt-get install\b.*\b{re.escape(package)}\b", script):
+                tools |= provided
+        commands = [step["entrypoint"]] if step.get("entrypoint") and not script else []
+        commands += script_commands(script)
+        for command in commands:
+            if command.startswith(("/workspace/", "/builder/home/")):
+                if not any(_produces(s, command) for s in before):
+                    problems.append(f"step {sid}: runs {command}, which no step it waits for creates")
+            elif command.startswith(".venv/"):
+                if not any(_produces(s, "/workspace/" + command) for s in before):
+                    problems.append(f"step {sid}: runs {command}, which no step it waits for creates")
+            elif command not in tools:
+                problems.append(f"step {sid}: {command!r} is not in image {image}")
+        if re.search(r"^\s*make test\b", script, re.M):
+            have = set(tools)
+            jar = env.get("CTLOOP_PUBSUB_EMULATOR_JAR", "")
+            if image in PUBSUB_EMULATOR_IMAGES or (jar and any(_produces(s, jar) for s in before)):
+                have.add("pubsub-emulator-jar")
+            for need in sorted(MAKE_TEST_NEEDS - have):
+                problems.append(f"step {sid}: `make test` needs {need}, which step image {image} lacks")
+    return problems
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_step_finds_its_tools_in_its_image(path: Path) -> None:
+    doc = load(path)
+    assert step_tool_problems(doc) == []
+    test_steps = [s for s in doc["steps"] if re.search(r"^\s*make test\b", _script(s), re.M)]
+    assert len(test_steps) == 1, "exactly one step runs the test suite"
+
+
+def test_emulator_step_copies_the_jar_the_test_step_reads() -> None:
+    for path in (RELEASE, PR):
+        doc = load(path)
+        emulator, test = step_by_id(doc, "pubsub-emulator"), step_by_id(doc, "test")
+        assert emulator["name"] in PUBSUB_EMULATOR_IMAGES
+        jar = dict(str(e).split("=", 1) for e in test["env"])["CTLOOP_PUBSUB_EMULATOR_JAR"]
+        assert _produces(emulator, jar) and "pubsub-emulator" in test["waitFor"]
+        assert "platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar" in _script(emulator)
+        from ctloop.emulators import PUBSUB_JAR_GLOB
+
+        assert PUBSUB_JAR_GLOB in _script(emulator), "the step copies the jar ctloop/emulators.py looks for"
+
+
+def test_script_commands_parses_the_deploy_step() -> None:
+    script = step_by_id(load(RELEASE), "deploy-function")["args"][-1]
+    assert set(script_commands(script)) == {"gcloud"}
+    assert script_commands("root=$(gcloud info)\nmkdir -p x && cp a b | tee c") == ["gcloud", "mkdir", "cp", "tee"]
+
+
+def test_tool_check_catches_the_test_step_without_the_emulator() -> None:
+    doc = load(RELEASE)
+    test = step_by_id(doc, "test")
+    test["env"] = [e for e in test["env"] if not e.startswith("CTLOOP_PUBSUB_EMULATOR_JAR=")]
+    assert step_tool_problems(doc) == [
+        "step test: `make test` needs pubsub-emulator-jar, which step image python:3.11.14-bookworm lacks"
+    ]
+
+
+def test_tool_check_catches_missing_tools_and_ordering() -> None:
+    doc = load(RELEASE)
+    step_by_id(doc, "publish-config")["name"] = "python:3.11.14-bookworm"  # gcloud is not in the python image
+    step_by_id(doc, "compile")["waitFor"] = ["-"]  # .venv/bin/ctloop does not exist yet
+    test = step_by_id(doc, "test")
+    test["args"][-1] = test["args"][-1].replace("openjdk-17-jre-headless", "curl")
+    problems = step_tool_problems(doc)
+    assert "step publish-config: 'gcloud' is not in image python:3.11.14-bookworm" in problems
+    assert "step compile: runs /workspace/.venv/bin/ctloop, which no step it waits for creates" in problems
+    assert "step test: `make test` needs java, which step image python:3.11.14-bookworm lacks" in problems

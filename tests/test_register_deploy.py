@@ -1,5 +1,6 @@
 """register, lookup_champion and deploy on the local backend: the SQLite registry and the real prediction
-server over HTTP for the staging smoke test; promotion, canary, pruning, rollback and idempotency."""
+server over HTTP for the staging smoke test; promotion, canary, pruning, rollback and idempotency. The race
+of two runs on one registry is in test_rollout_race.py."""
 
 import json
 from pathlib import Path
@@ -8,11 +9,13 @@ import httpx
 import numpy as np
 import pytest
 
-from components.deploy import SmokeTestFailed, check_predictions, run_deploy, smoke_instances
+from components.deploy import run_deploy
 from components.lookup import find_champion, run_lookup_step
 from components.register import numeric_metrics, run_register, version_aliases
 from ctloop.config import Settings
 from ctloop.registry import LocalRegistry
+from ctloop.rollout import ChampionMoved
+from ctloop.smoke import SmokeTestFailed, check_predictions, smoke_instances
 from serving.app import create_app, endpoint_deployments
 from serving.background import running_server
 from tests.serving_fixtures import (
@@ -55,6 +58,13 @@ def _register(settings: Settings, run_id: str, model_dir: Path):
     return run_register(settings, run_id, model_dir, str(model_dir), metrics, lineage)
 
 
+def _deploy(settings: Settings, run_id: str, model_name: str, version: str, test_split: Path):
+    """Deploy as the pipeline does: against the champion that lookup_champion finds for the gate."""
+    champion = find_champion(settings)
+    return run_deploy(settings, run_id, model_name, version, test_split,
+                      champion.version if champion is not None else None)
+
+
 def _registry(settings: Settings) -> LocalRegistry:
     return LocalRegistry(settings.local.registry_db)
 
@@ -76,6 +86,7 @@ def test_register_copies_the_model_and_is_idempotent_per_run(tmp_path: Path, mod
     assert (second.version, second.created) == ("2", True)
     stored = Path(first.artifact_uri)
     assert stored.is_relative_to(s.local.path("models")) and stored != models["a"]
+    assert stored == s.local.models_dir / NAME / "run-run-1"  # keyed by model and the version's run alias
     assert (stored / "model.joblib").read_bytes() == (models["a"] / "model.joblib").read_bytes()
     v1 = _registry(s).get_version(NAME, 1)
     assert v1.run_key == "run-1" and "run-run-1" in v1.aliases
@@ -110,10 +121,11 @@ def test_first_deploy_goes_to_staging_then_all_production_traffic(tmp_path: Path
                                                                   test_split: Path) -> None:
     s = _settings(tmp_path)
     reg = _register(s, "run-1", models["a"])
-    result = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    result = _deploy(s, "run-1", reg.model_name, reg.version, test_split)
     assert result.changed and result.endpoint == "ctloop-production"
     assert result.deployed_model_id == f"{NAME}-v1" and result.traffic_split == {f"{NAME}-v1": 100}
-    assert _split(s, "ctloop-staging") == {f"{NAME}-v1": 100}
+    # The candidate left staging after its smoke test: staging serves nothing between runs.
+    assert _split(s, "ctloop-staging") == {}
     assert result.smoke.ok and result.smoke.instances == 6 and len(result.smoke.latencies_ms) == 6
     champion = find_champion(s)
     assert (champion.version, champion.artifact_uri) == ("1", reg.artifact_uri)
@@ -125,17 +137,16 @@ def test_canary_then_prune_and_alias_moves(tmp_path: Path, models: dict[str, Pat
     s = _settings(tmp_path, **{"deploy.canary_percent": 10, "deploy.keep_versions": 2})
     for run, key in (("run-1", "a"), ("run-2", "b")):
         reg = _register(s, run, models[key])
-        result = run_deploy(s, run, reg.model_name, reg.version, test_split)
+        result = _deploy(s, run, reg.model_name, reg.version, test_split)
     assert result.traffic_split == {f"{NAME}-v1": 90, f"{NAME}-v2": 10}
     assert result.previous_champion == "1"
     registry = _registry(s)
     assert registry.get_alias(NAME, "champion").version_id == 2
     assert registry.get_alias(NAME, "previous-champion").version_id == 1
-    # Staging keeps only the last candidate that passed.
-    assert _split(s, "ctloop-staging") == {f"{NAME}-v2": 100}
+    assert _split(s, "ctloop-staging") == {}
 
     reg = _register(s, "run-3", models["c"])
-    result = run_deploy(s, "run-3", reg.model_name, reg.version, test_split)
+    result = _deploy(s, "run-3", reg.model_name, reg.version, test_split)
     # v1 (oldest) is undeployed: v2 keeps the rest, the canary exactly its 10%.
     assert result.traffic_split == {f"{NAME}-v2": 90, f"{NAME}-v3": 10}
     assert registry.get_alias(NAME, "previous-champion").version_id == 2
@@ -153,9 +164,9 @@ def test_deploying_the_deployed_champion_again_is_a_no_op(tmp_path: Path, models
                                                           test_split: Path) -> None:
     s = _settings(tmp_path)
     reg = _register(s, "run-1", models["a"])
-    first = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    first = _deploy(s, "run-1", reg.model_name, reg.version, test_split)
     before = _registry(s).get_endpoint("ctloop-production")
-    again = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    again = _deploy(s, "run-1", reg.model_name, reg.version, test_split)
     assert not again.changed and again.smoke is None
     assert (again.endpoint, again.deployed_model_id, again.traffic_split) == (first.endpoint,
                                                                                 first.deployed_model_id,
@@ -173,7 +184,7 @@ def test_a_failing_smoke_test_rolls_back_and_leaves_production_alone(
 ) -> None:
     s = _settings(tmp_path)
     good = _register(s, "run-1", models["a"])
-    run_deploy(s, "run-1", good.model_name, good.version, test_split)
+    _deploy(s, "run-1", good.model_name, good.version, test_split)
     production_before = _registry(s).get_endpoint("ctloop-production")
 
     if bad == "corrupt":
@@ -187,14 +198,14 @@ def test_a_failing_smoke_test_rolls_back_and_leaves_production_alone(
     else:
         candidate = _register(s, "run-2", models[bad])
     with pytest.raises(SmokeTestFailed, match="staging endpoint 'ctloop-staging'") as err:
-        run_deploy(s, "run-2", candidate.model_name, candidate.version, test_split)
+        _deploy(s, "run-2", candidate.model_name, candidate.version, test_split)
     assert reason in str(err.value)
     assert "production untouched" in str(err.value)
     registry = _registry(s)
     assert registry.get_endpoint("ctloop-production") == production_before
     assert registry.get_alias(NAME, "champion").version_id == 1
     assert registry.get_alias(NAME, "previous-champion") is None
-    assert _split(s, "ctloop-staging") == {f"{NAME}-v1": 100}
+    assert _split(s, "ctloop-staging") == {}
 
 
 def test_a_too_slow_server_fails_the_smoke_test(tmp_path: Path, models: dict[str, Path],
@@ -202,16 +213,62 @@ def test_a_too_slow_server_fails_the_smoke_test(tmp_path: Path, models: dict[str
     s = _settings(tmp_path, **{"deploy.smoke_max_latency_ms": 0.001})
     reg = _register(s, "run-1", models["a"])
     with pytest.raises(SmokeTestFailed, match=r"latency: slowest single-instance request .* limit is 0 ms"):
-        run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+        _deploy(s, "run-1", reg.model_name, reg.version, test_split)
     assert _split(s, "ctloop-staging") == {}
     assert _registry(s).get_endpoint("ctloop-production") is None
     assert find_champion(s) is None
 
 
+def test_a_cutover_keeps_no_idle_version_in_production(tmp_path: Path, models: dict[str, Path],
+                                                       test_split: Path) -> None:
+    s = _settings(tmp_path)  # canary_percent 100, keep_versions 2
+    for run, key in (("run-1", "a"), ("run-2", "b")):
+        reg = _register(s, run, models[key])
+        result = _deploy(s, run, reg.model_name, reg.version, test_split)
+    # v1 took 0% when v2 took over: undeployed, not kept on a serving node.
+    assert result.traffic_split == {f"{NAME}-v2": 100} == _split(s, "ctloop-production")
+    assert result.previous_champion == "1"
+    assert _registry(s).get_alias(NAME, "previous-champion").version_id == 1
+    assert _split(s, "ctloop-staging") == {}
+
+
+def test_a_staging_leftover_is_cleared_by_the_next_run(tmp_path: Path, models: dict[str, Path],
+                                                       test_split: Path) -> None:
+    """A run that stopped half-way left its candidate on staging; the next run's smoke test clears it."""
+    s = _settings(tmp_path)
+    left = _register(s, "run-1", models["a"])
+    registry = _registry(s)
+    registry.ensure_endpoint("ctloop-staging")
+    registry.deploy("ctloop-staging", NAME, int(left.version), 100)
+    reg = _register(s, "run-2", models["b"])
+    _deploy(s, "run-2", reg.model_name, reg.version, test_split)
+    assert _split(s, "ctloop-staging") == {}
+    assert _split(s, "ctloop-production") == {f"{NAME}-v2": 100}
+
+
+def test_a_champion_changed_since_the_gate_stops_the_rollout(tmp_path: Path, models: dict[str, Path],
+                                                             test_split: Path) -> None:
+    """The gate compared against v1, but another run made v2 the champion: v3 is not promoted, nothing moves."""
+    s = _settings(tmp_path)
+    for run, key in (("run-1", "a"), ("run-2", "b")):
+        reg = _register(s, run, models[key])
+        _deploy(s, run, reg.model_name, reg.version, test_split)
+    production = _registry(s).get_endpoint("ctloop-production")
+    late = _register(s, "run-3", models["c"])
+    with pytest.raises(ChampionMoved) as err:
+        run_deploy(s, "run-3", late.model_name, late.version, test_split, "1")
+    assert str(err.value) == ("not promoted: the gate compared ctloop-churn@3 against champion version 1, but "
+                              "another run made version 2 the champion meanwhile; production keeps that "
+                              "version")
+    assert _registry(s).get_endpoint("ctloop-production") == production
+    assert find_champion(s).version == "2"
+    assert _registry(s).get_endpoint("ctloop-staging").deployments == ()
+
+
 def test_canary_needs_a_previous_version_to_keep(tmp_path: Path, test_split: Path) -> None:
     s = _settings(tmp_path, **{"deploy.canary_percent": 20, "deploy.keep_versions": 1})
     with pytest.raises(ValueError, match="canary_percent=20 needs deploy.keep_versions >= 2"):
-        run_deploy(s, "run-1", NAME, "1", test_split)
+        _deploy(s, "run-1", NAME, "1", test_split)
 
 
 def test_deploying_an_unknown_version_names_the_known_ones(tmp_path: Path, models: dict[str, Path],
@@ -219,7 +276,7 @@ def test_deploying_an_unknown_version_names_the_known_ones(tmp_path: Path, model
     s = _settings(tmp_path)
     _register(s, "run-1", models["a"])
     with pytest.raises(Exception, match=r"has no version 5; versions: \[1\]"):
-        run_deploy(s, "run-9", NAME, "5", test_split)
+        _deploy(s, "run-9", NAME, "5", test_split)
 
 
 # -- smoke-test pieces ------------------------------------------------------------------------------------
@@ -286,7 +343,8 @@ def test_components_run_under_the_kfp_local_runner(tmp_path: Path, models: dict[
         version = register(config=config, run_id=run_id, model=model.output, metrics=metrics.output)
         version.after(champion)
         deploy(config=config, run_id=run_id, model_name=version.outputs["model_resource"],
-               version=version.outputs["version"], test=test.output)
+               version=version.outputs["version"], champion_version=champion.outputs["champion_version"],
+               test=test.output)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                workspace_root=str(tmp_path / "ws"), raise_on_error=True, enable_caching=False)
@@ -302,3 +360,23 @@ def test_components_run_under_the_kfp_local_runner(tmp_path: Path, models: dict[
     outputs = [json.loads(o.read_text())["parameterValues"]
                for o in sorted((tmp_path / "root").glob("register-deploy-*/deploy/executor_output.json"))]
     assert outputs == [{"endpoint": "ctloop-production", "deployed_model_id": f"{NAME}-v1"}] * 2
+    # The google.VertexModel / google.VertexEndpoint artifacts name the registry's version and endpoint.
+    for step, output, resource in (("register", "vertex_model", f"{NAME}@1"),
+                                   ("deploy", "vertex_endpoint", "ctloop-production")):
+        paths = sorted((tmp_path / "root").glob(f"register-deploy-*/{step}/executor_output.json"))
+        assert len(paths) == 2
+        for path in paths:
+            (artifact,) = json.loads(path.read_text())["artifacts"][output]["artifacts"]
+            assert artifact["metadata"] == {"resourceName": resource}
+
+
+def test_only_open_registry_picks_the_backend() -> None:
+    """The registry-touching steps and the rollout never look at settings.backend themselves."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for module in ("components/register.py", "components/lookup.py", "components/deploy.py", "ctloop/rollout.py",
+                   "ctloop/smoke.py", "ctloop/registry/local.py", "ctloop/registry/vertex.py"):
+        tree = ast.parse((root / module).read_text())
+        uses = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "backend"]
+        assert uses == [], f"{module} reads .backend on lines {uses}"

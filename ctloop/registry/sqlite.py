@@ -23,6 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ctloop.registry.base import NEW_DEPLOYMENT, AliasMoved, RegistryError, StaleSplit
+from ctloop.registry.traffic import allocate_traffic, check_percent, unallocate_traffic
+
 DEFAULT_ALIAS = "default"
 # Vertex's alias format; also keeps aliases from being confused with numeric version ids.
 _ALIAS = re.compile(r"^[a-z][a-z0-9-]{0,126}[a-z0-9]$")
@@ -69,10 +72,6 @@ CREATE TABLE IF NOT EXISTS deployments (
     FOREIGN KEY (model, version_id) REFERENCES versions(model, version_id)
 );
 """
-
-
-class RegistryError(Exception):
-    """A registry request that cannot be honoured (unknown model/version/endpoint, bad alias or traffic)."""
 
 
 @dataclass(frozen=True)
@@ -127,58 +126,6 @@ class Endpoint:
 def deployed_model_id(model: str, version: int) -> str:
     """Deterministic deployed-model id, so a redeploy after an undeploy gets the same id."""
     return f"{model}-v{int(version)}"
-
-
-def allocate_traffic(split: Mapping[str, int], new_id: str, percent: int) -> dict[str, int]:
-    """The new deployment gets ``percent``; the rest is shared in proportion to the current split.
-
-    Same arithmetic as ``aiplatform.Endpoint._allocate_traffic``: truncate, then hand the leftover points out
-    one at a time in order, so the total is exactly 100.
-    """
-    _check_percent(percent, "traffic_percent")
-    remaining = 100 - percent
-    if remaining and sum(split.values()) == 0:
-        # Nobody serves traffic yet, so nobody can take the other share (the SDK raises here too).
-        raise RegistryError(
-            f"cannot deploy with traffic_percent={percent}: the endpoint has no model serving traffic "
-            f"to take the other {remaining}%; deploy with 100"
-        )
-    new = {k: int(v / 100 * remaining) for k, v in split.items()}
-    _hand_out(new, remaining - sum(new.values()))
-    new[new_id] = percent
-    return new
-
-
-def unallocate_traffic(split: Mapping[str, int], removed_id: str) -> dict[str, int]:
-    """Remove ``removed_id`` and scale the others back up to 100 (``Endpoint._unallocate_traffic``).
-
-    If every remaining deployment had 0%, the most recently deployed one (last in ``split``) takes 100%: that
-    is the model that served before the removed one, which makes an undeploy a rollback.
-    """
-    rest = {k: v for k, v in split.items() if k != removed_id}
-    if not rest:
-        return {}
-    left = 100 - split.get(removed_id, 0)
-    if left == 0:
-        last = list(rest)[-1]
-        return {k: (100 if k == last else 0) for k in rest}
-    new = {k: int(v / left * 100) for k, v in rest.items()}
-    _hand_out(new, 100 - sum(new.values()))
-    return new
-
-
-def _hand_out(split: dict[str, int], points: int) -> None:
-    for key in split:
-        if points <= 0:
-            break
-        split[key] += 1
-        points -= 1
-
-
-def _check_percent(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
-        raise RegistryError(f"{what}: expected an integer 0..100, found {value!r}")
-    return value
 
 
 def check_alias(alias: str) -> str:
@@ -314,6 +261,24 @@ class LocalRegistry:
                 self._move_alias(conn, model, alias, self._resolve(conn, model, version))
             return {alias: self._version(conn, model, int(v)) for alias, v in moves.items()}
 
+    def compare_and_set_aliases(self, model: str, moves: Mapping[str, int],
+                                expected: Mapping[str, int | None]) -> dict[str, ModelVersion]:
+        """``set_aliases`` if each alias in ``expected`` still names that version (None: no version), checked
+        in the same transaction; otherwise raises ``AliasMoved`` and moves nothing."""
+        for alias in moves:
+            check_alias(alias)
+        with self._write() as conn:
+            for alias, want in expected.items():
+                row = conn.execute("SELECT version_id FROM aliases WHERE model=? AND alias=?",
+                                   (model, alias)).fetchone()
+                found = None if row is None else int(row[0])
+                if found != (None if want is None else int(want)):
+                    raise AliasMoved(alias, None if want is None else str(want),
+                                     None if found is None else str(found))
+            for alias, version in moves.items():
+                self._move_alias(conn, model, alias, self._resolve(conn, model, version))
+            return {alias: self._version(conn, model, int(v)) for alias, v in moves.items()}
+
     def remove_alias(self, model: str, alias: str) -> None:
         if alias == DEFAULT_ALIAS:
             raise RegistryError(f"model {model!r}: the {DEFAULT_ALIAS!r} alias can be moved but not removed")
@@ -340,14 +305,18 @@ class LocalRegistry:
             return self._endpoint(conn, name)
 
     def deploy(self, endpoint: str, model: str, version: int, traffic_percent: int = 100,
-               keep: int | None = None) -> Deployment:
+               keep: int | None = None, traffic_split: Mapping[str, int] | None = None) -> Deployment:
         """Deploy ``model@version`` to ``endpoint`` with ``traffic_percent`` of its traffic.
 
         The other deployments share the rest in proportion to their current traffic. Deploying a version that
         is already on the endpoint changes nothing and returns the existing deployment. ``keep`` caps how many
         deployments stay: the oldest others are undeployed (traffic redistributed) until ``keep`` remain.
+        ``traffic_split`` instead sets the whole split as Vertex's ``deployModel`` does: ``"0"`` is the new
+        deployment, deployed ids left out get 0%.
         """
-        _check_percent(traffic_percent, "traffic_percent")
+        if traffic_split is not None:
+            return self._deploy_with_split(endpoint, model, version, traffic_split)
+        check_percent(traffic_percent, "traffic_percent")
         if keep is not None and keep < 1:
             raise RegistryError(f"keep: expected at least 1 deployment to keep, found {keep}")
         with self._write() as conn:
@@ -381,8 +350,10 @@ class LocalRegistry:
             self._write_split(conn, endpoint, split)
             return next(d for d in self._deployments(conn, endpoint) if d.deployed_model_id == new_id)
 
-    def undeploy(self, endpoint: str, model: str, version: int) -> Endpoint:
-        """Remove ``model@version`` from ``endpoint``; the others scale back up to 100%. No-op if absent."""
+    def undeploy(self, endpoint: str, model: str, version: int,
+                 traffic_split: Mapping[str, int] | None = None) -> Endpoint:
+        """Remove ``model@version`` from ``endpoint``; the others scale back up to 100%, or take
+        ``traffic_split`` (ids left out get 0%). No-op if absent."""
         with self._write() as conn:
             self._require_endpoint(conn, endpoint)
             current = self._deployments(conn, endpoint)
@@ -390,6 +361,9 @@ class LocalRegistry:
             if target is not None:
                 split = unallocate_traffic({d.deployed_model_id: d.traffic_percent for d in current},
                                            target.deployed_model_id)
+                if traffic_split is not None:
+                    rest = [d.deployed_model_id for d in current if d is not target]
+                    split = self._full_split(endpoint, rest, traffic_split)
                 conn.execute("DELETE FROM deployments WHERE endpoint=? AND deployed_model_id=?",
                              (endpoint, target.deployed_model_id))
                 self._write_split(conn, endpoint, split)
@@ -405,13 +379,49 @@ class LocalRegistry:
                 raise RegistryError(f"endpoint {endpoint!r}: traffic split names {unknown}, which are not "
                                     f"deployed; deployed: {sorted(deployed)}")
             for key, pct in split.items():
-                _check_percent(pct, f"traffic split[{key!r}]")
+                check_percent(pct, f"traffic split[{key!r}]")
             total = sum(split.values())
             if total != 100:
                 raise RegistryError(f"endpoint {endpoint!r}: traffic split must sum to 100, found {total} "
                                     f"({dict(split)})")
             self._write_split(conn, endpoint, {k: split.get(k, 0) for k in deployed})
             return self._endpoint(conn, endpoint)
+
+    def _deploy_with_split(self, endpoint: str, model: str, version: int,
+                           traffic_split: Mapping[str, int]) -> Deployment:
+        with self._write() as conn:
+            self._require_endpoint(conn, endpoint)
+            version = self._resolve(conn, model, version)
+            current = self._deployments(conn, endpoint)
+            existing = next((d for d in current if d.model == model and d.version == version), None)
+            if existing is not None:
+                return existing
+            new_id = deployed_model_id(model, version)
+            named = {(new_id if k == NEW_DEPLOYMENT else k): v for k, v in traffic_split.items()}
+            split = self._full_split(endpoint, [*(d.deployed_model_id for d in current), new_id], named)
+            seq = 1 + max((d_seq[0] for d_seq in conn.execute(
+                "SELECT seq FROM deployments WHERE endpoint=?", (endpoint,))), default=0)
+            conn.execute(
+                "INSERT INTO deployments(endpoint, deployed_model_id, model, version_id, traffic_percent, "
+                "seq, deployed_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                (endpoint, new_id, model, version, seq, _now()),
+            )
+            self._write_split(conn, endpoint, split)
+            return next(d for d in self._deployments(conn, endpoint) if d.deployed_model_id == new_id)
+
+    @staticmethod
+    def _full_split(endpoint: str, ids: list[str], split: Mapping[str, int]) -> dict[str, int]:
+        """``split`` over every id in ``ids`` (missing ones at 0); it may name no other id and sums to 100."""
+        unknown = sorted(set(split) - set(ids))
+        if unknown:
+            raise StaleSplit(f"endpoint {endpoint!r}: traffic split names {unknown}, which are not "
+                             f"deployed; deployed: {sorted(ids)}")
+        for key, pct in split.items():
+            check_percent(pct, f"traffic split[{key!r}]")
+        if ids and sum(split.values()) != 100:
+            raise RegistryError(f"endpoint {endpoint!r}: traffic split must sum to 100, found "
+                                f"{sum(split.values())} ({dict(split)})")
+        return {k: split.get(k, 0) for k in ids}
 
     # -- internals -----------------------------------------------------------------------------------------
     def _resolve(self, conn: sqlite3.Connection, model: str, version: int | str) -> int:
