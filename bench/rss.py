@@ -119,16 +119,48 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14 and 15 of stat)
 
 
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(PROC / str(pid) / "exe")
+    except OSError:
+        return None
+
+
+def _is_clone_of_a_thread(pid: int, parent: int) -> bool:
+    """True if ``pid`` runs its parent's executable under the name of another of the parent's threads."""
+    name = process_name(pid)
+    if parent <= 1 or name == process_name(parent) or _exe(pid) is None or _exe(pid) != _exe(parent):
+        return False
+    try:
+        threads = os.listdir(PROC / str(parent) / "task")
+    except OSError:
+        return False
+    for tid in threads:
+        try:
+            if (PROC / str(parent) / "task" / tid / "comm").read_text().strip() == name:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def address_space(pid: int) -> tuple[str, ...] | int:
     """What identifies the process's memory: its code and stack addresses (fields 26-28 of stat).
 
     A child between fork/vfork and exec has its parent's layout: with vfork it *is* the parent's memory (the
     JVM starts every helper process that way), with fork its pages are shared copy-on-write. Either way its
     VmRSS repeats the parent's, and counting both would double the tree. Independent processes get different
-    addresses (ASLR). Where the fields are hidden (0), the pid stands for itself.
+    addresses (ASLR). Where the fields are hidden (0), the pid stands for itself. A child that still runs its
+    parent's executable under another name (the name of the parent's thread that cloned it, e.g. a JVM
+    thread starting ``chmod``) has not exec'd yet: it is its parent's memory whatever the fields show.
     """
     fields = _stat_fields(pid)
-    if fields is None or len(fields) < 26 or fields[23:26] == ["0", "0", "0"]:
+    if fields is None or len(fields) < 26:
+        return pid
+    parent = int(fields[1])
+    if _is_clone_of_a_thread(pid, parent):
+        return address_space(parent)
+    if fields[23:26] == ["0", "0", "0"]:
         return pid
     return tuple(fields[23:26])
 

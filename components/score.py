@@ -30,6 +30,7 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
+from ctloop.features import DERIVED_NAMES
 from ctloop.sql import parse_timestamp
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ def run_scoring(
 
     def argv(input_: str, scores: str, report: str, model_dir: str) -> list[str]:
         return ["--input", input_, "--scores-out", scores, "--report-out", report, "--spec", spec.to_json(),
+                "--feature-names", json.dumps(DERIVED_NAMES),
                 "--non-negative", json.dumps(_non_negative(settings, spec)), "--model-dir", model_dir,
                 "--model-version", model.version, "--run-id", run_id, "--scored-at", as_of.isoformat()]
 
@@ -245,7 +247,7 @@ def _replace(src: Path, dst: Path) -> None:
 def _run_cloud(settings: Settings, argv: Any, run_id: str, input_uri: str, scores_dir: Path, scores_uri: str,
                model: ScoringModel, batch_client: Any, storage_client: Any, poll_seconds: float,
                timeout_seconds: float) -> tuple[str, dict[str, Any]]:
-    from components.transform import build_batch, submit_batch, upload_job_file
+    from components.dataproc import build_batch, submit_batch, upload_job_file
 
     gcp = settings.gcp
     for name, uri in (("rows", input_uri), ("scores", scores_uri), ("model", model.artifact_uri)):
@@ -263,7 +265,7 @@ def _run_cloud(settings: Settings, argv: Any, run_id: str, input_uri: str, score
     main_uri = upload_job_file(storage_client, gcp.staging_bucket, JOB_FILE)
     report_uri = posixpath.join(posixpath.dirname(scores_uri.rstrip("/")), REPORT_JSON)
     batch = build_batch(settings, run_id, main_uri, argv(input_uri, scores_uri, report_uri, model.artifact_uri),
-                        step=STEP)
+                        step=STEP, container_image=gcp.component_image)
     parent = f"projects/{gcp.project}/locations/{gcp.region}"
     done = submit_batch(batch_client, parent, batch, run_id, poll_seconds, timeout_seconds, step=STEP)
     report_file = scores_dir.parent / REPORT_JSON  # the batch wrote it; read through the /gcs/ mount

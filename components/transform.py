@@ -8,15 +8,11 @@ Besides the three splits, the step keeps the quarantined rows and the job's JSON
 outputs (``<task dir>/quarantine/`` and ``<task dir>/transform_report.json``).
 """
 
-import hashlib
 import json
-import logging
 import os
 import posixpath
-import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,26 +23,24 @@ from kfp.dsl import Dataset, Input, Markdown, Output
 # compile-time half (``dsl.component`` among it): take the decorator from its own module so both work.
 from kfp.dsl.component_decorator import component
 
+# The Dataproc client and the report renderer live in their own modules; the step's public surface (the job
+# file, batch ids, waiting on a batch) stays importable from here.
+from components.dataproc import JOB_FILE as JOB_FILE
+from components.dataproc import DataprocBatchError, build_batch, submit_batch, upload_job_file
+from components.dataproc import batch_id_for as batch_id_for
+from components.dataproc import wait_for_batch as wait_for_batch
 from components.images import COMPONENT_IMAGE
+from components.transform_report import QUARANTINE_DIR, REPORT_JSON, SPLITS, render_report
 from ctloop.config import Settings
-from ctloop.errors import CtloopError, DataValidationError
-from ctloop.features import FeatureSpec, feature_roles, resolve_feature_spec
-from ctloop.launching import label_value
-from ctloop.steps import attempt_suffix, start_or_resume
+from ctloop.errors import DataValidationError
+from ctloop.features import DERIVED_NAMES, FeatureSpec, feature_roles, resolve_feature_spec
 
 if TYPE_CHECKING:
     from google.cloud import storage
-    from google.cloud.dataproc_v1 import Batch, BatchControllerClient
+    from google.cloud.dataproc_v1 import BatchControllerClient
     from pyspark.sql import SparkSession
 
-log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
-JOB_FILE = Path(__file__).parent / "spark" / "transform_job.py"
-REPORT_JSON = "transform_report.json"
-QUARANTINE_DIR = "quarantine"
-_TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-_MAX_ATTEMPTS = 10
 # Upstream (extract) lineage the splits carry on, so train can cite it without walking the graph.
 _CARRIED_LINEAGE = ("git_sha", "source_table", "snapshot_time")
 
@@ -66,10 +60,6 @@ def transform(
     from ctloop.steps import run_step
 
     run_step(run_transform_step, config, run_id, dataset, train, valid, test, report)
-
-
-class DataprocBatchError(CtloopError):
-    """The Dataproc batch ended FAILED or CANCELLED; the message carries its state message."""
 
 
 @dataclass(frozen=True)
@@ -176,17 +166,20 @@ def run_transform(
 
 
 def read_column_types(input_path: str) -> dict[str, str]:
-    """Column name -> Arrow type name of the extract's Parquet files (footers only, no data read)."""
-    import pyarrow.dataset as ds
+    """Column name -> Arrow type name of the extract's Parquet files (one footer, no data read).
+
+    ``pyarrow.parquet`` rather than ``pyarrow.dataset``, which imports pandas: the step does not need it.
+    The extract writes one schema, so the first file's footer speaks for all (as a dataset's schema would).
+    """
+    import pyarrow.parquet as pq
 
     root = Path(input_path)
     files = sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
     if not files:
         raise DataValidationError(f"input {input_path}: no *.parquet files; "
                                   "expected the extract's Dataset directory")
-    schema = ds.dataset(files, format="parquet").schema
     types: dict[str, str] = {}
-    for f in schema:
+    for f in pq.read_schema(files[0]):
         t = f.type
         types[f.name] = str(getattr(t, "value_type", t))  # dictionary-encoded strings read as their values
     return types
@@ -202,165 +195,12 @@ def job_args(spec: FeatureSpec, non_negative: list[str], settings: Settings, *, 
         "--quarantine-out", quarantine,
         "--report-out", report,
         "--spec", spec.to_json(),
+        "--feature-names", json.dumps(DERIVED_NAMES),
         "--valid-fraction", repr(settings.data.valid_fraction),
         "--test-fraction", repr(settings.data.test_fraction),
         "--non-negative", json.dumps(non_negative),
     ]
     return args
-
-
-def batch_id_for(run_id: str, attempt: int = 1, step: str = "transform") -> str:
-    """A valid Dataproc batch id (4-63 of [a-z0-9-]) derived from the run id; later attempts get a suffix.
-
-    Readable slug plus a hash of the exact run id, so two run ids that slug alike still get different batches.
-    """
-    if not run_id:
-        raise ValueError("run_id: empty; the transform needs the pipeline run id as its idempotency key")
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
-    suffix = f"-{digest}" + attempt_suffix(attempt)
-    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
-    head = f"{step}-" + slug
-    return head[: 63 - len(suffix)].rstrip("-") + suffix
-
-
-def upload_job_file(client: "storage.Client", bucket: str, job_file: Path = JOB_FILE) -> str:
-    """Upload the job file under its content hash unless already there; returns its URI."""
-    from google.api_core import exceptions
-
-    data = job_file.read_bytes()
-    name = f"ctloop/spark/{hashlib.sha256(data).hexdigest()[:16]}/{job_file.name}"
-    blob = client.bucket(bucket).blob(name)
-    try:
-        # if_generation_match=0: create only if absent, in one request; the name is the content, so an
-        # existing object already holds these bytes.
-        blob.upload_from_string(data, content_type="text/x-python", if_generation_match=0)
-        log.info("uploaded %s to gs://%s/%s", job_file.name, bucket, name)
-    except exceptions.PreconditionFailed:
-        log.info("%s already staged at gs://%s/%s", job_file.name, bucket, name)
-    return f"gs://{bucket}/{name}"
-
-
-def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str], step: str = "transform",
-                ) -> "Batch":
-    """The Dataproc Serverless PySpark batch on the pinned runtime's own image.
-
-    The job file needs only pyspark and the standard library, which the runtime provides: no custom container
-    (Dataproc's custom containers must not carry Spark, and the component image does, for the local backend).
-    """
-    from google.cloud import dataproc_v1
-
-    gcp = settings.gcp
-    execution = dataproc_v1.ExecutionConfig(service_account=gcp.service_account,
-                                            staging_bucket=gcp.staging_bucket)
-    if gcp.dataproc_subnetwork:
-        execution.subnetwork_uri = gcp.dataproc_subnetwork
-    return dataproc_v1.Batch(
-        pyspark_batch=dataproc_v1.PySparkBatch(main_python_file_uri=main_uri, args=args),
-        runtime_config=dataproc_v1.RuntimeConfig(version=gcp.dataproc_runtime_version),
-        environment_config=dataproc_v1.EnvironmentConfig(execution_config=execution),
-        labels={**settings.labels, "ctloop-step": step, "ctloop-run": label_value(run_id)},
-    )
-
-
-def submit_batch(client: "BatchControllerClient", parent: str, batch: "Batch", run_id: str,
-                 poll_seconds: float, timeout_seconds: float, step: str = "transform") -> "Batch":
-    """Create the run's batch and wait for it; a Conflict means a rerun step: wait on the existing batch.
-
-    An existing batch that FAILED or was CANCELLED is not resurrected: the next attempt id is tried instead,
-    so rerunning a failed step reruns the job while a rerun of a running or finished one does not.
-    """
-
-    def create(batch_id: str) -> None:
-        client.create_batch(request={"parent": parent, "batch": batch, "batch_id": batch_id})
-        log.info("created Dataproc batch %s/batches/%s", parent, batch_id)
-
-    def failed(existing: "Batch") -> bool:
-        log.info("Dataproc batch %s exists already (%s)", existing.name, existing.state.name)
-        return existing.state.name in ("FAILED", "CANCELLED")
-
-    try:
-        batch_id, _ = start_or_resume(lambda attempt: batch_id_for(run_id, attempt, step), create,
-                                   lambda batch_id: client.get_batch(name=f"{parent}/batches/{batch_id}"), failed,
-                                   _MAX_ATTEMPTS, f"run {run_id!r}: Dataproc batch")
-    except CtloopError as exc:
-        raise DataprocBatchError(str(exc)) from exc
-    return wait_for_batch(client, f"{parent}/batches/{batch_id}", poll_seconds, timeout_seconds)
-
-
-def wait_for_batch(client: "BatchControllerClient", name: str, poll_seconds: float,
-                   timeout_seconds: float) -> "Batch":
-    """Poll until the batch ends, logging state changes; unless it succeeded, raise with its state message."""
-    started = time.monotonic()
-    last = None
-    while True:
-        batch = client.get_batch(name=name)
-        state = batch.state.name
-        if state != last:
-            log.info("Dataproc batch %s: %s (%.0f s)", name, state, time.monotonic() - started)
-            last = state
-        if state in _TERMINAL:
-            break
-        if time.monotonic() - started > timeout_seconds:
-            raise TimeoutError(f"Dataproc batch {name} still {state} after {timeout_seconds:.0f} s")
-        time.sleep(poll_seconds)
-    if state != "SUCCEEDED":
-        output = batch.runtime_info.output_uri if batch.runtime_info else ""
-        raise DataprocBatchError(f"Dataproc batch {name} {state}: {batch.state_message or 'no state message'}"
-                                 + (f" (driver output: {output})" if output else ""))
-    return batch
-
-
-def render_report(report: dict[str, Any], spec: FeatureSpec, run_id: str,
-                  roles: list[tuple[str, str, str]] | None = None) -> str:
-    """The data-quality report as Markdown; ``roles``: (column, role, origin) rows (ctloop.features)."""
-    q = report["quarantined"]
-    d = report["duplicates_dropped"]
-    lines = [
-        f"# Transform data quality (run `{run_id}`)",
-        "",
-        f"Input `{report['input']}`: **{report['input_rows']}** rows; **{report['output_rows']}** rows kept.",
-        "",
-        "| step | rows |",
-        "|---|---|",
-        f"| input | {report['input_rows']} |",
-        f"| exact duplicates dropped | {d['exact']} |",
-        f"| quarantined | {q['rows']} |",
-        f"| same id + timestamp duplicates dropped | {d['same_id_timestamp']} |",
-        f"| kept | {report['output_rows']} |",
-        "",
-        "## Quarantined rows by reason",
-        "",
-    ]
-    if q["by_reason_column"]:
-        lines += ["| reason | column | rows |", "|---|---|---|"]
-        for key, n in q["by_reason_column"].items():
-            reason, column = key.split(":", 1)
-            lines.append(f"| {reason} | `{column}` | {n} |")
-    else:
-        lines.append("None.")
-    lines += [
-        "",
-        "## Temporal split",
-        "",
-        f"Cut points: valid from `{report['cut_points']['valid_start']}`, test from "
-        f"`{report['cut_points']['test_start']}` (a row exactly at a cut belongs to the later split).",
-        "",
-        "| split | rows | positive rate | first timestamp | last timestamp |",
-        "|---|---|---|---|---|",
-    ]
-    for split in SPLITS:
-        s = report["splits"][split]
-        rate = "n/a" if s["positive_rate"] is None else f"{s['positive_rate']:.4f}"
-        lines.append(f"| {split} | {s['rows']} | {rate} | {s['ts_min']} | {s['ts_max']} |")
-    lines += ["", "## Null rate per feature", "", "| feature | kind | null rate |", "|---|---|---|"]
-    kinds = {**{c: "numeric" for c in spec.numeric}, **{c: "categorical" for c in spec.categorical},
-             **{c: "derived" for c in spec.derived}}
-    for feature, rate in report["null_rate"].items():
-        lines.append(f"| `{feature}` | {kinds.get(feature, '?')} | {rate:.4f} |")
-    if roles:
-        lines += ["", "## Columns and their roles", "", "| column | role | chosen by |", "|---|---|---|"]
-        lines += [f"| `{column}` | {role} | {origin} |" for column, role, origin in roles]
-    return "\n".join(lines) + "\n"
 
 
 def _run_local(settings: Settings, spec: FeatureSpec, non_negative: list[str], input_path: str,

@@ -19,6 +19,9 @@ PRIOR_EVENTS = "hist_prior_events"
 DAYS_SINCE_PRIOR = "hist_days_since_prior"
 PRIOR_MEAN_PREFIX = "hist_prior_mean_"
 MAX_HISTORY_MEANS = 3
+# The transform job runs standalone on Dataproc: it gets these names as its ``--feature-names`` argument.
+DERIVED_NAMES = {"prior_events": PRIOR_EVENTS, "days_since_prior": DAYS_SINCE_PRIOR,
+                 "prior_mean_prefix": PRIOR_MEAN_PREFIX}
 
 _NUMERIC_TYPES = ("int", "float", "double", "decimal", "numeric", "bigint", "smallint", "tinyint", "real")
 _CATEGORICAL_TYPES = ("string", "varchar", "str", "bool", "object", "large_string", "category")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -364,3 +365,34 @@ def test_the_contention_section_reports_the_shipped_ratio_against_its_target() -
     assert (shipped.ratio, shipped.met) == (1.25, True) and one_thread.target is None
     results[contention.SHIPPED]["seconds"] = 6.0
     assert contention.contention_ratio(results) == 1.5
+
+
+_THREAD_FORKER = """
+import ctypes, os, sys, threading
+def fork_from_a_named_thread():
+    ctypes.CDLL(None).prctl(15, b"heartbeat-thr", 0, 0, 0)  # PR_SET_NAME: this thread's name
+    if os.fork() == 0:  # the child carries the forking thread's name, as a JVM helper does before exec
+        sys.stdin.read()
+        os._exit(0)
+    print('ready', flush=True)
+    sys.stdin.read()  # the named thread stays alive while the test looks
+    os.wait()
+t = threading.Thread(target=fork_from_a_named_thread)
+t.start(); t.join()
+"""
+
+
+def test_a_child_named_after_a_parent_thread_is_the_parent_memory() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _THREAD_FORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        parent, child = rss.process_tree(proc.pid)
+        assert rss.process_name(child) == "heartbeat-thr"
+        assert rss._is_clone_of_a_thread(child, parent)
+        assert rss.address_space(child) == rss.address_space(parent)
+        # An exec'd process is its own memory, whatever its parent runs.
+        assert not rss._is_clone_of_a_thread(parent, os.getpid())
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)

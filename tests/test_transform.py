@@ -20,7 +20,7 @@ from components import transform as tr
 from components.spark import transform_job
 from ctloop.config import DATAPROC_RUNTIME_SPARK, Settings
 from ctloop.errors import DataValidationError
-from ctloop.features import FeatureSpec, resolve_feature_spec
+from ctloop.features import DERIVED_NAMES, FeatureSpec, resolve_feature_spec
 from tests.spark_fixtures import spark  # noqa: F401  (pytest fixture)
 
 NUMERIC = ["tenure_months", "monthly_charges", "total_charges", "support_calls", "data_usage_gb",
@@ -501,7 +501,8 @@ def test_rows_at_a_cut_point_go_to_the_later_split(spark, tmp_path: Path) -> Non
 @pytest.mark.spark
 def test_history_never_sees_rows_at_the_same_instant(spark) -> None:  # noqa: F811
     """Even without the dedup in front of it, the history frame ends strictly before the row's own time."""
-    spec = transform_job.JobSpec("id", "ts", "y", ["x"], [], history_means=["x"])
+    spec = transform_job.JobSpec("id", "ts", "y", ["x"], [], transform_job.FeatureNames(**DERIVED_NAMES),
+                                 history_means=["x"])
     t = T0
     df = spark.createDataFrame(
         [("a", t, 0, 1.0), ("a", t, 0, 3.0), ("a", t + timedelta(days=2), 1, 10.0), ("b", t, 0, 7.0)],

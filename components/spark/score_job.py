@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scores-out", required=True, help="output directory of the scored rows")
     p.add_argument("--report-out", required=True, help="JSON report file (path or URI)")
     p.add_argument("--spec", required=True, help="the model's FeatureSpec JSON")
+    p.add_argument("--feature-names", required=True,
+                   help="JSON: the derived features' names (ctloop.features.DERIVED_NAMES)")
     p.add_argument("--non-negative", required=True, help="JSON list of numeric columns that cannot be negative")
     p.add_argument("--model-dir", required=True, help="model directory (local path, or gs:// on Dataproc)")
     p.add_argument("--model-version", required=True)
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the job; returns the report it wrote. ``spark`` lets a caller share its session."""
     args = parse_args(argv)
-    spec = tj.JobSpec.from_json(args.spec)
+    spec = tj.JobSpec.from_json(args.spec, tj.FeatureNames.from_json(args.feature_names))
     non_negative = json.loads(args.non_negative)
     with tj.job_session(spark, "ctloop-score") as session:
         return _run(session, args, spec, non_negative)

@@ -1,7 +1,8 @@
 """The transform job: raw extract -> clean, point-in-time featured, temporally split Parquet + JSON report.
 
 Standalone (pyspark and the standard library only): the cloud backend uploads this file to GCS and runs it as
-a Dataproc Serverless batch; the local backend calls ``main(argv, spark=...)`` in a local Spark session.
+a Dataproc Serverless batch; the local backend calls ``main(argv, spark=...)`` in a local Spark session. The
+feature spec and the derived features' names (defined in ``ctloop.features``) arrive as arguments.
 
 Steps, in order:
   1. Read the input Parquet directory; check the spec's columns are there.
@@ -39,6 +40,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,11 +53,6 @@ from pyspark.sql import types as T
 
 log = logging.getLogger("ctloop.transform_job")
 
-# Mirrors ctloop.features (this file cannot import the project): the derived feature names.
-PRIOR_EVENTS = "hist_prior_events"
-DAYS_SINCE_PRIOR = "hist_days_since_prior"
-PRIOR_MEAN_PREFIX = "hist_prior_mean_"
-
 REASON = "_reason"
 REASON_COLUMN = "_reason_column"
 SPLITS = ("train", "valid", "test")
@@ -66,6 +63,8 @@ ROWS_PER_FILE = 1_000_000
 _TS_US = "__ts_us"
 _SPLIT = "__split"
 _TYPED = "__typed__"
+_COPIES = "__copies"
+_TWINS = "__twins"
 _MICROS_PER_DAY = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Session settings this job relies on; restored afterwards so a shared session is left as found.
@@ -77,6 +76,27 @@ _NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 
 
 @dataclass(frozen=True)
+class FeatureNames:
+    """The derived features' names. They are defined in ``ctloop.features``, which this file cannot import on
+    Dataproc: the component passes them as ``--feature-names``."""
+
+    prior_events: str
+    days_since_prior: str
+    prior_mean_prefix: str
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureNames:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--feature-names: not valid JSON ({e})") from e
+        expected = sorted(cls.__dataclass_fields__)
+        if not isinstance(data, dict) or sorted(data) != expected:
+            raise ValueError(f"--feature-names: expected the keys {expected}, found {data!r}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """The parts of ``ctloop.features.FeatureSpec`` the job needs, parsed from its JSON."""
 
@@ -85,11 +105,12 @@ class JobSpec:
     label_column: str
     numeric: list[str]
     categorical: list[str]
+    names: FeatureNames
     history_means: list[str] = field(default_factory=list)
     history_enabled: bool = True
 
     @classmethod
-    def from_json(cls, text: str) -> JobSpec:
+    def from_json(cls, text: str, names: FeatureNames) -> JobSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -98,14 +119,15 @@ class JobSpec:
         missing = [k for k in required if k not in data]
         if missing:
             raise ValueError(f"--spec: missing field(s) {missing}; found {sorted(data)}")
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f for f in cls.__dataclass_fields__} - {"names"}
+        return cls(**{k: v for k, v in data.items() if k in known}, names=names)
 
     @property
     def derived(self) -> list[str]:
         if not self.history_enabled:
             return []
-        return [PRIOR_EVENTS, DAYS_SINCE_PRIOR] + [PRIOR_MEAN_PREFIX + c for c in self.history_means]
+        n = self.names
+        return [n.prior_events, n.days_since_prior] + [n.prior_mean_prefix + c for c in self.history_means]
 
     @property
     def source_columns(self) -> list[str]:
@@ -124,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quarantine-out", required=True, help="output directory of the quarantined rows")
     p.add_argument("--report-out", required=True, help="JSON report file (path or URI)")
     p.add_argument("--spec", required=True, help="FeatureSpec JSON")
+    p.add_argument("--feature-names", required=True,
+                   help='JSON {"prior_events", "days_since_prior", "prior_mean_prefix"}: the derived features\' names')
     p.add_argument("--valid-fraction", type=float, required=True)
     p.add_argument("--test-fraction", type=float, required=True)
     p.add_argument("--non-negative", default=None,
@@ -141,7 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the job; returns the report it wrote. ``spark`` lets a caller share its session."""
     args = parse_args(argv)
-    spec = JobSpec.from_json(args.spec)
+    spec = JobSpec.from_json(args.spec, FeatureNames.from_json(args.feature_names))
     non_negative = spec.numeric if args.non_negative is None else json.loads(args.non_negative)
     unknown = [c for c in non_negative if c not in spec.numeric]
     if unknown:
@@ -179,46 +203,75 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
     counts: dict[str, Any] = {"input_rows": raw.count()}
     log.info("read %d rows from %s", counts["input_rows"], args.input)
 
-    flagged = flag_conflicting_labels(flag_rows(raw.dropDuplicates(), spec, non_negative, nanos_as_long), spec)
-    flagged = flagged.persist(StorageLevel.MEMORY_AND_DISK)
+    # Flags depend on a row's values alone, so exact duplicates share them: the malformed rows and the clean
+    # ones are deduplicated apart. The few malformed rows take a cheap pass of their own (no cache of the whole
+    # input); the clean ones go through one shuffle by id, which the exact-duplicate drop (grouping on every
+    # column, id among them) and both windows (partitioned by id) all reuse.
+    flagged = flag_rows(raw, spec, non_negative, nanos_as_long)
+    quarantine = (flagged.where(F.col(REASON).isNotNull())
+                  .groupBy(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
+                  .agg(F.count(F.lit(1)).alias(_COPIES))
+                  .persist(StorageLevel.MEMORY_AND_DISK))
     featured: DataFrame | None = None
+    checked: DataFrame | None = None
     try:
-        reasons = flagged.groupBy(REASON, REASON_COLUMN).count().collect()
-        counts["distinct_rows"] = sum(r["count"] for r in reasons)
-        counts["clean_rows"] = sum(r["count"] for r in reasons if r[REASON] is None)
+        # The well-formed rows, one per distinct row with its number of input copies, partitioned by id: the
+        # conflicting-label window (by id and timestamp) and the later windows (by id) reuse that shuffle.
+        distinct = (flagged.where(F.col(REASON).isNull()).select(*[_col(c) for c in spec.source_columns])
+                    .repartition(_col(spec.id_column))
+                    .groupBy(*[_col(c) for c in spec.source_columns]).agg(F.count(F.lit(1)).alias(_COPIES)))
+        checked = flag_conflicting_labels(flag_rows(distinct, spec, non_negative, nanos_as_long), spec)
+        checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
+        conflicting = (checked.where(F.col(REASON).isNotNull())
+                       .select(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES))
+        quarantine_all = quarantine.unionByName(conflicting)
+        reasons = quarantine_all.groupBy(REASON, REASON_COLUMN).agg(
+            F.count(F.lit(1)).alias("count"), F.sum(_COPIES).alias("copies")).collect()
         counts["bad"] = [r for r in reasons if r[REASON] is not None]
-        quarantine = flagged.where(F.col(REASON).isNotNull()).select(
-            *[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
-        bad_rows = counts["distinct_rows"] - counts["clean_rows"]
-        quarantine.coalesce(max(1, -(-bad_rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(
-            args.quarantine_out)
-        if counts["clean_rows"] == 0:
+        bad_rows = sum(r["count"] for r in reasons)
+        bad_input_rows = sum(int(r["copies"]) for r in reasons)
+        quarantine_rows = quarantine_all.drop(_COPIES)
+        if counts["input_rows"] == bad_input_rows:
+            _write_parquet(quarantine_rows, bad_rows, args.quarantine_out)
             raise ValueError(f"input {args.input}: no valid rows left after quarantine "
                              f"({_reason_text(counts['bad'])}); nothing to split")
-        clean = flagged.where(F.col(REASON).isNull()).select(
+        clean = checked.where(F.col(REASON).isNull()).select(
             *[F.col(_quote(_TYPED + c)).alias(c) for c in spec.source_columns])
-        featured = add_history(dedup_id_timestamp(clean, spec), spec).persist(StorageLevel.MEMORY_AND_DISK)
+        featured = add_history(dedup_id_timestamp(clean, spec, count_as=_TWINS), spec)
+        featured = featured.persist(StorageLevel.MEMORY_AND_DISK)
 
         cuts = cut_points(featured, args.valid_fraction, args.test_fraction)
         split = featured.withColumn(_SPLIT, F.when(F.col(_TS_US) < cuts[0], "train")
                                     .when(F.col(_TS_US) < cuts[1], "valid").otherwise("test"))
         stats = split_stats(split, spec)
         _check_splits(stats, cuts, args)
+        counts["clean_rows"] = sum(stats[s]["clean_rows"] for s in SPLITS)
+        counts["distinct_rows"] = counts["clean_rows"] + bad_rows
+        writes = [(quarantine_rows, bad_rows, args.quarantine_out)]
+        writes += [(split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns]),
+                    stats[name]["rows"], getattr(args, f"{name}_out")) for name in SPLITS]
+        # Each output is one or a few files, each written by one task: several outputs at once keep every
+        # core busy (Spark runs jobs from different threads side by side).
+        with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="write") as pool:
+            for future in [pool.submit(_write_parquet, *w) for w in writes]:
+                future.result()
         for name in SPLITS:
-            out = getattr(args, f"{name}_out")
-            rows = split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns])
-            # Files sized by rows, not by the shuffle's partition count: a small split is one file.
-            files = max(1, -(-stats[name]["rows"] // ROWS_PER_FILE))
-            rows.coalesce(files).write.mode("overwrite").parquet(out)
-            log.info("wrote %d %s rows to %s", stats[name]["rows"], name, out)
+            log.info("wrote %d %s rows to %s", stats[name]["rows"], name, getattr(args, f"{name}_out"))
     finally:
         if featured is not None:
             featured.unpersist()
-        flagged.unpersist()
+        if checked is not None:
+            checked.unpersist()
+        quarantine.unpersist()
     report = build_report(args, spec, counts, cuts, stats)
     write_text(spark, args.report_out, json.dumps(report, indent=2, sort_keys=True))
     log.info("quarantined: %s", json.dumps(report["quarantined"]))
     return report
+
+
+def _write_parquet(df: DataFrame, rows: int, out: str) -> None:
+    """Files sized by rows, not by the shuffle's partition count: a small output is one file."""
+    df.coalesce(max(1, -(-rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(out)
 
 
 def build_report(args: argparse.Namespace, spec: JobSpec, counts: dict[str, Any], cuts: tuple[int, int],
@@ -239,7 +292,7 @@ def build_report(args: argparse.Namespace, spec: JobSpec, counts: dict[str, Any]
         "output_rows": output_rows,
         "fractions": {"valid": args.valid_fraction, "test": args.test_fraction},
         "cut_points": {"valid_start": _iso(cuts[0]), "test_start": _iso(cuts[1])},
-        "splits": {s: {k: v for k, v in stats[s].items() if k != "nulls"} for s in SPLITS},
+        "splits": {s: {k: v for k, v in stats[s].items() if k not in ("nulls", "clean_rows")} for s in SPLITS},
         "null_rate": {c: sum(stats[s]["nulls"][c] for s in SPLITS) / output_rows
                       for c in spec.numeric + spec.categorical + spec.derived},
         "columns": spec.output_columns,
@@ -332,35 +385,49 @@ def flag_conflicting_labels(flagged: DataFrame, spec: JobSpec) -> DataFrame:
             .drop("__conflict"))
 
 
-def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
+def dedup_id_timestamp(df: DataFrame, spec: JobSpec, count_as: str | None = None) -> DataFrame:
     """One row per (id, timestamp): the first by the other output columns, ascending with nulls last.
 
-    Partitioned by id alone so the history window that follows reuses the same shuffle.
+    Adds ``__ts_us`` (the timestamp in microseconds, which orders rows as the timestamp does) and sorts by
+    it, partitioned by id alone: the history window that follows then needs neither a shuffle nor a sort.
+    ``count_as`` names a column for how many rows the kept one stood for (itself and its dropped twins).
     """
+    df = _with_ts_us(df, spec)
     others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
     w = Window.partitionBy(_col(spec.id_column)).orderBy(
-        _col(spec.timestamp_column).asc(), *[_col(c).asc_nulls_last() for c in others])
-    previous_ts = F.lag(_col(spec.timestamp_column)).over(w)
-    keep = previous_ts.isNull() | (previous_ts != _col(spec.timestamp_column))
+        F.col(_TS_US).asc(), *[_col(c).asc_nulls_last() for c in others])
+    previous_ts = F.lag(F.col(_TS_US)).over(w)
+    keep = previous_ts.isNull() | (previous_ts != F.col(_TS_US))
     # A window value cannot be filtered on directly: materialise it as a column first.
-    return df.withColumn("__keep", keep).where(F.col("__keep")).drop("__keep")
+    df = df.withColumn("__keep", keep)
+    if count_as is not None:  # after the window above, whose sort already groups each (id, timestamp)
+        df = df.withColumn(count_as, F.count(F.lit(1)).over(
+            Window.partitionBy(_col(spec.id_column), F.col(_TS_US))))
+    return df.where(F.col("__keep")).drop("__keep")
 
 
 def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
-    """Adds ``__ts_us`` and the history features from the same entity's strictly earlier rows."""
-    df = df.withColumn(_TS_US, F.unix_micros(_col(spec.timestamp_column)))
+    """Adds ``__ts_us`` (unless there) and the history features from the same entity's strictly earlier rows."""
+    df = _with_ts_us(df, spec)
     if not spec.history_enabled:
         return df
     earlier = (Window.partitionBy(_col(spec.id_column)).orderBy(F.col(_TS_US))
                .rangeBetween(Window.unboundedPreceding, -1))
     prior_ts = F.max(F.col(_TS_US)).over(earlier)
+    names = spec.names
     derived = [
-        F.count(F.lit(1)).over(earlier).cast("double").alias(PRIOR_EVENTS),
-        ((F.col(_TS_US) - prior_ts) / _MICROS_PER_DAY).cast("double").alias(DAYS_SINCE_PRIOR),
+        F.count(F.lit(1)).over(earlier).cast("double").alias(names.prior_events),
+        ((F.col(_TS_US) - prior_ts) / _MICROS_PER_DAY).cast("double").alias(names.days_since_prior),
     ]
-    derived += [F.avg(_col(c)).over(earlier).cast("double").alias(PRIOR_MEAN_PREFIX + c)
+    derived += [F.avg(_col(c)).over(earlier).cast("double").alias(names.prior_mean_prefix + c)
                 for c in spec.history_means]
     return df.select("*", *derived)
+
+
+def _with_ts_us(df: DataFrame, spec: JobSpec) -> DataFrame:
+    if _TS_US in df.columns:
+        return df
+    return df.withColumn(_TS_US, F.unix_micros(_col(spec.timestamp_column)))
 
 
 def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -371,10 +438,12 @@ def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tu
 
 
 def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
-    """Rows, positive rate, time range and per-feature null counts of each split, in one aggregation."""
+    """Rows, positive rate, time range and per-feature null counts of each split, in one aggregation; with a
+    ``__twins`` column (``dedup_id_timestamp(count_as=...)``) also the clean rows before that dedup."""
     features = spec.numeric + spec.categorical + spec.derived
     aggs = [F.count(F.lit(1)).alias("rows"), F.sum(_col(spec.label_column)).alias("positives"),
-            F.min(_TS_US).alias("ts_min"), F.max(_TS_US).alias("ts_max")]
+            F.min(_TS_US).alias("ts_min"), F.max(_TS_US).alias("ts_max"),
+            (F.sum(_TWINS) if _TWINS in df.columns else F.count(F.lit(1))).alias("clean_rows")]
     aggs += [F.sum(_col(c).isNull().cast("long")).alias(f"null_{i}") for i, c in enumerate(features)]
     rows = {r[_SPLIT]: r for r in df.groupBy(_SPLIT).agg(*aggs).collect()}
     stats: dict[str, dict[str, Any]] = {}
@@ -388,6 +457,7 @@ def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
             "ts_min": _iso(r["ts_min"]) if r else None,
             "ts_max": _iso(r["ts_max"]) if r else None,
             "nulls": {c: (int(r[f"null_{i}"]) if r else 0) for i, c in enumerate(features)},
+            "clean_rows": int(r["clean_rows"]) if r else 0,
         }
     return stats
 
