@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,9 +25,11 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from components.vertex_artifacts import VertexEndpoint, name_resource
 from ctloop.config import Settings
+from ctloop.online_store import OnlineStore, SQLiteStore, local_store_path
 from ctloop.registry import Deployed, Registry, Version, open_registry
 from ctloop.rollout import DeployResult, rollout
-from ctloop.smoke import smoke_instances
+from ctloop.smoke import expect_offline_scores, smoke_instances
+from serving.model import fetch_model_dir
 
 
 @component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -73,21 +76,24 @@ def run_deploy(settings: Settings, run_id: str, model_name: str, version: str | 
     registry = registry or open_deploy_registry(settings)
     d = settings.deploy
     instances = smoke_instances(settings, test_dir, d.smoke_instances)
+    expect_offline_scores(instances, fetch_model_dir(registry.get_version(str(version)).artifact_uri))
     return rollout(registry, d, str(version), expected_champion, instances)
 
 
 def open_deploy_registry(settings: Settings) -> Registry:
-    """The settings' registry, with local prediction servers for the local backend's smoke test."""
-    return open_registry(settings, local_server=serve_locally)
+    """The settings' registry, with local prediction servers (reading the local online store) for the local
+    backend's smoke test."""
+    store = SQLiteStore(local_store_path(settings))
+    return open_registry(settings, local_server=partial(serve_locally, online_store=store))
 
 
 @contextmanager
-def serve_locally(deployed: Deployed, version: Version) -> Iterator[str]:
+def serve_locally(deployed: Deployed, version: Version, online_store: OnlineStore | None = None) -> Iterator[str]:
     """The real prediction server for one deployed version on 127.0.0.1; yields its base URL."""
     from serving.app import ServedModel, create_app
     from serving.background import running_server
 
     served = ServedModel(deployed.id, version.artifact_uri, 100, model=version.model_name,
                          version=version.version)
-    with running_server(create_app([served])) as url:
+    with running_server(create_app([served], online_store=online_store)) as url:
         yield url

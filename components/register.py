@@ -25,6 +25,7 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from components.vertex_artifacts import VertexModel, name_resource
 from ctloop.config import Settings
+from ctloop.online_store import online_store_environment
 from ctloop.registry import open_registry
 from ctloop.registry.base import MODEL_FILES
 
@@ -92,7 +93,7 @@ def run_register(settings: Settings, run_id: str, model_dir: str | Path, model_u
     stored = registry.store_model(Path(model_dir), aliases[0])
     version = registry.create_version(stored, run_id, aliases, _version_labels(settings, run_id, lineage),
                                       metrics, {**lineage, "model_uri": model_uri},
-                                      serving_environment(settings))
+                                      serving_environment(settings) | online_store_environment(settings))
     return RegisterResult(version.model_name, version.version, True, version.artifact_uri)
 
 

@@ -249,6 +249,7 @@ DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
     "launch_training": ("1", "4G"),
     "collect_scoring_rows": ("2", "8G"),
     "score_batch": ("1", "4G"),  # submits and waits on the Dataproc batch that does the scoring
+    "materialize_features": ("2", "8G"),  # folds the splits' rows into one history state per entity
 }
 
 
@@ -341,6 +342,18 @@ class ScoringSettings(_Strict):
         return v
 
 
+class OnlineFeatureSettings(_Strict):
+    """The online store of per-entity history states (ctloop/online_store.py). Local: SQLite under
+    ``local.workdir``. Cloud: the BigQuery table ``data.bq_dataset.bq_table``, read by the Vertex AI Feature
+    Store view ``feature_view`` of the online store ``feature_online_store`` (both made by Terraform)."""
+
+    bq_table: str = "entity_history"
+    feature_online_store: str = "ctloop"
+    feature_view: str = "entity_history"
+    sync_timeout_seconds: float = Field(default=1800.0, gt=0)
+    sync_poll_seconds: float = Field(default=10.0, gt=0)
+
+
 class Settings(_Strict):
     """Everything a run needs. Serialisable, so it can be a pipeline parameter."""
 
@@ -355,6 +368,7 @@ class Settings(_Strict):
     local: LocalSettings = Field(default_factory=LocalSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    online_features: OnlineFeatureSettings = Field(default_factory=OnlineFeatureSettings)
     resources: dict[str, StepResources] = Field(default_factory=dict, validate_default=True)  # DEFAULT_RESOURCES
 
     @field_validator("resources", mode="before")

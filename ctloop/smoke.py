@@ -1,8 +1,11 @@
 """The smoke test a candidate passes on the staging endpoint before it may take production traffic.
 
-``deploy.smoke_instances`` rows of the test split (features only) are sent as one request and then one by one;
-every answer must hold one prediction per instance, label 0/1 and a finite probability in [0, 1], within
-``deploy.smoke_max_latency_ms``.
+``deploy.smoke_instances`` rows of the test split are sent as one request and then one by one; every answer
+must hold one prediction per instance, label 0/1 and a finite probability in [0, 1], within
+``deploy.smoke_max_latency_ms``. For a model with history features the rows are entities' latest events, sent
+as a client sends them (entity id, event time, source features; no history): the server derives the history
+from the online store, and each served probability must equal offline scoring of the same row with the
+features the transform job computed (``SMOKE_TOLERANCE``), which checks the online features end to end.
 """
 
 import math
@@ -15,6 +18,18 @@ from typing import Any
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
 from ctloop.registry.base import Predict
+
+# Served vs offline probability: the same model and runtime on the same features agree to rounding.
+SMOKE_TOLERANCE = 1e-6
+
+
+class SmokeRows(list):
+    """The smoke test's JSON instances; ``offline`` holds the same rows with every model feature as the
+    transform wrote them, and ``expected`` the model's offline probabilities for them once computed
+    (``expect_offline_scores``)."""
+
+    offline: Any = None
+    expected: list[float] | None = None
 
 
 class SmokeTestFailed(CtloopError):
@@ -42,22 +57,57 @@ class SmokeReport:
 
 
 
-def smoke_instances(settings: Settings, test_dir: str | Path, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` rows of the test split as JSON-ready instances: model features only, NaN as null."""
+def smoke_instances(settings: Settings, test_dir: str | Path, n: int) -> SmokeRows:
+    """``n`` rows of the test split as JSON-ready instances (NaN as null).
+
+    With history features: each of the first ``n`` entities' latest event (the online store's latest state of
+    the entity ends there, so replaying it derives the job's values), as the entity id, the event time and
+    the source features. Without: the first rows' model features.
+    """
     import pandas as pd
 
     from ctloop.features import SPEC_FILE, FeatureSpec
 
     test_dir = Path(test_dir)
-    if (test_dir / SPEC_FILE).is_file():
-        frame = pd.read_parquet(test_dir, columns=FeatureSpec.read(test_dir).model_features)
-    else:
+    if not (test_dir / SPEC_FILE).is_file():
         frame = pd.read_parquet(test_dir)
         frame = frame.drop(columns=[c for c in settings.columns.role_columns if c in frame.columns])
-    rows = frame.head(n).to_dict(orient="records")
+        rows = SmokeRows(_records(frame.head(n)))
+        if not rows:
+            raise ValueError(f"test split {test_dir} has no rows to smoke-test the deployed model with")
+        return rows
+    spec = FeatureSpec.read(test_dir)
+    if not spec.derived:
+        offline = pd.read_parquet(test_dir, columns=spec.model_features).head(n)
+        rows = SmokeRows(_records(offline))
+    else:
+        frame = pd.read_parquet(test_dir, columns=[spec.id_column, spec.timestamp_column, *spec.model_features])
+        latest = (frame.sort_values([spec.id_column, spec.timestamp_column], kind="stable")
+                  .groupby(spec.id_column, sort=True).tail(1).head(n))
+        raw = latest[[spec.id_column, *spec.numeric, *spec.categorical]].assign(**{
+            spec.timestamp_column: pd.to_datetime(latest[spec.timestamp_column], utc=True).map(
+                lambda t: t.isoformat().replace("+00:00", "Z"))})
+        offline = latest[spec.model_features]
+        rows = SmokeRows(_records(raw))
     if not rows:
         raise ValueError(f"test split {test_dir} has no rows to smoke-test the deployed model with")
-    return [{k: _json_value(v) for k, v in row.items()} for row in rows]
+    rows.offline = offline.reset_index(drop=True)
+    return rows
+
+
+def expect_offline_scores(rows: SmokeRows, model_dir: str | Path) -> None:
+    """Score ``rows.offline`` with the model as served (ctloop.model_runtime) into ``rows.expected``."""
+    from ctloop.model_runtime import load_model
+
+    if rows.offline is None:
+        return
+    model = load_model(model_dir)
+    rows.expected = [float(p) for p in model.probabilities(
+        {c: rows.offline[c].tolist() for c in rows.offline.columns})]
+
+
+def _records(frame: Any) -> list[dict[str, Any]]:
+    return [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
 def _json_value(value: Any) -> Any:
@@ -93,13 +143,29 @@ def check_predictions(predictions: Any, expected: int) -> list[str]:
     return problems
 
 
+def check_against_offline(predictions: Any, expected: list[float] | None, first: int = 0) -> list[str]:
+    """Served probabilities that differ from the offline ones (``expected[first:]``) by more than the tolerance."""
+    if expected is None or not isinstance(predictions, list):
+        return []
+    problems = []
+    for i, (p, want) in enumerate(zip(predictions, expected[first:], strict=False)):
+        got = p.get("probability") if isinstance(p, dict) else None
+        if isinstance(got, int | float) and abs(got - want) > SMOKE_TOLERANCE:
+            problems.append(f"predictions[{first + i}].probability: served {got}, offline scoring of the same "
+                            f"row gives {want}")
+    return problems
+
+
 def run_smoke(predict: Predict, instances: list[dict[str, Any]], max_latency_ms: float) -> SmokeReport:
-    """Send all instances in one request, then each alone (timed); collect every problem."""
+    """Send all instances in one request, then each alone (timed); collect every problem. ``SmokeRows`` with
+    ``expected`` probabilities are also checked against them."""
     problems: list[str] = []
     latencies: list[float] = []
+    expected = getattr(instances, "expected", None)
     try:
-        problems += [f"batch of {len(instances)}: {p}" for p in check_predictions(predict(instances),
-                                                                                   len(instances))]
+        answer = predict(instances)
+        problems += [f"batch of {len(instances)}: {p}" for p in check_predictions(answer, len(instances))]
+        problems += [f"batch of {len(instances)}: {p}" for p in check_against_offline(answer, expected)]
     except Exception as exc:  # noqa: BLE001 - any failure is a smoke-test finding
         problems.append(f"batch of {len(instances)}: {type(exc).__name__}: {exc}")
     for i, inst in enumerate(instances):
@@ -111,6 +177,7 @@ def run_smoke(predict: Predict, instances: list[dict[str, Any]], max_latency_ms:
             continue
         latencies.append((time.perf_counter() - start) * 1000)
         problems += [f"instance {i}: {p}" for p in check_predictions(answer, 1)]
+        problems += [f"instance {i}: {p}" for p in check_against_offline(answer, expected, i)]
     if latencies and max(latencies) > max_latency_ms:
         problems.append(f"latency: slowest single-instance request took {max(latencies):.0f} ms, the limit "
                         f"is {max_latency_ms:.0f} ms (deploy.smoke_max_latency_ms)")

@@ -302,7 +302,10 @@ def serve_cmd(ctx: _Ctx, endpoint: str | None, host: str, port: int) -> None:
         raise CtloopError(f"endpoint {name!r}: no model is deployed to it yet (registry {s.local.registry_db}); "
                           f"`ctloop run` deploys one once a candidate passes the gate")
     _check_port_free(host, port)
-    serve_endpoint(registry, name, host, port, prediction_log=config_from_settings(s, name))
+    from ctloop.online_store import SQLiteStore, local_store_path
+
+    serve_endpoint(registry, name, host, port, prediction_log=config_from_settings(s, name),
+                   online_store=SQLiteStore(local_store_path(s)))
 
 
 def _check_port_free(host: str, port: int) -> None:

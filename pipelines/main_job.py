@@ -103,7 +103,10 @@ def _example_instance(record: RunRecord) -> dict[str, Any]:
     if not test_dir:
         raise CtloopError(f"run {record.run_id}: the transform step recorded no test split")
     spec = FeatureSpec.read(test_dir)
-    row = pd.read_parquet(test_dir, columns=spec.model_features).head(1).to_dict(orient="records")[0]
+    # As a client sends it: the entity id and the source features; the server derives the history features
+    # from the online store, for an event now (no event time given).
+    fields = ([spec.id_column] if spec.derived else []) + spec.numeric + spec.categorical
+    row = pd.read_parquet(test_dir, columns=fields).head(1).to_dict(orient="records")[0]
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 

@@ -3,6 +3,7 @@
 Steps, in order:
   1. extract          BigQuery SQL (DuckDB locally) -> Parquet Dataset
   2. transform        PySpark on Dataproc Serverless (local Spark) -> train / valid / test + data-quality report
+     materialize_features: each entity's latest history state -> the online store (SQLite / Vertex AI Feature Store)
   3. train            scikit-learn Pipeline -> Model + validation Metrics
   4. lookup_champion  the registry's `champion` alias (empty for the first model)
   5. evaluate_gate    candidate and champion scored on the same test split -> decision
@@ -18,6 +19,7 @@ from components.deploy import deploy
 from components.evaluate import evaluate_gate
 from components.extract import extract
 from components.lookup import lookup_champion
+from components.materialize import materialize_features
 from components.register import register
 from components.report import report_rejection
 from components.train import train
@@ -37,6 +39,11 @@ def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigge
 
     splits = transform(config=config, run_id=run_id, dataset=data.outputs["dataset"])
     splits.set_display_name("transform-dataproc-pyspark")
+
+    # Each entity's latest history state, for serving to derive the history features of its next event.
+    online = materialize_features(config=config, run_id=run_id, train=splits.outputs["train"],
+                                  valid=splits.outputs["valid"], test=splits.outputs["test"])
+    online.set_display_name("materialize-online-features").set_caching_options(False)
 
     model = train(config=config, run_id=run_id, train=splits.outputs["train"], valid=splits.outputs["valid"])
     model.set_display_name("train-scikit-learn")
@@ -62,6 +69,7 @@ def training_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigge
                          version=version.outputs["version"],
                          champion_version=champion.outputs["champion_version"], test=splits.outputs["test"])
         rollout.set_display_name("deploy-staging-smoke-production").set_caching_options(False)
+        rollout.after(online)  # the smoke test's server looks the states up
     with dsl.Else(name="gate-failed"):
         rejected = report_rejection(config=config, run_id=run_id, reasons=gate.outputs["reasons"],
                                     trigger_uri=trigger_uri)

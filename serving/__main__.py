@@ -5,6 +5,9 @@ copy of the model's artifact directory) and ``AIP_DEPLOYED_MODEL_ID``. ``AIP_STO
 directory, which is how the container is run by hand. ``CTLOOP_MAX_INSTANCES`` caps instances per request;
 ``CTLOOP_SERVING_RUNTIME=sklearn`` serves with scikit-learn even when the gate approved the ONNX model.
 
+Online features: ``CTLOOP_FEATURE_VIEW`` (set at registration in the cloud) names the Vertex AI Feature Store
+view the server looks entities' history states up in (ctloop/online_store_vertex.py).
+
 Prediction logging: ``CTLOOP_PREDICTION_LOG_RATE`` (share of requests, default 0 = off) and
 ``CTLOOP_PREDICTION_LOG_URI`` (the endpoint's log root, ``gs://bucket/prefix`` or a directory; required when the
 rate is above 0); optional ``CTLOOP_PREDICTION_LOG_FLUSH_ROWS`` and ``CTLOOP_PREDICTION_LOG_FLUSH_SECONDS``.
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 from ctloop.errors import ModelLoadError
 from ctloop.model_runtime import RUNTIMES
+from ctloop.online_store import FEATURE_VIEW_ENV
+from ctloop.online_store_vertex import VertexFeatureStore
 from serving.app import (
     DEFAULT_HEALTH_ROUTE,
     DEFAULT_MAX_INSTANCES,
@@ -40,6 +45,7 @@ class ContainerEnv:
     max_instances: int
     prediction_log: PredictionLogConfig | None = None
     runtime: str = "auto"
+    feature_view: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ContainerEnv:
@@ -55,6 +61,7 @@ class ContainerEnv:
             max_instances=_int(env, "CTLOOP_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
             prediction_log=_prediction_log(env),
             runtime=_runtime(env),
+            feature_view=env.get(FEATURE_VIEW_ENV, ""),
         )
 
 
@@ -110,6 +117,7 @@ def main(env: Mapping[str, str] | None = None) -> None:
             health_route=cfg.health_route,
             max_instances=cfg.max_instances,
             prediction_log=cfg.prediction_log,
+            online_store=VertexFeatureStore.for_view(cfg.feature_view) if cfg.feature_view else None,
         )
     except (ValueError, ModelLoadError) as exc:
         print(f"serving: {exc}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 ``POST <predict route>`` with ``{"instances": [{feature: value, ...}, ...]}`` answers
 ``{"predictions": [{"label": 0|1, "probability": p}, ...], "deployedModelId": ..., "model": ...,
-"modelVersionId": ...}``.
+"modelVersionId": ...}``. For a model with history features an instance is the entity id, the event time
+(optional, default now) and the source features: the server looks the entity's history up in the online store
+and derives the history features (serving/online.py); the prediction then carries ``onlineFeatures``, what was
+looked up and how fresh it is. An instance with every model feature, history included, is scored as sent.
 Bad requests get HTTP 400 naming the instance index and field (malformed or too deeply nested JSON included);
 bodies over 1.5 MiB get 413 before they are read. The server never answers 500 for client input.
 
@@ -24,6 +27,7 @@ import asyncio
 import json
 import math
 import random
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -34,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request, Response
 
 from ctloop.model_runtime import LoadedModel, load_model
+from ctloop.online_store import OnlineStore
 from serving.model import Columns, InstanceError, InstanceValidator
+from serving.online import fill_history
 from serving.prediction_log import PredictionLogConfig, PredictionLogger
 
 if TYPE_CHECKING:
@@ -209,11 +215,13 @@ def create_app(
     max_instances: int = DEFAULT_MAX_INSTANCES,
     seed: int | None = None,
     prediction_log: PredictionLogConfig | None = None,
+    online_store: OnlineStore | None = None,
 ) -> FastAPI:
     """Load every deployed model now (never per request) and build the app.
 
     Traffic percentages must sum to 100; a model with 0% stays loaded but receives no requests.
     ``prediction_log``: log a sample of requests there (each deployed model writes its own files).
+    ``online_store``: where instances sent without their history features get them (serving/online.py).
     """
     if not deployments:
         raise ValueError("create_app: no deployed models to serve")
@@ -283,9 +291,11 @@ def create_app(
                                 f"{max_instances}")
         target = pick()
         try:
-            columns = target.validator.columns(instances)
+            parsed = target.validator.parse(instances, now_us=time.time_ns() // 1000)
+            looked_up = await fill_history(parsed, len(instances), target.validator, online_store)
         except InstanceError as exc:
             return _bad_request(str(exc))
+        columns = parsed.columns
         try:
             probs = await target.score(columns, len(instances))
         except PredictionError as exc:
@@ -294,8 +304,12 @@ def create_app(
         if target.logger is not None:
             target.logger.offer(columns, probs, threshold, target.served.deployed_id, target.served.model,
                                 target.served.version)
+        predictions = [{"label": int(p >= threshold), "probability": p} for p in probs]
+        for prediction, report in zip(predictions, looked_up, strict=True):
+            if report is not None:
+                prediction["onlineFeatures"] = report
         answer = {
-            "predictions": [{"label": int(p >= threshold), "probability": p} for p in probs],
+            "predictions": predictions,
             "deployedModelId": target.served.deployed_id,
             "model": target.served.model,
             "modelVersionId": target.served.version,
@@ -323,12 +337,14 @@ def endpoint_deployments(registry: LocalRegistry, endpoint_name: str) -> list[Se
 
 
 def serve_endpoint(registry: LocalRegistry, endpoint_name: str, host: str = "127.0.0.1",
-                   port: int = 8080, prediction_log: PredictionLogConfig | None = None) -> None:
+                   port: int = 8080, prediction_log: PredictionLogConfig | None = None,
+                   online_store: OnlineStore | None = None) -> None:
     """Serve a local endpoint's deployed models (its traffic split as of now) until interrupted.
 
     ``prediction_log``: e.g. ``serving.prediction_log.config_from_settings(settings, endpoint_name)``.
     """
     import uvicorn
 
-    app = create_app(endpoint_deployments(registry, endpoint_name), prediction_log=prediction_log)
+    app = create_app(endpoint_deployments(registry, endpoint_name), prediction_log=prediction_log,
+                     online_store=online_store)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
