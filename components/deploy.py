@@ -27,7 +27,7 @@ from components.vertex_artifacts import VertexEndpoint, name_resource
 from ctloop.config import Settings
 from ctloop.online_store import OnlineStore, SQLiteStore, local_store_path
 from ctloop.registry import Deployed, Registry, Version, open_registry
-from ctloop.rollout import DeployResult, rollout
+from ctloop.rollout import DeployResult, check_settings, rollout
 from ctloop.smoke import expect_offline_scores, smoke_instances
 from serving.model import fetch_model_dir
 
@@ -75,6 +75,7 @@ def run_deploy(settings: Settings, run_id: str, model_name: str, version: str | 
     recorded in the step's log; the registry opens on the settings' model."""
     registry = registry or open_deploy_registry(settings)
     d = settings.deploy
+    check_settings(d)  # before any work, as rollout does
     instances = smoke_instances(settings, test_dir, d.smoke_instances)
     expect_offline_scores(instances, fetch_model_dir(registry.get_version(str(version)).artifact_uri))
     return rollout(registry, d, str(version), expected_champion, instances)

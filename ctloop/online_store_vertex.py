@@ -122,11 +122,12 @@ class VertexFeatureStore:
         name = self.admin.sync_feature_view(feature_view=self.view).feature_view_sync
         deadline = time.monotonic() + self.sync_timeout_seconds
         while True:
-            sync = self.admin.get_feature_view_sync(name=name)
+            answer = self.admin.get_feature_view_sync(name=name)
+            sync = type(answer).pb(answer)
             if sync.final_status.code:
                 raise FeatureViewSyncError(f"feature view sync {name} failed: {sync.final_status.message} "
                                            f"(code {sync.final_status.code})")
-            if sync.run_time.end_time:
+            if sync.run_time.HasField("end_time"):  # an unset timestamp reads as the epoch, not as None
                 return name
             if time.monotonic() >= deadline:
                 raise FeatureViewSyncError(f"feature view sync {name} did not finish within "

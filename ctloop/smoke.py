@@ -30,6 +30,7 @@ class SmokeRows(list):
 
     offline: Any = None
     expected: list[float] | None = None
+    offline_error: str | None = None  # offline scoring failed: a smoke-test finding, reported by run_smoke
 
 
 class SmokeTestFailed(CtloopError):
@@ -96,14 +97,18 @@ def smoke_instances(settings: Settings, test_dir: str | Path, n: int) -> SmokeRo
 
 
 def expect_offline_scores(rows: SmokeRows, model_dir: str | Path) -> None:
-    """Score ``rows.offline`` with the model as served (ctloop.model_runtime) into ``rows.expected``."""
+    """Score ``rows.offline`` with the model as served (ctloop.model_runtime) into ``rows.expected``; a model
+    that cannot be loaded or cannot score leaves ``rows.offline_error`` instead."""
     from ctloop.model_runtime import load_model
 
     if rows.offline is None:
         return
-    model = load_model(model_dir)
-    rows.expected = [float(p) for p in model.probabilities(
-        {c: rows.offline[c].tolist() for c in rows.offline.columns})]
+    try:
+        model = load_model(model_dir)
+        rows.expected = [float(p) for p in model.probabilities(
+            {c: rows.offline[c].tolist() for c in rows.offline.columns})]
+    except Exception as exc:  # noqa: BLE001 - any failure is a smoke-test finding
+        rows.offline_error = f"offline scoring of the smoke rows failed: {type(exc).__name__}: {exc}"
 
 
 def _records(frame: Any) -> list[dict[str, Any]]:
@@ -181,6 +186,9 @@ def run_smoke(predict: Predict, instances: list[dict[str, Any]], max_latency_ms:
     if latencies and max(latencies) > max_latency_ms:
         problems.append(f"latency: slowest single-instance request took {max(latencies):.0f} ms, the limit "
                         f"is {max_latency_ms:.0f} ms (deploy.smoke_max_latency_ms)")
+    offline_error = getattr(instances, "offline_error", None)
+    if offline_error:
+        problems.append(offline_error)
     return SmokeReport(instances=len(instances), problems=problems[:20], latencies_ms=latencies)
 
 

@@ -16,13 +16,15 @@ from components import transform as tr
 from components.materialize import materialize
 from ctloop.config import Settings
 from ctloop.features import FeatureSpec
-from ctloop.history import HistoryOrderError, HistoryState, features, fold_states, to_micros
+from ctloop.history import HistoryOrderError, HistoryState, features, fold_states, states_from_splits, to_micros
 from ctloop.model_runtime import load_model
 from ctloop.modeling import train_model
 from ctloop.online_store import SQLiteStore
+from ctloop.online_store_vertex import VertexFeatureStore
 from ctloop.smoke import SMOKE_TOLERANCE, expect_offline_scores, run_smoke, smoke_instances
 from serving.app import ServedModel, create_app
 from serving.background import running_server
+from tests.recording_server import RecordedRequest, RecordingServer
 from tests.spark_fixtures import spark  # noqa: F401  (pytest fixture)
 from tests.test_transform import _run_local, _settings, build_fixture, write_fixture
 
@@ -175,6 +177,42 @@ def test_served_features_and_probabilities_equal_offline(trained: Trained, tmp_p
             assert looked_up["asOf"].startswith(str(trained.splits["valid"][spec.timestamp_column].max().date()))
             assert looked_up["ageSeconds"] > 0
     assert [p["probability"] for p in singles] == list(offline[:25])
+
+
+def test_served_from_the_vertex_feature_view_equals_offline(trained: Trained, tmp_path: Path,
+                                                          recording_server: RecordingServer) -> None:
+    """The cloud path: the server reads the states through FeatureOnlineStoreServiceClient (the real client,
+    against the recording server standing in for the feature view) and derives the job's values."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud.aiplatform_v1 import FeatureOnlineStoreServiceClient
+
+    spec = trained.spec
+    states = states_from_splits([trained.dirs["train"], trained.dirs["valid"]], spec)
+    view = "projects/p/locations/europe-west4/featureOnlineStores/ctloop/featureViews/entity_history"
+
+    def fetch(q: RecordedRequest) -> tuple[int, Any]:
+        state = states.get(q.json["dataKey"]["key"])
+        if state is None:
+            return 404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}}
+        return 200, {"keyValues": {"features": [{"name": "state", "value": {"stringValue": state.to_json()}},
+                                                {"name": "as_of", "value": {"stringValue": "2025-01-01T00:00:00Z"}}]}}
+
+    recording_server.route("POST", f"/v1/{view}:fetchFeatureValues", fetch)
+    client = FeatureOnlineStoreServiceClient(transport="rest", credentials=AnonymousCredentials(),
+                                             client_options={"api_endpoint": recording_server.url})
+    store = VertexFeatureStore.for_view(view, serving_client=client)
+    first = trained.first_test_events().head(40)
+    offline = load_model(trained.model_dir).predict_proba(first[spec.model_features])
+    app = create_app([ServedModel("dm-1", trained.model_dir)], online_store=store)
+    with running_server(app) as url:
+        answer = httpx.post(f"{url}/predict", json={"instances": [_raw(r, spec) for _, r in first.iterrows()]},
+                            timeout=30)
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    for i, (_, row) in enumerate(first.iterrows()):
+        assert not _mismatches(predictions[i]["onlineFeatures"]["values"], row)
+        assert predictions[i]["probability"] == offline[i]
+    assert len(recording_server.find("POST", f"/v1/{view}:fetchFeatureValues")) == first[spec.id_column].nunique()
 
 
 def test_unknown_entity_legacy_instances_and_bad_input(trained: Trained, tmp_path: Path) -> None:
