@@ -27,7 +27,8 @@ from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.features import FeatureSpec
 from ctloop.history import iso, states_from_splits
-from ctloop.online_store import OnlineStore, open_online_store
+from ctloop.online_store import OnlineStore
+from ctloop.online_stores import open_online_store
 
 
 @component(base_image=COMPONENT_IMAGE, install_kfp_package=False)

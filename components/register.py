@@ -25,7 +25,7 @@ from kfp.dsl.component_decorator import component
 from components.images import COMPONENT_IMAGE
 from components.vertex_artifacts import VertexModel, name_resource
 from ctloop.config import Settings
-from ctloop.online_store import online_store_environment
+from ctloop.online_stores import online_store_environment
 from ctloop.registry import open_registry
 from ctloop.registry.base import MODEL_FILES
 

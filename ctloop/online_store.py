@@ -8,6 +8,8 @@ entities gone from the data leave the store); ``read`` answers the entities it k
   processes see the old contents or the new, never a mix (WAL).
 - ``VertexFeatureStore`` (ctloop/online_store_vertex.py): a BigQuery table the pipeline writes, a Vertex AI
   Feature Store feature view over it (synced after each write) and online serving from the view.
+
+``ctloop.online_stores`` opens the one the settings name.
 """
 
 from __future__ import annotations
@@ -117,20 +119,3 @@ class SQLiteStore:
 def local_store_path(settings: Settings) -> Path:
     return Path(settings.local.workdir) / STORE_FILE
 
-
-def open_online_store(settings: Settings) -> OnlineStore:
-    """The settings' store: SQLite under ``local.workdir`` locally, the Vertex AI feature view in the cloud."""
-    if settings.backend == "local":
-        return SQLiteStore(local_store_path(settings))
-    from ctloop.online_store_vertex import VertexFeatureStore
-
-    return VertexFeatureStore.from_settings(settings)
-
-
-def online_store_environment(settings: Settings) -> dict[str, str]:
-    """The serving container's online-store variable (cloud: the feature view's resource name)."""
-    if settings.backend == "local":
-        return {}
-    from ctloop.online_store_vertex import VertexFeatureStore
-
-    return {FEATURE_VIEW_ENV: VertexFeatureStore.from_settings(settings).view}

@@ -12,8 +12,9 @@ from google.auth.credentials import AnonymousCredentials
 
 from ctloop.config import Settings
 from ctloop.history import HistoryState
-from ctloop.online_store import FEATURE_VIEW_ENV, online_store_environment, open_online_store
+from ctloop.online_store import FEATURE_VIEW_ENV
 from ctloop.online_store_vertex import FeatureViewSyncError, VertexFeatureStore
+from ctloop.online_stores import online_store_environment, open_online_store
 from tests.recording_server import RecordedRequest, RecordingServer
 
 VIEW = "projects/ctloop-dev/locations/europe-west4/featureOnlineStores/ctloop/featureViews/entity_history"

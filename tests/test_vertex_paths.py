@@ -37,6 +37,8 @@ from tests.serving_fixtures import make_constant_model_dir, make_model_dir, synt
 PROJECT, REGION = "ctloop-test", "europe-west4"
 P = f"projects/{PROJECT}/locations/{REGION}"
 IMAGE = "europe-west4-docker.pkg.dev/ctloop-test/ctloop/serving:1.2.3"
+# The serving container reads the entities' history states from this view (ctloop/online_store_vertex.py).
+FEATURE_VIEW = f"{P}/featureOnlineStores/ctloop/featureViews/entity_history"
 MODEL_BUCKET = "ctloop-test-models"
 STAGING_BUCKET = "ctloop-test-staging"
 TIME = "2026-01-01T00:00:{:02d}Z"
@@ -308,7 +310,8 @@ def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex, gc
         blob = gcs.blob(f"models/ctloop-churn/{run_alias('run-1')}/{name}")
         assert blob.download_as_bytes() == (source / name).read_bytes()
     assert spec["containerSpec"] == {"imageUri": IMAGE, "predictRoute": "/predict", "healthRoute": "/health",
-                                     "ports": [{"containerPort": 8080}]}
+                                     "ports": [{"containerPort": 8080}],
+                                     "env": [{"name": "CTLOOP_FEATURE_VIEW", "value": FEATURE_VIEW}]}
     assert sorted(spec["versionAliases"]) == sorted(["default", "run-run-1", _fp(model_dirs, "run-1")])
     assert spec["labels"] == {"app": "ctloop", "env": "test", "ctloop-run": "run-1",
                               "ctloop-pipeline": "ctloop-training", "ctloop-data-checksum": "f" * 63,
@@ -323,7 +326,8 @@ def test_prediction_logging_settings_ride_on_the_serving_container(vertex: FakeV
     (upload,) = vertex.server.find("POST", rf"/v1/{P}/models:upload")
     env = {e["name"]: e["value"] for e in upload.json["model"]["containerSpec"]["env"]}
     assert env == {"CTLOOP_PREDICTION_LOG_RATE": "0.1",
-                   "CTLOOP_PREDICTION_LOG_URI": "gs://ctloop-test-staging/prediction_log/ctloop-production"}
+                   "CTLOOP_PREDICTION_LOG_URI": "gs://ctloop-test-staging/prediction_log/ctloop-production",
+                   "CTLOOP_FEATURE_VIEW": FEATURE_VIEW}
 
 
 def test_next_register_is_a_non_default_version_of_the_parent(vertex: FakeVertex,
