@@ -225,6 +225,12 @@ CLIENT_CALLS: list[tuple[str, str, list[str]]] = [
     (r".*", "update_tag", ["artifactregistry.projects.locations.repositories.packages.tags.patch"]),
     (r".*", "get_tag", ["artifactregistry.projects.locations.repositories.packages.tags.get"]),
     (r".*", "lookup_bucket", ["storage.buckets.get"]),
+    (r".*", "load_table_from_json", ["bigquery.jobs.insert", "bigquery.jobs.get"]),
+    (r".*", "sync_feature_view", ["aiplatform.projects.locations.featureOnlineStores.featureViews.sync"]),
+    (r".*", "get_feature_view_sync",
+     ["aiplatform.projects.locations.featureOnlineStores.featureViews.featureViewSyncs.get"]),
+    (r".*", "fetch_feature_values",
+     ["aiplatform.projects.locations.featureOnlineStores.featureViews.fetchFeatureValues"]),
     (r"session", "(get|post)", []),  # the doctor's REST calls are listed by method in the table directly
     (r".*", "test_iam_permissions", []),  # testIamPermissions needs no permission
     (r".*", "(bucket|blob)", []),  # local references, no request
@@ -233,7 +239,8 @@ CLIENT_CALLS: list[tuple[str, str, list[str]]] = [
 API_NAMES = re.compile(
     r"^(get_table|get_job|upload_from_\w+|download_\w+|list_blobs|create_batch|get_batch|list_batches|"
     r"delete_batch|upload_pipeline|create_tag|update_tag|delete_tag|get_tag|lookup_bucket|start_run|end_run|log_params|log_metrics|"
-    r"add_version_aliases|remove_version_aliases|batch_get|test_iam_permissions|get_iam_policy|set_iam_policy)$"
+    r"add_version_aliases|remove_version_aliases|batch_get|test_iam_permissions|get_iam_policy|set_iam_policy|"
+    r"load_table_from_\w+|sync_feature_view|get_feature_view_sync|fetch_feature_values)$"
 )
 # Code that talks only to local emulators or is not shipped (besides devtools/, which is not scanned at all).
 NOT_SCANNED: set[str] = set()

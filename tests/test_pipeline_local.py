@@ -69,7 +69,7 @@ def compiled(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_compiled_yaml_pins_the_image_and_installs_nothing_at_run_time(compiled: Path) -> None:
     spec = yaml.safe_load(compiled.read_text())
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8
+    assert len(executors) == 9
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -93,6 +93,9 @@ def test_compiled_yaml_pins_the_image_and_installs_nothing_at_run_time(compiled:
         assert "retryPolicy" not in passed_branch[task], task
     # Each step's CPU and memory from the settings travel in the YAML.
     assert executors["exec-train"]["container"]["resources"]["resourceMemoryLimit"] == "32G"
+    assert executors["exec-materialize-features"]["container"]["resources"]["resourceMemoryLimit"] == "8G"
+    # The deploy step's smoke test reads the states the materialize step writes: the gate's branches wait on it.
+    assert "materialize-features" in tasks["condition-branches-1"]["dependentTasks"]
 
 
 def test_first_run_of_the_compiled_yaml_trains_gates_registers_deploys_and_serves(
@@ -113,9 +116,15 @@ def test_first_run_of_the_compiled_yaml_trains_gates_registers_deploys_and_serve
     assert load_model(versions[0].artifact_uri).runtime == "onnx"
     prod = _production(settings)
     assert [(d.version, d.traffic_percent) for d in prod.deployments] == [(1, 100)]
+    # Each entity's latest history state is in the local online store.
+    from ctloop.online_store import SQLiteStore, local_store_path
+
+    assert SQLiteStore(local_store_path(settings)).count() > 0
     answer = predict_from_served_endpoint(settings, record, echo=lambda _s: None)
     (pred,) = answer["predictions"]
     assert pred["label"] in (0, 1) and 0.0 <= pred["probability"] <= 1.0
+    # The example sends the entity id and source features only: its history was looked up.
+    assert pred["onlineFeatures"]["known"] is True and pred["onlineFeatures"]["values"]["hist_prior_events"] > 0
 
 
 def test_second_run_on_the_same_data_is_compared_with_the_champion_and_duplicates_nothing(
