@@ -131,11 +131,14 @@ def _start_server(model_dir: Path, workers: int, launcher: str, runtime: str, lo
 
 
 def run(ctx: Context) -> Section:
-    from ctloop.smoke import smoke_instances
+    from bench.online_lookup import measure as measure_online_lookup
+    from ctloop.smoke import json_records, smoke_instances
 
     section = Section("serving", "Prediction server: throughput and latency")
     model_dir, test_dir = ensure_model(ctx)
-    instances = smoke_instances(ctx.settings("serving"), test_dir, 1000)
+    rows = smoke_instances(ctx.settings("serving"), test_dir, 1000)
+    # Every model feature per instance (no online lookup here: bench/online_lookup.py measures that apart).
+    instances = json_records(rows.offline) if rows.offline is not None else list(rows)
     singles = [json.dumps({"instances": [inst]}).encode() for inst in instances]
     batches = [json.dumps({"instances": instances[i:i + BATCH]}).encode()
                for i in range(0, len(instances) - BATCH + 1, BATCH)]
@@ -168,6 +171,8 @@ def run(ctx: Context) -> Section:
         finally:
             proc.stop()
     _report(section, floor, measured, cpu, peaks)
+    ctx.echo("  serving: online lookup ...")
+    section.figures += measure_online_lookup(model_dir, test_dir, calls=int(budget["calls"]), seconds=seconds)
     return section
 
 

@@ -73,14 +73,14 @@ def smoke_instances(settings: Settings, test_dir: str | Path, n: int) -> SmokeRo
     if not (test_dir / SPEC_FILE).is_file():
         frame = pd.read_parquet(test_dir)
         frame = frame.drop(columns=[c for c in settings.columns.role_columns if c in frame.columns])
-        rows = SmokeRows(_records(frame.head(n)))
+        rows = SmokeRows(json_records(frame.head(n)))
         if not rows:
             raise ValueError(f"test split {test_dir} has no rows to smoke-test the deployed model with")
         return rows
     spec = FeatureSpec.read(test_dir)
     if not spec.derived:
         offline = pd.read_parquet(test_dir, columns=spec.model_features).head(n)
-        rows = SmokeRows(_records(offline))
+        rows = SmokeRows(json_records(offline))
     else:
         frame = pd.read_parquet(test_dir, columns=[spec.id_column, spec.timestamp_column, *spec.model_features])
         latest = (frame.sort_values([spec.id_column, spec.timestamp_column], kind="stable")
@@ -89,7 +89,7 @@ def smoke_instances(settings: Settings, test_dir: str | Path, n: int) -> SmokeRo
             spec.timestamp_column: pd.to_datetime(latest[spec.timestamp_column], utc=True).map(
                 lambda t: t.isoformat().replace("+00:00", "Z"))})
         offline = latest[spec.model_features]
-        rows = SmokeRows(_records(raw))
+        rows = SmokeRows(json_records(raw))
     if not rows:
         raise ValueError(f"test split {test_dir} has no rows to smoke-test the deployed model with")
     rows.offline = offline.reset_index(drop=True)
@@ -111,7 +111,8 @@ def expect_offline_scores(rows: SmokeRows, model_dir: str | Path) -> None:
         rows.offline_error = f"offline scoring of the smoke rows failed: {type(exc).__name__}: {exc}"
 
 
-def _records(frame: Any) -> list[dict[str, Any]]:
+def json_records(frame: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as JSON-ready dicts (NaN and NA as None, numpy scalars as Python ones)."""
     return [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
