@@ -406,6 +406,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
 # must hold these and everything they need.
 SERVING_ROOTS = ["fastapi", "uvicorn", "scikit-learn", "pandas", "pyarrow", "numpy", "joblib",
                  "google-cloud-storage", "pyyaml", "pydantic", "onnxruntime",
+                 "google-cloud-aiplatform",  # FeatureOnlineStoreServiceClient (ctloop/online_store_vertex.py)
                  "httptools", "uvloop",
                  "sniffio"]  # anyio imports it when present: pinned so the image matches what is tested
 
