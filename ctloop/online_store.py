@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ctloop.errors import CtloopError
 from ctloop.history import HistoryState
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ FEATURE_VIEW_ENV = "CTLOOP_FEATURE_VIEW"
 ENTITY = "entity_id"
 STATE = "state"
 AS_OF = "as_of"
+
+
+class OnlineStoreUnavailable(CtloopError):
+    """The store cannot be read (not materialized yet, or its service failed): nothing to derive features from."""
 
 
 @dataclass(frozen=True)
@@ -75,16 +80,21 @@ class SQLiteStore:
                      f"{AS_OF} TEXT NOT NULL)")
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, create: bool = False) -> sqlite3.Connection:
         # One connection per thread: sqlite3 connections must not cross threads.
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            if not create and not self.path.is_file():
+                # Serving every entity as unknown from an empty store would be silent skew: refuse instead.
+                raise OnlineStoreUnavailable(f"online store {self.path} does not exist: no history states have "
+                                             f"been materialized (the training pipeline's materialize_features "
+                                             f"step writes them)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._local.conn = self._connect()
         return conn
 
     def write(self, states: Mapping[str, HistoryState], as_of: str) -> int:
-        conn = self._conn()
+        conn = self._conn(create=True)
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("DELETE FROM history")

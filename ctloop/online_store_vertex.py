@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctloop.errors import CtloopError
 from ctloop.history import HistoryState
-from ctloop.online_store import AS_OF, ENTITY, STATE, StoredHistory
+from ctloop.online_store import AS_OF, ENTITY, STATE, OnlineStoreUnavailable, StoredHistory
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 FEATURE_TIMESTAMP = "feature_timestamp"
 _MAX_PARALLEL_FETCHES = 16
+# One lookup sits on a prediction's path: fail it fast rather than hold the request.
+FETCH_TIMEOUT_S = 5.0
 
 
 class FeatureViewSyncError(CtloopError):
@@ -146,20 +148,23 @@ class VertexFeatureStore:
         return {e: f for e, f in zip(ids, found, strict=True) if f is not None}
 
     def _fetch(self, entity_id: str) -> StoredHistory | None:
-        from google.api_core.exceptions import NotFound
+        from google.api_core.exceptions import GoogleAPICallError, NotFound
         from google.cloud.aiplatform_v1 import FeatureViewDataKey, FetchFeatureValuesRequest
 
         request = FetchFeatureValuesRequest(feature_view=self.view, data_key=FeatureViewDataKey(key=entity_id))
         try:
-            response = self.serving.fetch_feature_values(request=request)
+            response = self.serving.fetch_feature_values(request=request, timeout=FETCH_TIMEOUT_S)
         except NotFound:
             return None
+        except GoogleAPICallError as exc:
+            raise OnlineStoreUnavailable(f"{self.view}: fetch_feature_values for entity {entity_id!r} failed: "
+                                         f"{exc}") from exc
         values = {f.name: f.value.string_value for f in response.key_values.features}
         if not values.get(STATE):
             return None
         try:
             state = HistoryState.from_json(values[STATE])
         except (ValueError, TypeError) as exc:
-            raise CtloopError(f"{self.view}: entity {entity_id!r} has an unreadable state: {exc}") from exc
+            raise OnlineStoreUnavailable(f"{self.view}: entity {entity_id!r} has an unreadable state: {exc}") from exc
         return StoredHistory(state, values.get(AS_OF, ""))
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request, Response
 
 from ctloop.model_runtime import LoadedModel, load_model
-from ctloop.online_store import OnlineStore
+from ctloop.online_store import OnlineStore, OnlineStoreUnavailable
 from serving.model import Columns, InstanceError, InstanceValidator
 from serving.online import fill_history
 from serving.prediction_log import PredictionLogConfig, PredictionLogger
@@ -295,6 +295,8 @@ def create_app(
             looked_up = await fill_history(parsed, len(instances), target.validator, online_store)
         except InstanceError as exc:
             return _bad_request(str(exc))
+        except OnlineStoreUnavailable as exc:
+            return Response(json.dumps({"error": str(exc)}), status_code=503, media_type="application/json")
         columns = parsed.columns
         try:
             probs = await target.score(columns, len(instances))

@@ -261,9 +261,15 @@ def test_unknown_entity_legacy_instances_and_bad_input(trained: Trained, tmp_pat
         partial = {**raw, "hist_prior_events": 1.0}
         assert error(partial).startswith("instances[0].")
     without_store = create_app([ServedModel("dm-2", trained.model_dir)])
-    with running_server(without_store) as url:
+    never_written = create_app([ServedModel("dm-3", trained.model_dir)],
+                               online_store=SQLiteStore(tmp_path / "never" / "store.sqlite"))
+    with running_server(without_store) as url, running_server(never_written) as url_empty:
         r = httpx.post(f"{url}/predict", json={"instances": [raw]}, timeout=30)
         assert r.status_code == 400 and "no online store" in r.json()["error"]
+        # A store nothing was materialized into is an error, not every entity served as unknown.
+        r = httpx.post(f"{url_empty}/predict", json={"instances": [raw]}, timeout=30)
+        assert r.status_code == 503 and "no history states have been materialized" in r.json()["error"]
+        assert httpx.post(f"{url_empty}/predict", json={"instances": [full]}, timeout=30).status_code == 200
 
 
 def test_smoke_checks_served_against_offline_scores(trained: Trained, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from google.auth.credentials import AnonymousCredentials
 
 from ctloop.config import Settings
 from ctloop.history import HistoryState
-from ctloop.online_store import FEATURE_VIEW_ENV
+from ctloop.online_store import FEATURE_VIEW_ENV, OnlineStoreUnavailable
 from ctloop.online_store_vertex import FeatureViewSyncError, VertexFeatureStore
 from ctloop.online_stores import online_store_environment, open_online_store
 from tests.recording_server import RecordedRequest, RecordingServer
@@ -142,6 +142,16 @@ def test_read_fetches_each_entity_from_the_view(recording_server: RecordingServe
     assert {f.as_of for f in found.values()} == {AS_OF}
     calls = recording_server.find("POST", f"/v1/{VIEW}:fetchFeatureValues")  # the view is in the path
     assert sorted(q.json["dataKey"]["key"] for q in calls) == ["c1", "c2", "nobody"]  # each entity once
+
+
+def test_a_failing_fetch_makes_the_store_unavailable(recording_server: RecordingServer, tmp_path: Path) -> None:
+    store = VertexFeatureStore.for_view(VIEW, serving_client=_store(_settings(tmp_path),
+                                                                     recording_server.url).serving)
+    recording_server.route("POST", f"/v1/{VIEW}:fetchFeatureValues", (403, {
+        "error": {"code": 403, "message": "Permission 'aiplatform.featureViews.fetchFeatureValues' denied",
+                  "status": "PERMISSION_DENIED"}}))
+    with pytest.raises(OnlineStoreUnavailable, match="fetch_feature_values for entity 'c1' failed: 403"):
+        store.read(["c1"])
 
 
 def test_settings_choose_the_backend_and_the_serving_variable(tmp_path: Path) -> None:
