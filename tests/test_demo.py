@@ -16,13 +16,16 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from ctloop.config import Settings, load_settings
 from ctloop.errors import CtloopError
+from ctloop.history import features, to_micros
 from ctloop.local_launch import group_members, stop_groups
+from ctloop.online_store import STORE_FILE, SQLiteStore
 from devtools.demo import demo_lock, prepare_demo_dir, run_demo
 from devtools.emulators import http_status
 
@@ -137,7 +140,14 @@ def test_demo_end_to_end_on_the_real_pipeline(settings: Settings) -> None:
     instance = json.loads(next(ln for ln in lines if ln.startswith("  instance:")).split(":", 1)[1])
     answer = json.loads(next(ln for ln in lines if ln.startswith("  prediction:")).split(":", 1)[1])
     model = load_model_dir(registry.get_version("ctloop-churn", expected).artifact_uri)
-    cols = {name: [instance[name]] for name in model.card.features}
+    # The instance is what a client sends (entity id, source features); the history features are the ones
+    # the entity's state in the online store gives for the event's time.
+    spec = model.card.spec
+    looked_up = answer["onlineFeatures"]
+    [stored] = SQLiteStore(root / STORE_FILE).read([instance[spec.id_column]]).values()
+    event_us = to_micros(datetime.fromisoformat(looked_up["eventTime"]))
+    assert looked_up["known"] and looked_up["values"] == features(stored.state, event_us, spec)
+    cols = {name: [{**instance, **looked_up["values"]}[name]] for name in model.card.features}
     probability = float(model.probabilities(cols)[0])
     assert answer["probability"] == pytest.approx(probability, abs=1e-9)
     assert answer["label"] == int(probability >= model.card.threshold)
