@@ -148,17 +148,20 @@ class VertexFeatureStore:
         return {e: f for e, f in zip(ids, found, strict=True) if f is not None}
 
     def _fetch(self, entity_id: str) -> StoredHistory | None:
-        from google.api_core.exceptions import GoogleAPICallError, NotFound
+        from google.api_core.exceptions import NotFound
+        from google.api_core.retry import Retry, if_transient_error
         from google.cloud.aiplatform_v1 import FeatureViewDataKey, FetchFeatureValuesRequest
 
         request = FetchFeatureValuesRequest(feature_view=self.view, data_key=FeatureViewDataKey(key=entity_id))
+        # Transient failures (a reset keep-alive connection, 503) are retried briefly, within the timeout.
+        retry = Retry(predicate=if_transient_error, initial=0.05, maximum=0.5, timeout=FETCH_TIMEOUT_S)
         try:
-            response = self.serving.fetch_feature_values(request=request, timeout=FETCH_TIMEOUT_S)
+            response = self.serving.fetch_feature_values(request=request, retry=retry, timeout=FETCH_TIMEOUT_S)
         except NotFound:
             return None
-        except GoogleAPICallError as exc:
+        except Exception as exc:  # noqa: BLE001 - any other failure: the state cannot be read, say so (503)
             raise OnlineStoreUnavailable(f"{self.view}: fetch_feature_values for entity {entity_id!r} failed: "
-                                         f"{exc}") from exc
+                                         f"{type(exc).__name__}: {exc}") from exc
         values = {f.name: f.value.string_value for f in response.key_values.features}
         if not values.get(STATE):
             return None

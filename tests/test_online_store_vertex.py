@@ -150,8 +150,19 @@ def test_a_failing_fetch_makes_the_store_unavailable(recording_server: Recording
     recording_server.route("POST", f"/v1/{VIEW}:fetchFeatureValues", (403, {
         "error": {"code": 403, "message": "Permission 'aiplatform.featureViews.fetchFeatureValues' denied",
                   "status": "PERMISSION_DENIED"}}))
-    with pytest.raises(OnlineStoreUnavailable, match="fetch_feature_values for entity 'c1' failed: 403"):
+    with pytest.raises(OnlineStoreUnavailable, match="fetch_feature_values for entity 'c1' failed: Forbidden: 403"):
         store.read(["c1"])
+
+
+def test_a_transient_fetch_failure_is_retried(recording_server: RecordingServer, tmp_path: Path) -> None:
+    store = VertexFeatureStore.for_view(VIEW, serving_client=_store(_settings(tmp_path),
+                                                                     recording_server.url).serving)
+    answers = [(503, {"error": {"code": 503, "message": "try again", "status": "UNAVAILABLE"}}),
+               (200, {"keyValues": {"features": [{"name": "state", "value": {"stringValue": STATES["c2"].to_json()}},
+                                                 {"name": "as_of", "value": {"stringValue": AS_OF}}]}})]
+    recording_server.route("POST", f"/v1/{VIEW}:fetchFeatureValues", lambda _q: answers.pop(0))
+    assert store.read(["c2"])["c2"].state == STATES["c2"]
+    assert len(recording_server.find("POST", f"/v1/{VIEW}:fetchFeatureValues")) == 2
 
 
 def test_settings_choose_the_backend_and_the_serving_variable(tmp_path: Path) -> None:
