@@ -172,7 +172,10 @@ def test_compiled_scoring_pipeline(tmp_path: Path) -> None:
         "outputArtifactKey": "rows", "producerTask": "collect-scoring-rows"}
     assert all(t["cachingOptions"].get("enableCache", False) is False for t in tasks.values())
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
-        "config", "run_id", "snapshot_time", "trigger_uri", "model_version"}
+        "config", "run_id", "snapshot_time", "trigger_uri", "model_version", "input_uri"}
+    # "score this": the landed batch reaches the step that collects the rows
+    assert tasks["collect-scoring-rows"]["inputs"]["parameters"]["input_uri"] == {
+        "componentInputParameter": "input_uri"}
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
 
@@ -203,6 +206,7 @@ def test_submit_scoring_creates_one_pipeline_job_with_the_version(recording_serv
     body = req.json
     params = body["runtimeConfig"]["parameterValues"]
     assert params["model_version"] == "4" and params["snapshot_time"] == AS_OF
+    assert params["input_uri"] == ""  # the scoring window of the settings, not a landed batch
     assert params["config"]["backend"] == "cloud" and params["config"]["scoring"]["bq_table"] == "scores"
     assert body["displayName"] == "ctloop-scoring"
     assert set(body["pipelineSpec"]["root"]["dag"]["tasks"]) == {"collect-scoring-rows", "score-batch"}
@@ -257,7 +261,9 @@ def test_cloud_scoring_runs_a_dataproc_batch_then_one_bigquery_job(recording_ser
     assert args[args.index("--model-dir") + 1] == "gs://ctloop-dev-models/churn/4"
     assert args[args.index("--report-out") + 1] == "gs://root/run/score-batch/score_report.json"
     assert body["labels"]["ctloop-step"] == "score"
-    assert body["runtimeConfig"]["containerImage"] == s.gcp.component_image
+    # The scoring image (a Dataproc custom container without Spark) on the pinned runtime, not the component image.
+    assert body["runtimeConfig"]["containerImage"] == s.gcp.scoring_image != s.gcp.component_image
+    assert body["runtimeConfig"]["version"] == s.gcp.dataproc_runtime_version
 
     bq = bigquery.Client(project="ctloop-dev", credentials=AnonymousCredentials(),
                          client_options={"api_endpoint": url})
