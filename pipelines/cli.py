@@ -230,6 +230,8 @@ def score_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, mo
     from pipelines.submit import submit_scoring
 
     if target == "vertex":
+        if input_uri and not input_uri.startswith("gs://"):
+            raise CtloopError(f"--input {input_uri!r}: a run on vertex reads a batch in Cloud Storage (gs://...)")
         result = submit_scoring(ctx.settings, run_id=run_id, snapshot_time=snapshot_time, trigger_uri=trigger_uri,
                                 model_version=model_version, input_uri=input_uri, template=template)
         click.echo(f"{'submitted' if result.created else 'already submitted'}: {result.job_name}")

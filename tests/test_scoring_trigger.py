@@ -150,6 +150,9 @@ def test_local_score_command_reads_the_mirrored_batch(tmp_path: Path) -> None:
     assert launch_argv(s, request)[-2:] == ["--input", ""]  # a tick scores the settings' window
     help_text = CliRunner().invoke(cli, ["score", "--help"]).output
     assert "--input" in help_text and "--trigger-uri" in help_text and "--run-id" in help_text
+    bad = CliRunner().invoke(cli, ["score", "--target", "vertex", "--input", "/data/batch"])
+    assert bad.exit_code == 1 and "--input '/data/batch': a run on vertex reads a batch in Cloud Storage" in bad.output
+    assert "Traceback" not in bad.output
 
 
 @pytest.fixture(scope="module")
