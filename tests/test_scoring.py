@@ -398,3 +398,24 @@ def test_cloud_collect_batch_copies_the_data_files_server_side(recording_server:
         (src + "part-1.parquet", f"{dst_prefix}/part-00001.parquet")]
     with pytest.raises(CtloopError, match="must be gs://"):
         collect_batch(s, input_uri="/local/folder", output_path=str(mount), output_uri="gs://b/x")
+
+
+def test_ctloop_score_over_a_landed_batch_runs_the_pipeline_locally(trained: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """The pipeline under the KFP local runner with ``input_uri``: the collect step copies the batch, the score
+    step scores exactly its entities (what the local trigger's score command runs)."""
+    from pipelines.scoring import run_scoring_local
+
+    folder = tmp_path / "landing" / "scoring" / "b1"
+    rows = _land_batch(trained, folder, entities=25)
+    s = _settings_out(trained, tmp_path)
+    lines: list[str] = []
+    code, record = run_scoring_local(s, run_id="ctloop-score-b1", snapshot_time=AS_OF, input_uri=str(folder),
+                                     trigger_uri="gs://landing/scoring/b1/_SUCCESS#1", echo=lines.append)
+    assert code == 0, "\n".join(lines)
+    collected = record.artifact("collect-scoring-rows", "rows")["metadata"]
+    assert collected["source"] == str(folder) and collected["row_count"] == len(rows) and collected["files"] == 2
+    scored = record.artifact("score-batch", "scores")["metadata"]
+    assert scored["scored_rows"] == 25 and scored["input_rows"] == len(rows)
+    out = pd.read_parquet(destination_dir(s, "ctloop-score-b1", "1"))
+    assert sorted(out["customer_id"]) == sorted(rows["customer_id"].astype(str).unique())
