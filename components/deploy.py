@@ -1,4 +1,4 @@
-"""deploy: staging, smoke test, production (canary or cutover), champion move; the algorithm is
+"""deploy: staging, smoke test, production (a judged canary or a cutover with the champion move); the algorithm is
 ``ctloop.rollout``, over whichever registry the settings name.
 
 The champion moves only if it still is the version ``lookup_champion`` found for the gate
@@ -73,7 +73,7 @@ def run_deploy(settings: Settings, run_id: str, model_name: str, version: str | 
     registry = registry or open_deploy_registry(settings)
     d = settings.deploy
     instances = smoke_instances(settings, test_dir, d.smoke_instances)
-    return rollout(registry, d, str(version), expected_champion, instances)
+    return rollout(registry, d, str(version), expected_champion, instances, shadow=settings.canary.shadow)
 
 
 def open_deploy_registry(settings: Settings) -> Registry:
