@@ -345,7 +345,7 @@ def _send_traffic(s: Settings, requests: int, rows: Path | None) -> None:
     with serving_production(s) as url:
         sent = drive(url, instances, requests, s.canary.max_requests_per_second)
     click.echo(f"sent {sent.sent} requests ({sent.failed} failed): {sent.answered_by}")
-    label = s.columns.label
+    label = s.columns.label_column
     frame = pd.read_parquet(rows)
     if label in frame.columns:
         values = frame[label].head(len(instances)).tolist()

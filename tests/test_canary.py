@@ -227,3 +227,30 @@ def test_traffic_generator_is_bounded_to_loopback() -> None:
         drive("http://example.com", [{}], 1, 10.0)
     with pytest.raises(ValueError, match="requests >= 0"):
         drive("http://127.0.0.1:1", [{}], -1, 10.0)
+
+
+def test_the_canary_command_sends_loopback_traffic_then_judges(tmp_path: Path, models: dict[str, Path],
+                                                              smoke_split: Path, traffic_split: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    s = _settings(tmp_path, **{"deploy.canary_percent": 50})
+    _with_canary(s, models, "good", smoke_split)
+    sets = ["local.workdir", "deploy.canary_percent", "monitoring.sample_rate", "canary.min_requests",
+            "canary.max_requests_per_second"]
+    args = [a for key in sets for a in ("--set", f"{key}={_dotted(s, key)}")]
+    result = CliRunner().invoke(cli, [*args, "canary", "--requests", "300", "--rows", str(traffic_split)])
+    assert result.exit_code == 0, result.output
+    assert "sent 300 requests (0 failed)" in result.output and "canary: promote (canary 2, champion 1)" in result.output
+    assert _split(s) == {V2: 100} and _alias(s, "champion") == 2
+    assert CliRunner().invoke(cli, [*args, "canary"]).output.startswith("canary: no_canary")
+    bad = CliRunner().invoke(cli, [*args, "canary", "--requests", "5"])
+    assert bad.exit_code != 0 and "give --rows" in bad.output
+
+
+def _dotted(s: Settings, key: str) -> object:
+    node: object = s
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
