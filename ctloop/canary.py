@@ -235,7 +235,8 @@ def find_canary(registry: Registry, production: str) -> tuple[Deployed, Deployed
 
 
 def next_step(steps: list[int], current: int) -> int:
-    return next(s for s in steps if s > current)
+    """The next share of ``steps`` above ``current`` (100 once past the last)."""
+    return next((s for s in steps if s > current), 100)
 
 
 def apply(registry: Registry, production: str, champion: Deployed, canary: Deployed, decision: str,
@@ -269,6 +270,12 @@ def run_canary(settings: Settings, registry: Registry, now: datetime | None = No
     if pair is None:
         return CanaryOutcome(NO_CANARY, None, None, before, before)
     champion, canary = pair
+    if canary.traffic >= 100:
+        # Judged and moved to 100% by an earlier run that stopped before the champion moved: finish that.
+        verdict = Verdict(PROMOTE, ["the canary already serves 100%: the champion moves to it"])
+        became = apply(registry, production, champion, canary, PROMOTE, settings.canary.steps)
+        return CanaryOutcome(PROMOTE, champion.version, canary.version, before,
+                             split_of(registry.deployments(production)), became, verdict)
     if log is None:
         try:
             log = read_window(settings, now)

@@ -254,3 +254,49 @@ def _dotted(s: Settings, key: str) -> object:
     for part in key.split("."):
         node = getattr(node, part)
     return node
+
+
+def test_a_promotion_to_100_that_stopped_before_the_champion_moved_is_finished(
+        tmp_path: Path, models: dict[str, Path], smoke_split: Path) -> None:
+    s = _settings(tmp_path)
+    _with_canary(s, models, "good", smoke_split)
+    open_registry(s).set_traffic(s.deploy.production_endpoint, {V2: 100, V1: 0})  # the run stopped here
+    outcome = run_canary(s, open_registry(s))
+    assert outcome.decision == PROMOTE and outcome.became_champion
+    assert _split(s) == {V2: 100} and (_alias(s, "champion"), _alias(s, "previous-champion")) == (2, 1)
+
+
+def test_the_step_body_takes_the_config_as_kfp_passes_it(tmp_path: Path, models: dict[str, Path],
+                                                         smoke_split: Path) -> None:
+    import json
+
+    from components.canary import run_canary_step
+
+    s = _settings(tmp_path)
+    _with_canary(s, models, "good", smoke_split)
+
+    def floats(value: object) -> object:  # KFP hands a dict parameter's ints over as floats
+        if isinstance(value, dict):
+            return {k: floats(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [floats(v) for v in value]
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    decision, verdict = run_canary_step(floats(s.to_param()), "run-9")
+    assert decision == HOLD  # nothing logged yet
+    body = json.loads(verdict)
+    assert (body["canary"], body["champion"], body["split_after"]) == ("2", "1", {V1: 90, V2: 10})
+    assert "waiting for data" in body["verdict"]["reasons"][0]
+
+
+def test_canary_settings_are_checked() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="ending at 100"):
+        Settings().with_overrides({"canary.steps": [10, 50]})
+    with pytest.raises(ValidationError, match="ending at 100"):
+        Settings().with_overrides({"canary.steps": [50, 10, 100]})
+    with pytest.raises(ValidationError, match="canary.shadow: the local backend only"):
+        Settings().with_overrides({"canary.shadow": True, "backend": "cloud"})
+    with pytest.raises(ValidationError, match="not a plain identifier"):
+        Settings().with_overrides({"canary.request_log_table": "a.b"})
