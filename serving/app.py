@@ -251,7 +251,7 @@ def create_app(
         try:
             columns = shadow.validator.columns(instances)
         except InstanceError:
-            return  # the live model rejected nothing the shadow would accept: the feature contract is one
+            return  # a shadow with another feature contract cannot score this request: nothing to compare
         try:
             probs, error = await shadow.score(columns, len(instances)), False
         except PredictionError:
