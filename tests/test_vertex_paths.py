@@ -178,7 +178,11 @@ class FakeVertex:
 
     def patch_endpoint(self, req: RecordedRequest) -> tuple[int, dict]:
         endpoint = self.endpoints[self._last(req)]
-        endpoint["trafficSplit"] = {k: v for k, v in req.json["trafficSplit"].items() if v}
+        for path in req.query["updateMask"][0].split(","):
+            if path == "trafficSplit":
+                endpoint["trafficSplit"] = {k: v for k, v in req.json["trafficSplit"].items() if v}
+            else:
+                endpoint[path] = req.json[path]
         return 200, endpoint
 
     def deploy(self, req: RecordedRequest) -> tuple[int, dict]:
@@ -495,6 +499,26 @@ def test_the_production_endpoint_logs_requests_and_responses_to_bigquery(vertex:
         "enabled": True, "samplingRate": 0.25,
         "bigqueryDestination": {"outputUri": f"bq://{PROJECT}.ctloop.endpoint_requests"}}
     assert "predictRequestResponseLoggingConfig" not in creates["ctloop-staging"]
+    assert not vertex.server.find("PATCH", rf"/v1/{P}/endpoints/.*")  # created with it: nothing to patch
+
+
+def test_a_production_endpoint_created_without_request_logging_gets_it(vertex: FakeVertex,
+                                                                       model_dirs: dict[str, Path],
+                                                                       test_split: Path) -> None:
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+    _deploy(s.with_overrides({"canary.request_log_table": ""}), "run-1", reg.model_name, reg.version, test_split)
+    assert not vertex.server.find("PATCH", rf"/v1/{P}/endpoints/.*")
+    reg = _register(s, "run-2", model_dirs)
+    _deploy(s, "run-2", reg.model_name, reg.version, test_split)
+    (patch,) = vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")
+    assert patch.query["updateMask"] == ["predictRequestResponseLoggingConfig"]
+    assert patch.json["predictRequestResponseLoggingConfig"] == {
+        "enabled": True, "samplingRate": 0.1,
+        "bigqueryDestination": {"outputUri": f"bq://{PROJECT}.ctloop.endpoint_requests"}}
+    reg = _register(s, "run-3", model_dirs)
+    _deploy(s, "run-3", reg.model_name, reg.version, test_split)
+    assert len(vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")) == 1  # logging already on
 
 
 def _canary_log(champion_id: str, canary_id: str, canary_errors: float, n: int = 400) -> pd.DataFrame:
