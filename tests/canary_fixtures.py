@@ -26,7 +26,7 @@ class FaultyClassifier(LogisticRegression):
 class SlowClassifier(LogisticRegression):
     """Answers after ``delay_s`` more."""
 
-    def __init__(self, delay_s: float = 0.03, max_iter: int = 1000) -> None:
+    def __init__(self, delay_s: float = 0.1, max_iter: int = 1000) -> None:
         super().__init__(class_weight="balanced", max_iter=max_iter, random_state=0)
         self.delay_s = delay_s
 

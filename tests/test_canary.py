@@ -57,8 +57,12 @@ def traffic_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:
+    # The p99 ratio limit is 2 here, not 1.5: this machine is shared, and a stall of the canary's scoring thread
+    # during its ~100 requests moves its p99 by more than production's thousands of requests would see. The
+    # injected delay (100 ms on a few ms) is far beyond either limit.
     base = {"local.workdir": str(tmp_path / "work"), "deploy.smoke_instances": 6, "deploy.canary_percent": 10,
-            "monitoring.sample_rate": 1.0, "canary.min_requests": 60, "canary.max_requests_per_second": 5000}
+            "monitoring.sample_rate": 1.0, "canary.min_requests": 60, "canary.max_requests_per_second": 5000,
+            "canary.max_latency_p99_ratio": 2.0}
     return Settings().with_overrides({**base, **overrides})
 
 
