@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ctloop.traffic import check_loopback
+
 
 @dataclass
 class LoadResult:
@@ -32,12 +34,6 @@ class LoadResult:
     def rate(self) -> float:
         """Successful requests per second over the whole run."""
         return self.requests / self.elapsed_s if self.elapsed_s else 0.0
-
-
-def check_loopback(url: str) -> None:
-    host = urlsplit(url).hostname
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"load generator: only loopback targets are allowed, found host {host!r} in {url}")
 
 
 class _Connection:

@@ -1,4 +1,4 @@
-"""deploy: staging, smoke test, production (canary or cutover), champion move; the algorithm is
+"""deploy: staging, smoke test, production (a judged canary or a cutover with the champion move); the algorithm is
 ``ctloop.rollout``, over whichever registry the settings name.
 
 The champion moves only if it still is the version ``lookup_champion`` found for the gate
@@ -78,7 +78,7 @@ def run_deploy(settings: Settings, run_id: str, model_name: str, version: str | 
     check_settings(d)  # before any work, as rollout does
     instances = smoke_instances(settings, test_dir, d.smoke_instances)
     expect_offline_scores(instances, fetch_model_dir(registry.get_version(str(version)).artifact_uri))
-    return rollout(registry, d, str(version), expected_champion, instances)
+    return rollout(registry, d, str(version), expected_champion, instances, shadow=settings.canary.shadow)
 
 
 def open_deploy_registry(settings: Settings) -> Registry:

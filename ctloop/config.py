@@ -184,6 +184,41 @@ class DeploySettings(_Strict):
     max_replicas: int = 2
 
 
+class CanarySettings(_Strict):
+    """Judging a canary (``deploy.canary_percent`` < 100, or ``shadow``) on the prediction log, then promoting it
+    through ``steps``, rolling it back or holding it. Tests, levels and measured rates: docs/monitoring.md."""
+
+    steps: list[int] = Field(default_factory=lambda: [10, 50, 100])  # the shares a good canary moves through
+    # The candidate gets a copy of live requests at 0% of the traffic: its answers are logged, never returned.
+    shadow: bool = False
+    window_hours: float = Field(default=24.0, gt=0)  # the prediction-log window judged, ending now
+    min_requests: int = Field(default=200, ge=10)  # logged requests each side needs before anything is decided
+    p_value: float = Field(default=0.01, gt=0, lt=1)  # level of each one-sided test
+    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)  # canary minus champion error rate
+    max_latency_p99_ratio: float = Field(default=1.5, ge=1)  # canary p99 / champion p99
+    max_score_ks: float = Field(default=0.1, gt=0, le=1)  # KS distance of the two score distributions
+    min_auc_drop: float = Field(default=0.02, ge=0, le=1)  # champion AUC minus canary AUC, on labelled rows
+    # Cloud: the production endpoint logs requests and responses to <gcp.project>.<data.bq_dataset>.<this>
+    # (set when the endpoint is created; "" = off).
+    request_log_table: str = "endpoint_requests"
+    # The local traffic generator (``ctloop canary --requests N``): loopback only, at most this many per second.
+    max_requests_per_second: float = Field(default=200.0, gt=0)
+
+    @field_validator("request_log_table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        if v and not _IDENT.match(v):
+            raise ValueError(f"canary.request_log_table: BigQuery name {v!r} is not a plain identifier")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if not v or v[-1] != 100 or any(not 0 < s <= 100 for s in v) or v != sorted(set(v)):
+            raise ValueError(f"canary.steps: expected increasing percentages in 1..100 ending at 100, found {v}")
+        return v
+
+
 class LocalSettings(_Strict):
     """Where the local backend keeps its state (relative paths are under ``workdir``)."""
 
@@ -253,6 +288,7 @@ DEFAULT_RESOURCES: dict[str, tuple[str, str]] = {
     "collect_scoring_rows": ("2", "8G"),
     "score_batch": ("1", "4G"),  # submits and waits on the Dataproc batch that does the scoring
     "materialize_features": ("2", "8G"),  # folds the splits' rows into one history state per entity
+    "judge_canary": ("2", "8G"),
 }
 
 
@@ -296,8 +332,8 @@ class MonitoringSettings(_Strict):
     schedule: str = "0 6 * * *"  # cron, UTC: the scheduled check (terraform/monitoring.tf)
     # Cloud: the training template a drift launches (Artifact Registry URI); empty = compile it in the step.
     training_template: str = ""
-    # Prediction logging (serving): the share of requests logged, 0 = off.
-    sample_rate: float = Field(default=0.0, ge=0, le=1)
+    # Prediction logging (serving): the share of requests logged, 0 = off. The canary and drift checks read it.
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
     # Where logs go: a directory or gs://bucket/prefix; "" = <workdir>/prediction_log (local backend) or
     # gs://<gcp.staging_bucket>/prediction_log (cloud). Each endpoint writes below <log_uri>/<endpoint>/.
     log_uri: str = ""
@@ -379,6 +415,7 @@ class Settings(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
@@ -393,6 +430,13 @@ class Settings(_Strict):
             raise ValueError(f"resources: unknown step(s) {unknown}; expected some of {sorted(DEFAULT_RESOURCES)}")
         defaults = {step: {"cpu": cpu, "memory": memory} for step, (cpu, memory) in DEFAULT_RESOURCES.items()}
         return {step: {**defaults[step], **dict((v or {}).get(step) or {})} for step in defaults}
+
+    @model_validator(mode="after")
+    def _shadow_local(self) -> Settings:
+        if self.canary.shadow and self.backend == "cloud":
+            raise ValueError("canary.shadow: the local backend only; Vertex AI endpoints do not copy requests to a "
+                             "deployment with 0% of the traffic (use deploy.canary_percent instead)")
+        return self
 
     @model_validator(mode="after")
     def _roles_distinct(self) -> Settings:

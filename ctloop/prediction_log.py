@@ -3,6 +3,10 @@
 One row per logged instance: the model features exactly as the model scored them, plus these columns::
 
     __logged_at (UTC timestamp)  __deployed_model_id  __model  __model_version  __probability  __label
+    __request_id  __latency_ms (the request, as the server measured it)  __error (1: the model failed)
+
+A failed request's rows have a null probability and label. A shadow deployment's rows carry the request id of
+the live request they copy. Logs written before the last three columns existed read them as missing.
 
 Files live under ``<root>/date=YYYY-MM-DD/`` (``root`` = ``<log_uri>/<endpoint>``), one per flush, never
 appended to or rewritten: ``part-<time>-<pid>-<random>.parquet`` (local sink) or ``.jsonl`` (Cloud Storage
@@ -27,7 +31,11 @@ MODEL = "__model"
 MODEL_VERSION = "__model_version"
 PROBABILITY = "__probability"
 LABEL = "__label"
-META_COLUMNS = (LOGGED_AT, DEPLOYED_MODEL_ID, MODEL, MODEL_VERSION, PROBABILITY, LABEL)
+REQUEST_ID = "__request_id"
+LATENCY_MS = "__latency_ms"
+ERROR = "__error"
+META_COLUMNS = (LOGGED_AT, DEPLOYED_MODEL_ID, MODEL, MODEL_VERSION, PROBABILITY, LABEL, REQUEST_ID, LATENCY_MS,
+                ERROR)
 SUFFIXES = (".parquet", ".jsonl")
 _DAY_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 _GCS_FUSE_ROOT = "/gcs/"

@@ -5,12 +5,23 @@
    A failure raises ``SmokeTestFailed``; production and the champion are untouched.
 2. ``require_champion``: the champion must still be the version the gate compared the candidate against,
    checked before production is touched.
+
+Cutover (``deploy.canary_percent`` 100 and no shadow, or no champion serving production yet):
+
 3. ``deploy_to_production``: the oldest deployments beyond ``deploy.keep_versions`` give their traffic back
    and the candidate gets ``deploy.canary_percent`` (``canary_split``; 100 on an endpoint serving nothing).
 4. ``promote``: ``champion`` moves compare-and-set from the gate's champion to the candidate,
    ``previous-champion`` to the gate's champion. If another run moved the champion meanwhile, the candidate
    leaves production again (``rollback_production``) and ``ChampionMoved`` names both versions.
 5. ``retire``: every production deployment left with 0% traffic is undeployed (but the champion's).
+
+Judged canary (``deploy.canary_percent`` < 100 or ``canary.shadow``, with the champion serving production):
+
+3. ``deploy_canary``: the candidate gets ``canary_percent`` (0 in shadow), the champion the rest. A previous
+   canary that was never judged gives its share back to the champion, never the other way round.
+4. ``canary`` moves to the candidate compare-and-set (``champion`` still on the gate's champion, ``canary``
+   where it was read); ``champion`` does not move. Losing that race takes the candidate off production again.
+5. ``retire`` (the champion's and the canary's deployments stay). ``ctloop.canary`` judges it later.
 
 Deploying the version that already is the deployed champion changes nothing.
 """
@@ -22,6 +33,7 @@ from typing import Any, TypeVar
 from ctloop.config import DeploySettings
 from ctloop.errors import CtloopError
 from ctloop.registry.base import (
+    CANARY_ALIAS,
     CHAMPION_ALIAS,
     NEW_DEPLOYMENT,
     PREVIOUS_CHAMPION_ALIAS,
@@ -53,6 +65,7 @@ class DeployResult:
     changed: bool  # False when the version already was the deployed champion
     smoke: SmokeReport | None = None
     previous_champion: str | None = None
+    canary: bool = False  # True: the candidate is a canary (or shadow) awaiting judgement; champion unchanged
 
 
 def check_settings(d: DeploySettings) -> None:
@@ -63,9 +76,9 @@ def check_settings(d: DeploySettings) -> None:
 
 
 def rollout(registry: Registry, d: DeploySettings, version: str, expected_champion: str | None,
-            instances: list[dict[str, Any]]) -> DeployResult:
+            instances: list[dict[str, Any]], shadow: bool = False) -> DeployResult:
     """Roll ``version`` out as described in the module docstring; ``expected_champion`` is the champion version
-    the gate compared against (None: there was none)."""
+    the gate compared against (None: there was none); ``shadow``: ``canary.shadow``."""
     check_settings(d)
     candidate = registry.get_version(str(version))  # fails early, naming the versions there are
     champion = registry.find_version(CHAMPION_ALIAS)
@@ -78,6 +91,13 @@ def rollout(registry: Registry, d: DeploySettings, version: str, expected_champi
     report = stage_and_smoke(registry, d.staging_endpoint, candidate, instances, d.smoke_max_latency_ms)
 
     endpoint = registry.ensure_endpoint(d.production_endpoint)
+    serving = find_deployed(registry.deployments(d.production_endpoint), expected_champion or "")
+    if serving is not None and (d.canary_percent < 100 or shadow):
+        deployed = start_canary(registry, d.production_endpoint, candidate, serving,
+                                0 if shadow else d.canary_percent, expected_champion)
+        return DeployResult(endpoint, deployed.id, d.staging_endpoint,
+                            split_of(registry.deployments(d.production_endpoint)), changed=True, smoke=report,
+                            previous_champion=expected_champion, canary=True)
     before = split_of(registry.deployments(d.production_endpoint))
     deployed = deploy_to_production(registry, d.production_endpoint, candidate.version, d.canary_percent,
                                     d.keep_versions)
@@ -86,7 +106,7 @@ def rollout(registry: Registry, d: DeploySettings, version: str, expected_champi
     except AliasMoved as moved:
         rollback_production(registry, d.production_endpoint, deployed, before)
         raise ChampionMoved(_moved_message(candidate, expected_champion, moved.found)) from moved
-    retire(registry, d.production_endpoint, candidate.version)
+    retire(registry, d.production_endpoint, {candidate.version})
     return DeployResult(endpoint, deployed.id, d.staging_endpoint,
                         split_of(registry.deployments(d.production_endpoint)), changed=True, smoke=report,
                         previous_champion=expected_champion)
@@ -184,6 +204,36 @@ def deploy_to_production(registry: Registry, production: str, version: str, cana
     return on_fresh_state(step)
 
 
+def start_canary(registry: Registry, production: str, candidate: Version, champion: Deployed, percent: int,
+                 expected_champion: str | None) -> Deployed:
+    """Deploy the candidate beside the champion with ``percent`` (0: shadow) and move ``canary`` to it."""
+    previous = registry.find_version(CANARY_ALIAS)
+    before = split_of(registry.deployments(production))
+
+    def step() -> Deployed:
+        current = registry.deployments(production) or []
+        deployed = find_deployed(current, candidate.version)
+        if deployed is not None:
+            return deployed
+        # Only the champion keeps a share: an earlier canary that was never judged gives its share back.
+        return registry.deploy(production, candidate.version,
+                               allocate_traffic({champion.id: 100}, NEW_DEPLOYMENT, percent))
+
+    deployed = on_fresh_state(step)
+    try:
+        registry.move_aliases({CANARY_ALIAS: candidate.version},
+                              {CHAMPION_ALIAS: expected_champion,
+                               CANARY_ALIAS: previous.version if previous is not None else None})
+    except AliasMoved as moved:
+        rollback_production(registry, production, deployed, before)
+        what = "the champion" if moved.alias == CHAMPION_ALIAS else "the canary"
+        raise ChampionMoved(f"not deployed as canary: {what} moved to version {moved.found or '(none)'} while "
+                            f"{candidate.resource_name} was being deployed; production keeps that "
+                            f"version") from moved
+    retire(registry, production, {champion.version, candidate.version})
+    return deployed
+
+
 def promote(registry: Registry, version: str, expected_champion: str | None) -> None:
     """Move ``champion`` to ``version`` if it still is on ``expected_champion`` (``AliasMoved`` if not), and
     ``previous-champion`` to ``expected_champion``."""
@@ -210,8 +260,9 @@ def rollback_production(registry: Registry, production: str, deployed: Deployed,
     on_fresh_state(step)
 
 
-def retire(registry: Registry, production: str, champion: str) -> None:
+def retire(registry: Registry, production: str, keep: set[str]) -> None:
     """Undeploy every deployment of ``production`` that takes no traffic (each one keeps a serving node), but
-    the champion's: a losing run that is still rolling back gives its traffic back to it."""
-    for idle in [d for d in registry.deployments(production) or () if not d.traffic and d.version != champion]:
+    the versions in ``keep`` (the champion's: a losing run that is still rolling back gives its traffic back to
+    it; a shadow canary's)."""
+    for idle in [d for d in registry.deployments(production) or () if not d.traffic and d.version not in keep]:
         registry.undeploy(production, idle)

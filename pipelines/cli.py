@@ -314,6 +314,53 @@ def serve_cmd(ctx: _Ctx, endpoint: str | None, host: str, port: int) -> None:
                    online_store=SQLiteStore(local_store_path(s)))
 
 
+@cli.command("canary")
+@click.option("--requests", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Local backend: first send this many requests to the local production endpoint (loopback only).")
+@click.option("--rows", type=click.Path(path_type=Path, exists=True), default=None,
+              help="With --requests: a test split (Parquet) whose rows are sent and whose labels then 'arrive'.")
+@pass_ctx
+@_fail_cleanly
+def canary_cmd(ctx: _Ctx, requests: int, rows: Path | None) -> None:
+    """Judge the canary on the prediction log: promote a step, roll back or hold (docs/monitoring.md)."""
+    use_local_threads(ctx.settings)
+    from components.canary import judge
+
+    s = ctx.settings
+    if requests:
+        _send_traffic(s, requests, rows)
+    outcome = judge(s)
+    click.echo(f"canary: {outcome.decision}" + (f" (canary {outcome.canary}, champion {outcome.champion})"
+                                                 if outcome.canary else " (no canary on the production endpoint)"))
+    if outcome.verdict is not None:
+        for reason in outcome.verdict.reasons:
+            click.echo(f"  {reason}")
+    click.echo(f"split: {outcome.split_before} -> {outcome.split_after}"
+               + ("; the canary is champion now" if outcome.became_champion else ""))
+
+
+def _send_traffic(s: Settings, requests: int, rows: Path | None) -> None:
+    import pandas as pd
+
+    from ctloop.smoke import smoke_instances
+    from ctloop.traffic import drive, serving_production, write_labels
+
+    if s.backend != "local":
+        raise CtloopError("canary --requests: the traffic generator drives the local endpoint only "
+                          "(backend: local); in the cloud the endpoint's live traffic is judged")
+    if rows is None:
+        raise CtloopError("canary --requests: give --rows, a test split (Parquet) to send rows from")
+    instances = smoke_instances(s, rows, requests)
+    with serving_production(s) as url:
+        sent = drive(url, instances, requests, s.canary.max_requests_per_second)
+    click.echo(f"sent {sent.sent} requests ({sent.failed} failed): {sent.answered_by}")
+    label = s.columns.label_column
+    frame = pd.read_parquet(rows)
+    if label in frame.columns:
+        values = frame[label].head(len(instances)).tolist()
+        write_labels(s, sent.request_ids, [int(values[i % len(values)]) for i in range(sent.sent)])
+
+
 def _check_port_free(host: str, port: int) -> None:
     import socket
 

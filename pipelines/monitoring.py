@@ -6,6 +6,8 @@ Steps, in order:
   3. check_drift      recent batch vs the champion's train split: PSI + KS / chi-square per feature, missing
                       rates, the champion's score distribution -> decision, HTML report, metrics
   4. drift: launch_training (a training PipelineJob / local run whose id derives from this run's id)
+  5. judge_canary     beside the drift check: a canary on production is promoted a step, rolled back or held
+                      on the prediction log (ctloop/canary.py; docs/monitoring.md, "Canary analysis")
 
 It runs on a schedule (terraform/monitoring.tf: Cloud Scheduler -> the trigger function) and, under the
 ``on_drift`` retrain policy, for every new batch instead of the training pipeline (docs/monitoring.md).
@@ -17,6 +19,7 @@ from collections.abc import Callable
 
 from kfp import dsl
 
+from components.canary import judge_canary
 from components.drift import check_drift
 from components.launch import launch_training
 from components.lookup import lookup_champion
@@ -57,6 +60,9 @@ def monitoring_pipeline(config: dict, run_id: str, snapshot_time: str = "", trig
                                decision=drift.outputs["decision"], reasons=drift.outputs["reasons"])
     retrain.set_display_name("retrain-on-drift").set_caching_options(False)
 
+    canary = judge_canary(config=config, run_id=run_id)
+    canary.set_display_name("judge-canary").set_caching_options(False)
+
 
 def run_monitoring_local(
     settings: Settings,
@@ -96,3 +102,6 @@ def echo_summary(record: RunRecord, echo: Callable[[str], None]) -> None:
              f"({record.output('launch-training', 'job_name')})")
     elif decision == "no_drift":
         echo("no retraining needed")
+    canary = record.output("judge-canary", "decision", "")
+    if canary and canary != "no_canary":
+        echo(f"canary: {canary}")

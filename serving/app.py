@@ -18,7 +18,11 @@ One app serves all deployed models of an endpoint and honours its traffic split:
 deployed model at random, weighted by its traffic percentage.
 
 Prediction logging (off unless a ``PredictionLogConfig`` is given): a sample of requests, with the features as
-the model scored them and the answers, written in batches by a background thread (serving/prediction_log.py).
+the model scored them, the answers, the request id (``X-Request-Id`` when the client sends one), the latency and
+failures, written in batches by a background thread (serving/prediction_log.py).
+
+Shadow deployments (``ServedModel.shadow``, 0% of the traffic) get a copy of each logged request once it has been
+answered; their answers are logged under the live request's id, never returned.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import math
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -66,6 +71,7 @@ class ServedModel:
     model: str = ""
     version: str = ""
     runtime: str = "auto"  # "sklearn" skips the ONNX model (ctloop.model_runtime.load_model)
+    shadow: bool = False  # scores a copy of the live requests (traffic_percent 0); answers logged, not returned
 
 
 class PredictionError(RuntimeError):
@@ -235,17 +241,50 @@ def create_app(
     if max_instances < 1:
         raise ValueError(f"create_app: max_instances must be at least 1, found {max_instances}")
 
+    if any(d.shadow and d.traffic_percent for d in deployments):
+        raise ValueError("create_app: a shadow deployment takes no traffic (traffic_percent 0)")
     served = [_Deployed(d, load_model(d.model_dir, d.runtime), prediction_log) for d in deployments]
     live = [s for s in served if s.served.traffic_percent > 0]
     weights = [s.served.traffic_percent for s in live]
+    shadows = [s for s in served if s.served.shadow]
+    copies: set[asyncio.Task[None]] = set()  # shadow scoring in flight (a reference keeps each task alive)
     rng = random.Random(seed)
 
     def pick() -> _Deployed:
         return live[0] if len(live) == 1 else rng.choices(live, weights=weights)[0]
 
+    async def shadow_copy(shadow: _Deployed, instances: list[Any], served_columns: Columns,
+                          request_id: str) -> None:
+        started = time.perf_counter()
+        wanted = (*shadow.validator.numeric, *shadow.validator.categorical)
+        try:
+            # The live model's columns, history features derived from the online store, when they are the
+            # shadow's too; else the instances as sent (they must then carry every feature the shadow needs).
+            columns = ({n: served_columns[n] for n in wanted} if set(wanted) <= served_columns.keys()
+                       else shadow.validator.columns(instances))
+        except InstanceError:
+            return  # a shadow with another feature contract cannot score this request: nothing to compare
+        try:
+            probs, error = await shadow.score(columns, len(instances)), False
+        except PredictionError:
+            probs, error = [math.nan] * len(instances), True
+        assert shadow.logger is not None
+        shadow.logger.record(columns, probs, shadow.threshold, shadow.served.deployed_id, shadow.served.model,
+                             shadow.served.version, request_id=request_id,
+                             latency_ms=(time.perf_counter() - started) * 1000, error=error)
+
+    def copy_to_shadows(instances: list[Any], columns: Columns, request_id: str) -> None:
+        for shadow in shadows:
+            if shadow.logger is not None:
+                task = asyncio.get_running_loop().create_task(shadow_copy(shadow, instances, columns, request_id))
+                copies.add(task)
+                task.add_done_callback(copies.discard)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        if copies:
+            await asyncio.gather(*copies, return_exceptions=True)
         for s in served:
             await s.stop()
 
@@ -263,6 +302,7 @@ def create_app(
         return Response(json.dumps(body), media_type="application/json")
 
     async def predict(request: Request) -> Response:
+        started = time.perf_counter()
         raw = await _read_body(request)
         if raw is None:
             return Response(json.dumps({"error": f"request body: larger than {MAX_BODY_BYTES} bytes (1.5 MiB), "
@@ -298,14 +338,24 @@ def create_app(
         except OnlineStoreUnavailable as exc:
             return Response(json.dumps({"error": str(exc)}), status_code=503, media_type="application/json")
         columns = parsed.columns
+        sampled = target.logger is not None and target.logger.draw()
+        request_id = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128] if sampled else ""
         try:
             probs = await target.score(columns, len(instances))
         except PredictionError as exc:
+            if sampled:
+                target.logger.record(columns, [math.nan] * len(instances), target.threshold,
+                                     target.served.deployed_id, target.served.model, target.served.version,
+                                     request_id=request_id, latency_ms=(time.perf_counter() - started) * 1000,
+                                     error=True)
             return Response(json.dumps({"error": str(exc)}), status_code=500, media_type="application/json")
         threshold = target.threshold
-        if target.logger is not None:
-            target.logger.offer(columns, probs, threshold, target.served.deployed_id, target.served.model,
-                                target.served.version)
+        if sampled:
+            target.logger.record(columns, probs, threshold, target.served.deployed_id, target.served.model,
+                                 target.served.version, request_id=request_id,
+                                 latency_ms=(time.perf_counter() - started) * 1000)
+            if shadows:
+                copy_to_shadows(instances, columns, request_id)
         predictions = [{"label": int(p >= threshold), "probability": p} for p in probs]
         for prediction, report in zip(predictions, looked_up, strict=True):
             if report is not None:
@@ -330,11 +380,16 @@ def endpoint_deployments(registry: LocalRegistry, endpoint_name: str) -> list[Se
         raise LookupError(f"endpoint {endpoint_name!r} does not exist in {registry.db_path}")
     if not endpoint.deployments:
         raise LookupError(f"endpoint {endpoint_name!r} has no deployed models; run a training pipeline first")
+    from ctloop.registry import CANARY_ALIAS
+
     out = []
     for d in endpoint.deployments:
         version = registry.get_version(d.model, d.version)
+        # A canary at 0% is in shadow: it scores a copy of the live requests.
+        shadow = d.traffic_percent == 0 and CANARY_ALIAS in version.aliases
         out.append(ServedModel(deployed_id=d.deployed_model_id, model_dir=version.artifact_uri,
-                               traffic_percent=d.traffic_percent, model=d.model, version=str(d.version)))
+                               traffic_percent=d.traffic_percent, model=d.model, version=str(d.version),
+                               shadow=shadow))
     return out
 
 

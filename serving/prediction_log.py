@@ -30,11 +30,14 @@ import pyarrow.parquet as pq
 
 from ctloop.prediction_log import (
     DEPLOYED_MODEL_ID,
+    ERROR,
     LABEL,
+    LATENCY_MS,
     LOGGED_AT,
     MODEL,
     MODEL_VERSION,
     PROBABILITY,
+    REQUEST_ID,
     day_dir,
 )
 
@@ -145,6 +148,9 @@ class _Pending:
     deployed_model_id: str
     model: str
     version: str
+    request_id: str = ""
+    latency_ms: float = math.nan
+    error: bool = False
 
 
 class PredictionLogger:
@@ -171,11 +177,22 @@ class PredictionLogger:
 
     # -- the hot path ----------------------------------------------------------------------------------------
     def offer(self, columns: Columns, probabilities: list[float], threshold: float, deployed_model_id: str,
-              model: str = "", version: str = "") -> bool:
-        """Log this request with probability ``sample_rate``; True when it was sampled (and not dropped)."""
-        rate = self.config.sample_rate
-        if rate <= 0.0 or (rate < 1.0 and self._rng.random() >= rate):
+              model: str = "", version: str = "", **request: Any) -> bool:
+        """Log this request with probability ``sample_rate``; True when it was sampled (and not dropped).
+        ``request``: ``request_id``, ``latency_ms``, ``error`` (then ``probabilities`` are NaN)."""
+        if not self.draw():
             return False
+        return self.record(columns, probabilities, threshold, deployed_model_id, model, version, **request)
+
+    def draw(self) -> bool:
+        """Whether to log this request (probability ``sample_rate``)."""
+        rate = self.config.sample_rate
+        return rate > 0.0 and (rate >= 1.0 or self._rng.random() < rate)
+
+    def record(self, columns: Columns, probabilities: list[float], threshold: float, deployed_model_id: str,
+               model: str = "", version: str = "", request_id: str = "", latency_ms: float = math.nan,
+               error: bool = False) -> bool:
+        """Log this request (already drawn: a shadow copy follows the draw of the live request it copies)."""
         rows = len(probabilities)
         with self._lock:
             if self._stop:
@@ -185,7 +202,7 @@ class PredictionLogger:
                 self.dropped_rows += rows
                 return False
             self._pending.append(_Pending(datetime.now(UTC), columns, probabilities, threshold,
-                                          deployed_model_id, model, version))
+                                          deployed_model_id, model, version, request_id, latency_ms, error))
             self._pending_rows += rows
             full = self._pending_rows >= self.config.flush_rows
             if self._thread is None:
@@ -241,7 +258,11 @@ class PredictionLogger:
         probs = [p for i in items for p in i.probabilities]
         data[PROBABILITY] = pa.array(probs, type=pa.float64())
         thresholds = repeat([i.threshold for i in items])
-        data[LABEL] = pa.array([int(p >= t) for p, t in zip(probs, thresholds, strict=True)], type=pa.int64())
+        data[LABEL] = pa.array([None if math.isnan(p) else int(p >= t) for p, t in zip(probs, thresholds, strict=True)],
+                               type=pa.int64())
+        data[REQUEST_ID] = pa.array(repeat([i.request_id for i in items]), type=pa.string())
+        data[LATENCY_MS] = pa.array(repeat([i.latency_ms for i in items]), type=pa.float64())
+        data[ERROR] = pa.array(repeat([int(i.error) for i in items]), type=pa.int64())
         for name in self.numeric:
             data[name] = pa.array([v for i in items for v in i.columns[name]], type=pa.float64())
         for name in self.categorical:

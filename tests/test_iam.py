@@ -217,6 +217,8 @@ CLIENT_CALLS: list[tuple[str, str, list[str]]] = [
     (r"registry", "remove_version_aliases", ["aiplatform.projects.locations.models.mergeVersionAliases"]),
     (r"(staging|production|endpoint)", "deploy", ["aiplatform.projects.locations.endpoints.deployModel"]),
     (r"(staging|production|endpoint)", "undeploy", ["aiplatform.projects.locations.endpoints.undeployModel"]),
+    (r"^ep$", "update", ["aiplatform.projects.locations.endpoints.patch"]),
+    (r"api_client", "update_endpoint", ["aiplatform.projects.locations.endpoints.patch"]),
     (r"aiplatform", "start_run", ["aiplatform.projects.locations.metadataStores.contexts.create"]),
     (r"aiplatform", "log_params", ["aiplatform.projects.locations.metadataStores.contexts.patch"]),
     (r"aiplatform", "log_metrics", ["aiplatform.projects.locations.metadataStores.contexts.patch"]),

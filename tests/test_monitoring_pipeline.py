@@ -88,7 +88,7 @@ def test_compile_writes_the_monitoring_pipeline_with_the_image_pinned(tmp_path: 
     assert spec["pipelineInfo"]["name"] == PIPELINE_NAME
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {"exec-collect-recent", "exec-lookup-champion", "exec-check-drift",
-                              "exec-launch-training"}
+                              "exec-launch-training", "exec-judge-canary"}
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     tasks = spec["root"]["dag"]["tasks"]
     # Transient errors are retried inside the step, bad data fails once (ctloop/steps.py): no KFP retry policy.

@@ -112,10 +112,12 @@ def test_multi_instance_requests_log_every_instance(model_dir: Path, instances, 
     assert logged[PROBABILITY].tolist() == [p["probability"] for p in answer["predictions"]]
 
 
-def test_logging_is_off_by_default(model_dir: Path, instances) -> None:
+def test_logging_is_on_by_default_at_a_sampled_rate_and_off_at_zero(model_dir: Path, instances) -> None:
+    default = config_from_settings(Settings(), "ctloop-production")
+    assert default is not None and 0 < default.sample_rate < 1  # monitoring.sample_rate defaults to 0.1
+    assert config_from_settings(Settings().with_overrides({"monitoring.sample_rate": 0}), "ctloop-production") is None
     app = _serve(model_dir, None)
     assert app.state.deployments[0].logger is None
-    assert config_from_settings(Settings(), "ctloop-production") is None  # monitoring.sample_rate defaults to 0
     with running_server(app) as url:
         assert "predictionLog" not in httpx.get(f"{url}/health").json()
 

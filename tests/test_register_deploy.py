@@ -133,23 +133,28 @@ def test_first_deploy_goes_to_staging_then_all_production_traffic(tmp_path: Path
     assert result.previous_champion is None
 
 
-def test_canary_then_prune_and_alias_moves(tmp_path: Path, models: dict[str, Path], test_split: Path) -> None:
+def test_canary_waits_for_judgement_and_the_next_deploy_replaces_it(tmp_path: Path, models: dict[str, Path],
+                                                                    test_split: Path) -> None:
     s = _settings(tmp_path, **{"deploy.canary_percent": 10, "deploy.keep_versions": 2})
     for run, key in (("run-1", "a"), ("run-2", "b")):
         reg = _register(s, run, models[key])
         result = _deploy(s, run, reg.model_name, reg.version, test_split)
     assert result.traffic_split == {f"{NAME}-v1": 90, f"{NAME}-v2": 10}
-    assert result.previous_champion == "1"
+    assert result.canary and result.previous_champion == "1"
     registry = _registry(s)
-    assert registry.get_alias(NAME, "champion").version_id == 2
-    assert registry.get_alias(NAME, "previous-champion").version_id == 1
+    # The canary is not judged yet: the champion stays where it was.
+    assert registry.get_alias(NAME, "champion").version_id == 1
+    assert registry.get_alias(NAME, "canary").version_id == 2
+    assert registry.get_alias(NAME, "previous-champion") is None
     assert _split(s, "ctloop-staging") == {}
 
     reg = _register(s, "run-3", models["c"])
     result = _deploy(s, "run-3", reg.model_name, reg.version, test_split)
-    # v1 (oldest) is undeployed: v2 keeps the rest, the canary exactly its 10%.
-    assert result.traffic_split == {f"{NAME}-v2": 90, f"{NAME}-v3": 10}
-    assert registry.get_alias(NAME, "previous-champion").version_id == 2
+    # The unjudged v2 gives its share back to the champion (never becomes the 90% model) and is undeployed;
+    # v3 is the canary now.
+    assert result.traffic_split == {f"{NAME}-v1": 90, f"{NAME}-v3": 10}
+    assert registry.get_alias(NAME, "champion").version_id == 1
+    assert registry.get_alias(NAME, "canary").version_id == 3
 
     # The production endpoint, served locally, honours that split.
     app = create_app(endpoint_deployments(registry, "ctloop-production"), seed=3)
@@ -157,7 +162,20 @@ def test_canary_then_prune_and_alias_moves(tmp_path: Path, models: dict[str, Pat
     with running_server(app) as url, httpx.Client(base_url=url) as client:
         answers = [client.post("/predict", json={"instances": instance}).json() for _ in range(200)]
     ids = [a["deployedModelId"] for a in answers]
-    assert 160 <= ids.count(f"{NAME}-v2") <= 198 and set(ids) == {f"{NAME}-v2", f"{NAME}-v3"}
+    assert 160 <= ids.count(f"{NAME}-v1") <= 198 and set(ids) == {f"{NAME}-v1", f"{NAME}-v3"}
+
+
+def test_shadow_canary_takes_no_traffic(tmp_path: Path, models: dict[str, Path], test_split: Path) -> None:
+    s = _settings(tmp_path, **{"deploy.canary_percent": 10, "canary.shadow": True})
+    for run, key in (("run-1", "a"), ("run-2", "b")):
+        reg = _register(s, run, models[key])
+        result = _deploy(s, run, reg.model_name, reg.version, test_split)
+    # Deployed beside the champion with 0% (and not retired for it), marked as the canary.
+    assert result.canary and result.traffic_split == {f"{NAME}-v1": 100, f"{NAME}-v2": 0}
+    registry = _registry(s)
+    assert registry.get_alias(NAME, "champion").version_id == 1
+    assert registry.get_alias(NAME, "canary").version_id == 2
+    assert [d.shadow for d in endpoint_deployments(registry, "ctloop-production")] == [False, True]
 
 
 def test_deploying_the_deployed_champion_again_is_a_no_op(tmp_path: Path, models: dict[str, Path],

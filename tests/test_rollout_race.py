@@ -138,7 +138,9 @@ def test_canary_race_leaves_the_previous_champion_and_the_winner(tmp_path: Path,
     (winner,) = [run for run, r in outcome.items() if isinstance(r, DeployResult)]
     (loser,) = [run for run, r in outcome.items() if isinstance(r, ChampionMoved)]
     registry = LocalRegistry(s.local.registry_db)
-    assert registry.get_alias(NAME, "champion").version_id == int(versions[winner])
+    # One canary wins the canary alias (compare-and-set); the champion waits for the canary's judgement.
+    assert registry.get_alias(NAME, "canary").version_id == int(versions[winner])
+    assert registry.get_alias(NAME, "champion").version_id == 1
     served = {d.version: d.traffic_percent for d in registry.get_endpoint("ctloop-production").deployments}
     assert int(versions[loser]) not in served
     assert sum(served.values()) == 100 and served[int(versions[winner])] > 0

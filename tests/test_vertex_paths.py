@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
@@ -23,7 +25,10 @@ from google.cloud import aiplatform
 from components.deploy import run_deploy
 from components.lookup import find_champion, run_lookup_step
 from components.register import run_register, version_aliases
+from ctloop.canary import run_canary
 from ctloop.config import Settings
+from ctloop.prediction_log import DEPLOYED_MODEL_ID, ERROR, LATENCY_MS, PROBABILITY, REQUEST_ID
+from ctloop.registry import open_registry
 from ctloop.rollout import ChampionMoved
 from ctloop.smoke import SmokeTestFailed
 from ctloop.vertex import label_value, resource_id, run_alias
@@ -65,6 +70,7 @@ class FakeVertex:
         r("GET", rf"/v1/{P}/endpoints", self.list_endpoints)
         r("POST", rf"/v1/{P}/endpoints", self.create_endpoint)
         r("GET", rf"/v1/{P}/endpoints/([^/:]+)", self.get_endpoint)
+        r("PATCH", rf"/v1/{P}/endpoints/([^/:]+)", self.patch_endpoint)
         r("POST", rf"/v1/{P}/endpoints/([^/:]+):deployModel", self.deploy)
         r("POST", rf"/v1/{P}/endpoints/([^/:]+):undeployModel", self.undeploy)
         r("POST", rf"/v1/{P}/endpoints/([^/:]+):predict", self.predict)
@@ -170,6 +176,15 @@ class FakeVertex:
         endpoint = self.endpoints.get(self._last(req))
         if endpoint is None:
             return 404, {"error": {"code": 404, "message": "no such endpoint", "status": "NOT_FOUND"}}
+        return 200, endpoint
+
+    def patch_endpoint(self, req: RecordedRequest) -> tuple[int, dict]:
+        endpoint = self.endpoints[self._last(req)]
+        for path in req.query["updateMask"][0].split(","):
+            if path == "trafficSplit":
+                endpoint["trafficSplit"] = {k: v for k, v in req.json["trafficSplit"].items() if v}
+            else:
+                endpoint[path] = req.json[path]
         return 200, endpoint
 
     def deploy(self, req: RecordedRequest) -> tuple[int, dict]:
@@ -309,9 +324,13 @@ def test_first_register_creates_the_model_with_a_fixed_id(vertex: FakeVertex, gc
     for name in ("model.joblib", "model_card.json"):
         blob = gcs.blob(f"models/ctloop-churn/{run_alias('run-1')}/{name}")
         assert blob.download_as_bytes() == (source / name).read_bytes()
+    # Prediction logging is on by default (monitoring.sample_rate 0.1): the container gets its settings.
     assert spec["containerSpec"] == {"imageUri": IMAGE, "predictRoute": "/predict", "healthRoute": "/health",
                                      "ports": [{"containerPort": 8080}],
-                                     "env": [{"name": "CTLOOP_FEATURE_VIEW", "value": FEATURE_VIEW}]}
+                                     "env": [{"name": "CTLOOP_PREDICTION_LOG_RATE", "value": "0.1"},
+                                             {"name": "CTLOOP_PREDICTION_LOG_URI",
+                                              "value": "gs://ctloop-dev-staging/prediction_log/ctloop-production"},
+                                             {"name": "CTLOOP_FEATURE_VIEW", "value": FEATURE_VIEW}]}
     assert sorted(spec["versionAliases"]) == sorted(["default", "run-run-1", _fp(model_dirs, "run-1")])
     assert spec["labels"] == {"app": "ctloop", "env": "test", "ctloop-run": "run-1",
                               "ctloop-pipeline": "ctloop-training", "ctloop-data-checksum": "f" * 63,
@@ -328,6 +347,14 @@ def test_prediction_logging_settings_ride_on_the_serving_container(vertex: FakeV
     assert env == {"CTLOOP_PREDICTION_LOG_RATE": "0.1",
                    "CTLOOP_PREDICTION_LOG_URI": "gs://ctloop-test-staging/prediction_log/ctloop-production",
                    "CTLOOP_FEATURE_VIEW": FEATURE_VIEW}
+
+
+def test_with_prediction_logging_off_the_container_gets_no_log_settings(vertex: FakeVertex,
+                                                                       model_dirs: dict[str, Path]) -> None:
+    _register(_settings(**{"monitoring.sample_rate": 0}), "run-1", model_dirs)
+    (upload,) = vertex.server.find("POST", rf"/v1/{P}/models:upload")
+    # Only the online store's variable: nothing of the prediction log.
+    assert upload.json["model"]["containerSpec"]["env"] == [{"name": "CTLOOP_FEATURE_VIEW", "value": FEATURE_VIEW}]
 
 
 def test_next_register_is_a_non_default_version_of_the_parent(vertex: FakeVertex,
@@ -435,8 +462,9 @@ def test_first_deploy_staging_smoke_production_and_champion(vertex: FakeVertex, 
     assert vertex.endpoints["ctloop-staging"]["deployedModels"] == []
 
 
-def test_canary_prunes_the_oldest_and_moves_both_aliases(vertex: FakeVertex, model_dirs: dict[str, Path],
-                                                         test_split: Path) -> None:
+def test_canary_waits_for_judgement_and_the_next_one_replaces_it(vertex: FakeVertex,
+                                                                 model_dirs: dict[str, Path],
+                                                                 test_split: Path) -> None:
     s = _settings(**{"deploy.canary_percent": 10, "deploy.keep_versions": 2})
     for run in ("run-1", "run-2"):
         reg = _register(s, run, model_dirs)
@@ -445,21 +473,113 @@ def test_canary_prunes_the_oldest_and_moves_both_aliases(vertex: FakeVertex, mod
     v1_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
     assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v1_id: 90, "0": 10}
     assert vertex.traffic("ctloop-staging") == {}
+    merges = vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@2:mergeVersionAliases")
+    assert [m.json for m in merges] == [{"versionAliases": ["canary"]}]  # not champion
 
     reg = _register(s, "run-3", model_dirs)
     result = _deploy(s, "run-3", reg.model_name, reg.version, test_split)
-    v2_id = vertex.endpoints["ctloop-production"]["deployedModels"][0]["id"]
-    # v1 gives its share back before the canary lands: it is left out of the split (0%) and undeployed after.
-    assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v2_id: 90, "0": 10}
+    v2_id = vertex.endpoints["ctloop-production"]["deployedModels"][1]["id"] if len(
+        vertex.endpoints["ctloop-production"]["deployedModels"]) > 2 else None
+    # The unjudged v2 gives its share back to the champion (left out of the split), then is undeployed.
+    assert _deploy_bodies(vertex, "ctloop-production")[-1]["trafficSplit"] == {v1_id: 90, "0": 10}
     undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-production:undeployModel")
-    assert [u.json["deployedModelId"] for u in undeploys] == [v1_id]
-    assert vertex.traffic("ctloop-production") == {"ctloop-churn@2": 90, "ctloop-churn@3": 10}
-    assert result.previous_champion == "2"
+    assert len(undeploys) == 1 and undeploys[0].json["deployedModelId"] != v1_id and v2_id is None
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 90, "ctloop-churn@3": 10}
+    assert result.canary and result.previous_champion == "1"
     versions = {v["versionId"]: sorted(v["versionAliases"]) for v in vertex.versions["ctloop-churn"]}
     fps = {run: _fp(model_dirs, run) for run in ("run-1", "run-2", "run-3")}
-    assert versions == {"1": sorted(["default", "run-run-1", fps["run-1"]]),
-                        "2": sorted(["previous-champion", "run-run-2", fps["run-2"]]),
-                        "3": sorted(["champion", "run-run-3", fps["run-3"]])}
+    assert versions == {"1": sorted(["default", "champion", "run-run-1", fps["run-1"]]),
+                        "2": sorted(["run-run-2", fps["run-2"]]),
+                        "3": sorted(["canary", "run-run-3", fps["run-3"]])}
+
+
+def test_the_production_endpoint_logs_requests_and_responses_to_bigquery(vertex: FakeVertex,
+                                                                         model_dirs: dict[str, Path],
+                                                                         test_split: Path) -> None:
+    s = _settings(**{"monitoring.sample_rate": 0.25})
+    reg = _register(s, "run-1", model_dirs)
+    _deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    creates = {c.json["displayName"]: c.json for c in vertex.server.find("POST", rf"/v1/{P}/endpoints")}
+    assert creates["ctloop-production"]["predictRequestResponseLoggingConfig"] == {
+        "enabled": True, "samplingRate": 0.25,
+        "bigqueryDestination": {"outputUri": f"bq://{PROJECT}.ctloop.endpoint_requests"}}
+    assert "predictRequestResponseLoggingConfig" not in creates["ctloop-staging"]
+    assert not vertex.server.find("PATCH", rf"/v1/{P}/endpoints/.*")  # created with it: nothing to patch
+
+
+def test_a_production_endpoint_created_without_request_logging_gets_it(vertex: FakeVertex,
+                                                                       model_dirs: dict[str, Path],
+                                                                       test_split: Path) -> None:
+    s = _settings()
+    reg = _register(s, "run-1", model_dirs)
+    _deploy(s.with_overrides({"canary.request_log_table": ""}), "run-1", reg.model_name, reg.version, test_split)
+    assert not vertex.server.find("PATCH", rf"/v1/{P}/endpoints/.*")
+    reg = _register(s, "run-2", model_dirs)
+    _deploy(s, "run-2", reg.model_name, reg.version, test_split)
+    (patch,) = vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")
+    assert patch.query["updateMask"] == ["predictRequestResponseLoggingConfig"]
+    assert patch.json["predictRequestResponseLoggingConfig"] == {
+        "enabled": True, "samplingRate": 0.1,
+        "bigqueryDestination": {"outputUri": f"bq://{PROJECT}.ctloop.endpoint_requests"}}
+    reg = _register(s, "run-3", model_dirs)
+    _deploy(s, "run-3", reg.model_name, reg.version, test_split)
+    assert len(vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")) == 1  # logging already on
+
+
+def _canary_log(champion_id: str, canary_id: str, canary_errors: float, n: int = 400) -> pd.DataFrame:
+    """A prediction-log window as the serving containers write it (deployed ids are Vertex's)."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for dep, errors in ((champion_id, 0.0), (canary_id, canary_errors)):
+        failed = rng.random(n) < errors
+        frames.append(pd.DataFrame({DEPLOYED_MODEL_ID: dep, REQUEST_ID: [f"{dep}-{i}" for i in range(n)],
+                                    ERROR: failed.astype(int), LATENCY_MS: rng.gamma(4.0, 1.0, n),
+                                    PROBABILITY: np.where(failed, np.nan, rng.beta(2, 5, n))}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_canary_analysis_moves_the_vertex_split_and_then_the_champion(vertex: FakeVertex,
+                                                                      model_dirs: dict[str, Path],
+                                                                      test_split: Path) -> None:
+    s = _settings(**{"deploy.canary_percent": 10, "canary.min_requests": 100})
+    for run in ("run-1", "run-2"):
+        reg = _register(s, run, model_dirs)
+        _deploy(s, run, reg.model_name, reg.version, test_split)
+    v1_id, v2_id = (d["id"] for d in vertex.endpoints["ctloop-production"]["deployedModels"])
+    registry = open_registry(s)
+
+    first = run_canary(s, registry, log=_canary_log(v1_id, v2_id, 0.0))
+    assert first.decision == "promote" and not first.became_champion
+    (patch,) = vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")
+    assert patch.json["trafficSplit"] == {v2_id: 50, v1_id: 50}
+    assert patch.query["updateMask"] == ["trafficSplit"]  # only the split changes
+    assert not vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@2:mergeVersionAliases")[1:]
+
+    second = run_canary(s, registry, log=_canary_log(v1_id, v2_id, 0.0))
+    assert second.became_champion
+    patches = vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")
+    assert patches[-1].json["trafficSplit"] == {v2_id: 100, v1_id: 0}
+    merges = vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@2:mergeVersionAliases")
+    assert [m.json for m in merges] == [{"versionAliases": ["canary"]}, {"versionAliases": ["champion"]}]
+    undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-production:undeployModel")
+    assert [u.json["deployedModelId"] for u in undeploys] == [v1_id]
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@2": 100}
+
+
+def test_canary_analysis_rolls_a_failing_canary_back_on_vertex(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                               test_split: Path) -> None:
+    s = _settings(**{"deploy.canary_percent": 10, "canary.min_requests": 100})
+    for run in ("run-1", "run-2"):
+        reg = _register(s, run, model_dirs)
+        _deploy(s, run, reg.model_name, reg.version, test_split)
+    v1_id, v2_id = (d["id"] for d in vertex.endpoints["ctloop-production"]["deployedModels"])
+    outcome = run_canary(s, open_registry(s), log=_canary_log(v1_id, v2_id, 0.2))
+    assert outcome.decision == "rollback"
+    (undeploy,) = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-production:undeployModel")
+    assert undeploy.json == {"deployedModelId": v2_id, "trafficSplit": {v1_id: 100}}
+    assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 100}
+    assert not vertex.server.find("PATCH", rf"/v1/{P}/endpoints/ctloop-production")
+    assert find_champion(s).version == "1"
 
 
 def test_deploying_the_deployed_champion_again_changes_nothing(vertex: FakeVertex,

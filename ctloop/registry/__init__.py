@@ -7,6 +7,7 @@
 
 from ctloop.config import Settings
 from ctloop.registry.base import (
+    CANARY_ALIAS,
     CHAMPION_ALIAS,
     NEW_DEPLOYMENT,
     PREVIOUS_CHAMPION_ALIAS,
@@ -31,6 +32,7 @@ from ctloop.registry.sqlite import (
 from ctloop.registry.traffic import allocate_traffic, unallocate_traffic
 
 __all__ = [
+    "CANARY_ALIAS",
     "CHAMPION_ALIAS", "DEFAULT_ALIAS", "NEW_DEPLOYMENT", "PREVIOUS_CHAMPION_ALIAS", "AliasMoved", "Deployed",
     "Deployment", "Endpoint", "LocalRegistry", "LocalServer", "Model", "ModelVersion", "Registry",
     "RegistryError", "StaleSplit", "Version", "allocate_traffic", "check_alias", "deployed_model_id", "open_registry",

@@ -23,6 +23,7 @@ from ctloop.model_runtime import OPTIONAL_FILES as OPTIONAL_FILES
 
 CHAMPION_ALIAS = "champion"
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
+CANARY_ALIAS = "canary"  # the candidate on production's canary share (or in shadow), not yet judged
 NEW_DEPLOYMENT = "0"
 
 Predict = Callable[[list[dict[str, Any]]], Any]
@@ -113,6 +114,9 @@ class Registry(Protocol):
     def undeploy(self, endpoint: str, deployed: Deployed, traffic_split: Mapping[str, int] | None = None) -> None:
         """Remove a deployment; the others scale back up to 100% (read on the freshest state the backend has),
         or take ``traffic_split``. A no-op if it is already gone."""
+
+    def set_traffic(self, endpoint: str, traffic_split: Mapping[str, int]) -> None:
+        """Replace the endpoint's split (deployed ids left out get 0%; the total is 100)."""
 
     def predictor(self, endpoint: str, deployed: Deployed) -> AbstractContextManager[Predict]:
         """A function sending instances to exactly this deployment (raising if another one answers)."""

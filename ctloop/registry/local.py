@@ -76,6 +76,9 @@ class LocalBackend:
     def undeploy(self, endpoint: str, deployed: Deployed, traffic_split: Mapping[str, int] | None = None) -> None:
         self.store.undeploy(endpoint, self.name, int(deployed.version), traffic_split=traffic_split)
 
+    def set_traffic(self, endpoint: str, traffic_split: Mapping[str, int]) -> None:
+        self.store.set_traffic(endpoint, traffic_split)
+
     @contextmanager
     def predictor(self, endpoint: str, deployed: Deployed) -> Iterator[Predict]:
         import httpx

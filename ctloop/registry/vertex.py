@@ -186,12 +186,45 @@ class VertexRegistry:
             endpoint_id = resource_id(name)
             try:
                 endpoint = aiplatform.Endpoint.create(display_name=name, endpoint_id=endpoint_id,
-                                                      labels=labels(self.settings.labels), **self.where.kw)
+                                                      labels=labels(self.settings.labels),
+                                                      **self._request_logging(name), **self.where.kw)
             except gexc.Conflict:
                 endpoint = aiplatform.Endpoint(endpoint_name=f"{self.where.parent}/endpoints/{endpoint_id}",
                                                **self.where.kw)
             self._endpoints[name] = endpoint
+        else:
+            self._enable_request_logging(endpoint, name)
         return endpoint.resource_name
+
+    def _enable_request_logging(self, endpoint: Any, name: str) -> None:
+        """An endpoint created before request-response logging was configured gets it (patched once; an endpoint
+        that already logs anywhere is left as it is: Vertex writes only to a table it created itself)."""
+        want = self._request_logging(name)
+        if not want or endpoint.gca_resource.predict_request_response_logging_config.enabled:
+            return
+        from google.cloud.aiplatform.compat.types import endpoint as gca_endpoint
+        from google.cloud.aiplatform.compat.types import io as gca_io
+        from google.protobuf import field_mask_pb2
+
+        config = gca_endpoint.PredictRequestResponseLoggingConfig(
+            enabled=True, sampling_rate=want["request_response_logging_sampling_rate"],
+            bigquery_destination=gca_io.BigQueryDestination(
+                output_uri=want["request_response_logging_bq_destination_table"]))
+        endpoint.api_client.update_endpoint(
+            endpoint=gca_endpoint.Endpoint(name=endpoint.resource_name,
+                                           predict_request_response_logging_config=config),
+            update_mask=field_mask_pb2.FieldMask(paths=["predict_request_response_logging_config"]))
+
+    def _request_logging(self, name: str) -> dict[str, Any]:
+        """The production endpoint logs a ``monitoring.sample_rate`` share of its requests and responses to
+        BigQuery (``canary.request_log_table``); staging and a disabled log get nothing."""
+        s = self.settings
+        if name != s.deploy.production_endpoint or not s.canary.request_log_table or s.monitoring.sample_rate <= 0:
+            return {}
+        return {"enable_request_response_logging": True,
+                "request_response_logging_sampling_rate": s.monitoring.sample_rate,
+                "request_response_logging_bq_destination_table":
+                    f"bq://{s.gcp.project}.{s.data.bq_dataset}.{s.canary.request_log_table}"}
 
     def deployments(self, endpoint: str) -> list[Deployed] | None:
         ep = self._endpoint(endpoint)
@@ -226,6 +259,12 @@ class VertexRegistry:
             return
         with suppress(gexc.NotFound):  # already gone
             ep.undeploy(deployed.id, traffic_split=dict(traffic_split) if traffic_split else None)
+
+    def set_traffic(self, endpoint: str, traffic_split: Mapping[str, int]) -> None:
+        ep = self._endpoint(endpoint)
+        if ep is None:
+            raise RegistryError(f"endpoint {endpoint!r} does not exist")
+        ep.update(traffic_split=dict(traffic_split))
 
     @contextmanager
     def predictor(self, endpoint: str, deployed: Deployed) -> Iterator[Predict]:
