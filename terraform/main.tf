@@ -20,8 +20,6 @@ locals {
   landing_prefix = "${var.bq_dataset}/${var.bq_table}/"
 
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
-  # The serving containers' identity (deploy names no service account); terraform/iam/calls.yaml lists its calls.
-  vertex_custom_code_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-aiplatform-cc.iam.gserviceaccount.com"
 
   docker_repo_url = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.docker.repository_id}"
   kfp_repo_url    = "https://${var.region}-kfp.pkg.dev/${var.project_id}/${google_artifact_registry_repository.kfp.repository_id}"
