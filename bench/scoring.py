@@ -46,7 +46,7 @@ def measure(rows: int, workdir: Path) -> dict[str, Any]:
     import pandas as pd
 
     from components.score import destination_dir, run_scoring
-    from ctloop.modeling import load_model, predict_proba
+    from ctloop.model_runtime import load_model
     from ctloop.spark_session import local_spark
 
     work = workdir / "scoring"
@@ -69,7 +69,7 @@ def measure(rows: int, workdir: Path) -> dict[str, Any]:
     test = pd.read_parquet(work / "train-splits" / "test")
     frame = pd.concat([test] * -(-scored // len(test)), ignore_index=True).head(scored)
     t = time.perf_counter()
-    predict_proba(model, frame)
+    model.predict_proba(frame)
     predict_s = time.perf_counter() - t
     out = pd.read_parquet(destination_dir(settings, f"bench-{rows}", result.model.version))
     return {"rows": rows, "input_rows": result.report["input_rows"], "scored": scored, "score_s": score_s,

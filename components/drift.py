@@ -30,7 +30,8 @@ from ctloop.decay import Decay, performance_decay
 from ctloop.drift import DRIFT, NO_DRIFT, DriftReport, Reason, compare, one_per_entity, sample_rows
 from ctloop.drift_report import render_html
 from ctloop.errors import ChampionError, CtloopError, DataValidationError
-from ctloop.modeling import LoadedModel, load_model, predict_proba, read_split
+from ctloop.model_runtime import LoadedModel, load_model
+from ctloop.modeling import read_split
 from ctloop.prediction_log import META_COLUMNS, local_path
 
 
@@ -184,7 +185,7 @@ def _blank(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def _score(champion: LoadedModel, frame: pd.DataFrame, what: str) -> np.ndarray:
     try:
-        return predict_proba(champion, frame)
+        return champion.predict_proba(frame)
     except Exception as exc:  # whatever the champion's own pipeline raises on these rows
         raise ChampionError(f"champion model {champion.model_dir} cannot score the {what}: "
                             f"{type(exc).__name__}: {exc}") from exc

@@ -37,14 +37,12 @@ from ctloop.model_runtime import (
     MODEL_FILE,
     ONNX_CHECK_FILE,
     ONNX_FILE,
-    LoadedModel,
     card_features,
-    load_model,
     to_category_strings,
     to_float64,
 )
 
-__all__ = ["CARD_FILE", "MODEL_FILE", "LoadedModel", "load_model", "predict_proba"]
+__all__ = ["CARD_FILE", "MODEL_FILE"]
 
 EXPERIMENTS_FILE = "experiments.jsonl"
 UNKNOWN_GIT_SHA = "unknown"
@@ -336,11 +334,6 @@ def _onnx_export(pipeline: Pipeline, card: dict[str, Any]) -> tuple[bytes | None
         return export_onnx(pipeline, numeric, categorical), ""
     except Exception as exc:  # noqa: BLE001 - any conversion failure leaves the model to scikit-learn
         return None, f"ONNX export failed: {type(exc).__name__}: {str(exc)[:300]}"
-
-
-def predict_proba(loaded: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
-    """Positive-class probabilities by scikit-learn for the rows of ``frame`` (it must hold the feature columns)."""
-    return loaded.predict_proba(frame)
 
 
 # ------------------------------------------------------------------------------------------------ experiments

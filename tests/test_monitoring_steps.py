@@ -123,8 +123,10 @@ def test_prediction_log_source_reads_the_endpoint_log_window(tmp_path: Path) -> 
     logger.offer({"tenure_months": list(range(400)), "region": ["north"] * 400}, [0.2] * 400, 0.5, "dm", "m", "3")
     logger.close()
     out = tmp_path / "recent"
-    batch = gather_recent(s, run_id="m", output_path=str(out), output_uri=str(out),
-                          snapshot_time=(NOW + timedelta(minutes=5)).isoformat())
+    # The logger stamps rows with the wall clock: the window ends just after this test's own now, not the
+    # module's (taken at import, possibly minutes earlier in a long run).
+    window_end = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    batch = gather_recent(s, run_id="m", output_path=str(out), output_uri=str(out), snapshot_time=window_end)
     assert batch.row_count == 400 and batch.origin == root and batch.lineage == {"model_versions": "3"}
     assert sorted(pd.read_parquet(out)["tenure_months"].tolist()) == [float(i) for i in range(400)]
     with pytest.raises(DataValidationError, match=r"400 logged rows .* expected at least 500 \(monitoring.min_rows"):

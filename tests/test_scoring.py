@@ -29,7 +29,8 @@ from components.scoring_report import render_scoring_report
 from components.transform import run_transform
 from ctloop.config import Settings, load_settings
 from ctloop.errors import CtloopError
-from ctloop.modeling import load_model, predict_proba, train_model
+from ctloop.model_runtime import load_model
+from ctloop.modeling import train_model
 from ctloop.registry import LocalRegistry
 from devtools.sample_data import write_sample_data
 from pipelines.compile import all_pipelines, compile_pipeline
@@ -94,7 +95,7 @@ def test_scores_equal_offline_predict_proba_on_trainings_features(trained: dict[
     latest = featured.sort_values("event_ts").groupby("customer_id", as_index=False).tail(1)
     model = load_model(trained["model_dir"])
     expected = pd.DataFrame({"customer_id": latest["customer_id"].astype(str),
-                             "expected": predict_proba(model, latest), "event_ts": latest["event_ts"]})
+                             "expected": model.predict_proba(latest), "event_ts": latest["event_ts"]})
     merged = out.merge(expected, on="customer_id", how="outer", indicator=True, suffixes=("", "_expected"))
     assert (merged["_merge"] == "both").all(), merged["_merge"].value_counts().to_dict()
     assert len(out) == out["customer_id"].nunique() == latest["customer_id"].nunique()

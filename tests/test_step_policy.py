@@ -150,7 +150,7 @@ def _tasks(spec: dict) -> list[tuple[str, dict]]:
 def test_every_task_display_name_is_plain(compiled: dict[str, dict]) -> None:
     for pipeline, spec in compiled.items():
         names = [(n, t["taskInfo"]["name"]) for n, t in _tasks(spec)]
-        assert len(names) >= 4, pipeline
+        assert len(names) >= {"scoring": 2}.get(pipeline, 4), pipeline  # the walk found the tasks
         for task, shown in names:
             assert re.fullmatch(r"[a-z0-9-]+", shown), (pipeline, task, shown)
 

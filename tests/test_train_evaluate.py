@@ -18,8 +18,8 @@ from ctloop.config import Settings
 from ctloop.errors import ChampionError
 from ctloop.features import FeatureSpec
 from ctloop.metrics import classification_metrics
-from ctloop.model_runtime import ONNX_CHECK_FILE, ONNX_FILE, frame_columns
-from ctloop.modeling import CARD_FILE, MODEL_FILE, load_model, predict_proba, read_split, train_model
+from ctloop.model_runtime import ONNX_CHECK_FILE, ONNX_FILE, frame_columns, load_model
+from ctloop.modeling import CARD_FILE, MODEL_FILE, read_split, train_model
 from tests.modeling_fixtures import settings_for, write_split, write_splits
 
 # Only the champion comparison can fail under these settings: floors and calibration band are wide open.
@@ -74,7 +74,7 @@ def test_first_model_scores_the_test_split_and_passes(work: Path, splits: dict[s
     result = run_evaluate(settings_for(work), models["strong"], splits["test"], None)  # the default gate
     test = read_split(splits["test"], FeatureSpec.read(splits["test"]), "test")
     loaded = load_model(models["strong"])
-    assert result.candidate_metrics == classification_metrics(test["churned"], predict_proba(loaded, test),
+    assert result.candidate_metrics == classification_metrics(test["churned"], loaded.predict_proba(test),
                                                               loaded.threshold)
     assert result.champion_metrics is None and result.decision.passed
     assert _by_check(result)["champion"]["passed"]
@@ -137,7 +137,7 @@ def test_better_champion_keeps_its_place(work: Path, splits: dict[str, Path],
     # Scored independently on the same rows, the champion's numbers match what the gate used.
     test = read_split(splits["test"], FeatureSpec.read(splits["test"]), "test")
     champion = load_model(models["strong"])
-    expected = classification_metrics(test["churned"], predict_proba(champion, test), champion.threshold)
+    expected = classification_metrics(test["churned"], champion.predict_proba(test), champion.threshold)
     assert result.champion_metrics == expected
 
 

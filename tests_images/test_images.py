@@ -197,7 +197,7 @@ def test_training_pipeline_runs_every_step_in_the_component_image_through_both_g
 
 def test_serving_image_answers_vertex_routes_with_the_offline_scores(
         containers: Containers, tmp_path: Path) -> None:
-    from ctloop.modeling import load_model, predict_proba
+    from ctloop.model_runtime import load_model
 
     model_dir = make_model_dir(tmp_path / "store" / "v1")
     registry = LocalRegistry(tmp_path / "registry.db")
@@ -221,7 +221,7 @@ def test_serving_image_answers_vertex_routes_with_the_offline_scores(
         served = [p["probability"] for p in answer.json()["predictions"]]
     finally:
         containers.stop(name)
-    offline = predict_proba(load_model(registered), rows)
+    offline = load_model(registered).predict_proba(rows)
     assert served == pytest.approx(list(offline), rel=1e-12, abs=1e-15)
 
 
