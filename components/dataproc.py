@@ -66,7 +66,8 @@ def build_batch(settings: Settings, run_id: str, main_uri: str, args: list[str],
     """The Dataproc Serverless PySpark batch on the pinned runtime.
 
     The transform job needs only pyspark and the standard library, which the runtime provides: no custom
-    container. A job that needs more (scoring unpickles the model) names its ``container_image``.
+    container. A job that needs more names its ``container_image``: the scoring job unpickles the model, so it
+    runs in ``gcp.scoring_image`` (components/spark/Dockerfile, a Dataproc custom container without Spark).
     """
     from google.cloud import dataproc_v1
 

@@ -1,7 +1,8 @@
 """Batch scoring steps: the rows to score, then one scored row per entity written to the destination.
 
 ``collect_scoring_rows``: the extract step's own code and SQL (BigQuery export in the cloud, DuckDB over the
-landing Parquet locally) over the ``scoring.window_days`` before the scoring time.
+landing Parquet locally) over the ``scoring.window_days`` before the scoring time; or, for a run over a landed
+batch (``input_uri``, "score this"), that batch's Parquet files, copied into the step's output.
 
 ``score_batch``: resolves the model (``scoring.model_version``: an alias such as ``champion`` or a version
 number), runs ``components/spark/score_job.py`` (local Spark here, a Dataproc Serverless batch in the cloud)
@@ -44,13 +45,13 @@ BQ_TIMEOUT_S = 3600.0
 
 @component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def collect_scoring_rows(
-    config: dict, run_id: str, rows: Output[Dataset], snapshot_time: str = ""
+    config: dict, run_id: str, rows: Output[Dataset], snapshot_time: str = "", input_uri: str = ""
 ) -> NamedTuple("Outputs", [("row_count", int)]):
-    """The rows to score (the extract SQL over the scoring window) as Parquet files."""
+    """The rows to score (the extract SQL over the scoring window, or the batch at ``input_uri``) as Parquet."""
     from components.score import collect_rows_to_artifact
     from ctloop.steps import run_step
 
-    return run_step(collect_rows_to_artifact, config, run_id, snapshot_time, rows)
+    return run_step(collect_rows_to_artifact, config, run_id, snapshot_time, rows, input_uri)
 
 
 @component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -97,8 +98,77 @@ def collect_rows(settings: Settings, *, run_id: str, output_path: str, output_ur
                        output_uri=output_uri, snapshot_time=as_of.isoformat(), bq_client=bq_client)
 
 
-def collect_rows_to_artifact(config: dict, run_id: str, snapshot_time: str, rows: Any) -> tuple[int]:
+@dataclass(frozen=True)
+class BatchRows:
+    row_count: int
+    checksum: str
+    files: list[str]
+
+
+def _data_file(relative: str) -> bool:
+    """A Parquet data file, not a marker, temporary or hidden file (any path segment starting '_' or '.')."""
+    return relative.endswith(".parquet") and not any(seg.startswith(("_", ".")) for seg in relative.split("/"))
+
+
+def collect_batch(settings: Settings, *, input_uri: str, output_path: str, output_uri: str,
+                  storage_client: Any = None) -> BatchRows:
+    """The Parquet data files of one landed batch (a folder or one file) as the rows to score, copied into the
+    step's output (in Cloud Storage, server side), so the run keeps its input whatever lands there later."""
+    from components.extract import _move_into_place, summarize_export, summarize_parquet
+
+    if settings.backend == "local":
+        if "://" in input_uri and not input_uri.startswith("file://"):
+            raise CtloopError(f"score: input {input_uri!r}: the local backend reads a local folder or file "
+                              "(the trigger's mirror_dir holds the landed batches)")
+        source = Path(input_uri.removeprefix("file://"))
+        if not source.exists():
+            raise CtloopError(f"score: input {source}: no such folder or file")
+        files = [source] if source.is_file() else sorted(
+            p for p in source.rglob("*.parquet") if _data_file(p.relative_to(source).as_posix()))
+        if not files or not _data_file(files[0].name):
+            raise CtloopError(f"score: input {source}: expected Parquet data files (*.parquet), found none")
+        output = Path(output_path)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".batch-", dir=output.parent))
+        for i, file in enumerate(files):
+            shutil.copyfile(file, staging / f"part-{i:05d}.parquet")
+        _move_into_place(staging, output)
+        summary = summarize_parquet(output)
+        return BatchRows(summary.rows, summary.checksum, summary.files)
+    if not input_uri.startswith("gs://") or not output_uri.startswith("gs://"):
+        raise CtloopError(f"score (cloud): the input and rows URIs must be gs://..., found {input_uri!r} and "
+                          f"{output_uri!r}")
+    if storage_client is None:
+        from google.cloud import storage
+
+        storage_client = storage.Client(project=settings.gcp.project)
+    src_bucket, _, src_prefix = input_uri.removeprefix("gs://").partition("/")
+    dst_bucket, _, dst_prefix = output_uri.removeprefix("gs://").partition("/")
+    blobs = sorted((b for b in storage_client.list_blobs(src_bucket, prefix=src_prefix)
+                    if _data_file(b.name[len(src_prefix):] or b.name.rpartition("/")[2])), key=lambda b: b.name)
+    if not blobs:
+        raise CtloopError(f"score: input {input_uri}: expected Parquet data files (*.parquet), found none")
+    target = storage_client.bucket(dst_bucket)
+    for i, blob in enumerate(blobs):
+        copy = target.blob(f"{dst_prefix.rstrip('/')}/part-{i:05d}.parquet")
+        token, _, _ = copy.rewrite(blob)  # server side; large objects take several calls
+        while token is not None:
+            token, _, _ = copy.rewrite(blob, token=token)
+    summary = summarize_export(storage_client, output_uri, Path(output_path), {})
+    if not summary.checksum:
+        raise CtloopError(f"score: copied {len(blobs)} file(s) of {input_uri} to {output_uri}, but "
+                          f"{output_path} does not show them")
+    return BatchRows(summary.rows, summary.checksum, summary.files)
+
+
+def collect_rows_to_artifact(config: dict, run_id: str, snapshot_time: str, rows: Any,
+                             input_uri: str = "") -> tuple[int]:
     settings = Settings.from_param(config)
+    if input_uri:
+        batch = collect_batch(settings, input_uri=input_uri, output_path=rows.path, output_uri=rows.uri)
+        rows.metadata.update({"row_count": batch.row_count, "source": input_uri, "files": len(batch.files),
+                              "checksum": batch.checksum, "run_id": run_id})
+        return (batch.row_count,)
     result = collect_rows(settings, run_id=run_id, output_path=rows.path, output_uri=rows.uri,
                           snapshot_time=snapshot_time)
     rows.metadata.update({"row_count": result.row_count, "source_table": result.source_table,
@@ -265,7 +335,7 @@ def _run_cloud(settings: Settings, argv: Any, run_id: str, input_uri: str, score
     main_uri = upload_job_file(storage_client, gcp.staging_bucket, JOB_FILE)
     report_uri = posixpath.join(posixpath.dirname(scores_uri.rstrip("/")), REPORT_JSON)
     batch = build_batch(settings, run_id, main_uri, argv(input_uri, scores_uri, report_uri, model.artifact_uri),
-                        step=STEP, container_image=gcp.component_image)
+                        step=STEP, container_image=gcp.scoring_image)
     parent = f"projects/{gcp.project}/locations/{gcp.region}"
     done = submit_batch(batch_client, parent, batch, run_id, poll_seconds, timeout_seconds, step=STEP)
     report_file = scores_dir.parent / REPORT_JSON  # the batch wrote it; read through the /gcs/ mount

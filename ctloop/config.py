@@ -43,6 +43,9 @@ class GcpSettings(_Strict):
     serving_service_account: str = "ctloop-serving@ctloop-dev.iam.gserviceaccount.com"
     component_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/component:latest"
     serving_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/serving:latest"
+    # The scoring batch's Dataproc Serverless custom container (components/spark/Dockerfile): the runtime lock
+    # without pyspark (Dataproc mounts its own Spark), plus ctloop, for unpickling and scoring the model.
+    scoring_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/scoring:latest"
     dataproc_subnetwork: str | None = None
     dataproc_runtime_version: str = "3.0"
     experiment: str = "ctloop"
@@ -328,6 +331,17 @@ class ScoringSettings(_Strict):
     bq_table: str = "scores"
     output_dir: str = ""
     schedule: str = "0 7 * * *"  # cron, UTC: the scheduled scoring run (terraform/scoring.tf)
+    # "Score this": a batch landing under this prefix of gcp.landing_bucket (outside the training data's prefix)
+    # launches a scoring run over that batch (terraform/scoring.tf, the trigger function). "" = off.
+    landing_prefix: str = ""
+
+    @field_validator("landing_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v and (not v.endswith("/") or v.startswith("/") or "\\" in v or ".." in v.split("/")):
+            raise ValueError(f"scoring.landing_prefix: expected a relative object prefix ending in '/' such as "
+                             f"'scoring/', found {v!r}")
+        return v
 
     @field_validator("source_table", "bq_table")
     @classmethod

@@ -26,12 +26,16 @@ _EXECUTOR_ONLY_ENV = ("_KFP_RUNTIME",)
 
 
 def cli_argv(python: str, config: str, pipeline: Pipeline, run_id: str, trigger_uri: str,
-             snapshot_time: str) -> list[str]:
-    """The ``ctloop`` command that runs ``pipeline`` locally (``run`` for training, ``monitor`` for monitoring)."""
+             snapshot_time: str, input_uri: str = "") -> list[str]:
+    """The ``ctloop`` command that runs ``pipeline`` locally (``run`` for training, ``monitor`` for monitoring,
+    ``score`` for scoring, whose ``input_uri`` names the batch to score, "" for the settings' scoring window)."""
     head = [python, "-m", "pipelines.cli", "--config", config]
     if pipeline == "training":
         return [*head, "run", "--run-id", run_id, "--trigger-uri", trigger_uri, "--no-serve",
                 "--snapshot-time", snapshot_time]
+    if pipeline == "scoring":
+        return [*head, "score", "--run-id", run_id, "--trigger-uri", trigger_uri, "--snapshot-time", snapshot_time,
+                "--input", input_uri]
     return [*head, "monitor", "--run-id", run_id, "--trigger-uri", trigger_uri, "--snapshot-time", snapshot_time]
 
 

@@ -1,4 +1,4 @@
-"""Build the component and serving images on this machine: ``make images`` (``python -m devtools.images``).
+"""Build the component, serving and scoring images on this machine: ``make images`` (``python -m devtools.images``).
 
 The same Dockerfiles the release builds in Cloud Build, with the base image as a build argument. The release
 uses the pinned python image; a machine that reaches no container registry uses a Debian bookworm base made
@@ -38,6 +38,7 @@ RELEASE_BASE = "python:3.11.14-slim-bookworm"
 LOCAL_BASE = "localhost/ctloop-base:bookworm"
 COMPONENT_IMAGE = "localhost/ctloop-component:local"
 SERVING_IMAGE = "localhost/ctloop-serving:local"
+SCORING_IMAGE = "localhost/ctloop-scoring:local"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 DEBIAN_PACKAGES = ("podman", "runc", "debootstrap")
 # The local base behaves like the python image: `python`/`pip` on PATH, pip may install system-wide, and
@@ -74,10 +75,12 @@ class Image:
 
 
 def local_images(base: str) -> list[Image]:
-    """The component image (with Java, for local Spark inside the container) and the serving image."""
+    """The component image (with Java, for local Spark inside the container), the serving image and the scoring
+    batch's Dataproc container (after the component image, whose lock layer it shares)."""
     return [
         Image("component", COMPONENT_IMAGE, "components/Dockerfile", {"PYTHON_IMAGE": base, "LOCAL_SPARK": "true"}),
         Image("serving", SERVING_IMAGE, "serving/Dockerfile", {"PYTHON_IMAGE": base}),
+        Image("scoring", SCORING_IMAGE, "components/spark/Dockerfile", {"PYTHON_IMAGE": base}),
     ]
 
 

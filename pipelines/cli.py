@@ -221,21 +221,27 @@ def monitor_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, 
 @click.option("--snapshot-time", default="", help="ISO timestamp the scores are as of (default: now).")
 @click.option("--model-version", default="", help="Registry version or alias (default: scoring.model_version).")
 @click.option("--template", default=None, help="--target vertex: compiled YAML or Artifact Registry URI.")
+@click.option("--trigger-uri", default="", help="What caused the run (the trigger passes the landed object).")
+@click.option("--input", "input_uri", default="",
+              help="Score this batch (a folder or Parquet file; gs:// on vertex) instead of the scoring window.")
 @pass_ctx
 @_fail_cleanly
 def score_cmd(ctx: _Ctx, target: str, run_id: str | None, snapshot_time: str, model_version: str,
-              template: str | None) -> None:
+              template: str | None, trigger_uri: str, input_uri: str) -> None:
     """Score every entity's latest row with the champion (or --model-version); write the scores."""
     from pipelines.scoring import run_scoring_local
     from pipelines.submit import submit_scoring
 
     if target == "vertex":
-        result = submit_scoring(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
-                                model_version=model_version, template=template)
+        if input_uri and not input_uri.startswith("gs://"):
+            raise CtloopError(f"--input {input_uri!r}: a run on vertex reads a batch in Cloud Storage (gs://...)")
+        result = submit_scoring(ctx.settings, run_id=run_id, snapshot_time=snapshot_time, trigger_uri=trigger_uri,
+                                model_version=model_version, input_uri=input_uri, template=template)
         click.echo(f"{'submitted' if result.created else 'already submitted'}: {result.job_name}")
         return
     code, _ = run_scoring_local(ctx.settings, run_id=run_id, snapshot_time=snapshot_time,
-                                model_version=model_version, echo=click.echo)
+                                model_version=model_version, trigger_uri=trigger_uri, input_uri=input_uri,
+                                echo=click.echo)
     sys.exit(code)
 
 

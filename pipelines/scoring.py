@@ -2,11 +2,12 @@
 
 Steps, in order:
   1. collect_scoring_rows  the extract SQL (BigQuery / DuckDB) over the scoring window ending at the run's
-                           snapshot time -> Dataset
+                           snapshot time, or the landed batch ``input_uri`` ("score this") -> Dataset
   2. score_batch           the score job (Dataproc Serverless / local Spark): training's features, the model's
                            predict_proba -> scores Dataset, the destination (BigQuery / Parquet), HTML report
 
-It runs on a schedule (terraform/scoring.tf: Cloud Scheduler -> the trigger function) or from ``ctloop score``.
+It runs on a schedule (terraform/scoring.tf: Cloud Scheduler -> the trigger function), for each batch that lands
+under the landing bucket's score prefix (the same function), or from ``ctloop score``.
 """
 
 
@@ -27,10 +28,10 @@ PIPELINE_NAME = "ctloop-scoring"
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Batch scoring: the champion scores every entity's latest row.")
 def scoring_pipeline(config: dict, run_id: str, snapshot_time: str = "", trigger_uri: str = "",
-                     model_version: str = ""):
+                     model_version: str = "", input_uri: str = ""):
     # Both steps read moving state (new rows, the current champion) and write the destination: never cached.
     # No step-level retries: steps retry transient API errors themselves (ctloop/steps.py).
-    rows = collect_scoring_rows(config=config, run_id=run_id, snapshot_time=snapshot_time)
+    rows = collect_scoring_rows(config=config, run_id=run_id, snapshot_time=snapshot_time, input_uri=input_uri)
     rows.set_display_name("collect-rows-bigquery").set_caching_options(False)
 
     scored = score_batch(config=config, run_id=run_id, rows=rows.outputs["rows"],
@@ -44,16 +45,20 @@ def run_scoring_local(
     run_id: str | None,
     snapshot_time: str = "",
     model_version: str = "",
+    trigger_uri: str = "",
+    input_uri: str = "",
     echo: Callable[[str], None] = print,
 ) -> tuple[int, RunRecord]:
     """Run the scoring pipeline with the KFP local runner; prints counts, the destination and the report path.
+    ``input_uri``: a landed batch (folder or file) to score instead of the settings' scoring window.
 
     Returns (exit code, run record).
     """
     run_id = run_id or new_run_id(JOB_PREFIXES["scoring"])
     version = model_version or settings.scoring.model_version
     echo(f"ctloop score {run_id} (local: DuckDB, Spark {settings.local.spark_master}; model {version})")
-    arguments = {**pipeline_parameters(settings, run_id, snapshot_time, ""), "model_version": model_version}
+    arguments = {**pipeline_parameters(settings, run_id, snapshot_time, trigger_uri), "model_version": model_version,
+                 "input_uri": input_uri}
     record = run_local(scoring_pipeline, settings, run_id=run_id, arguments=arguments, echo=echo)
     keep_report(record, settings.local.runs_dir / run_id)
     echo_summary(record, echo)

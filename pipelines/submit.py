@@ -58,6 +58,9 @@ def submit_monitoring(settings: Settings, *, run_id: str | None, **kw: Any) -> L
     return submit(settings, "monitoring", run_id=run_id, **kw)
 
 
-def submit_scoring(settings: Settings, *, run_id: str | None, model_version: str = "", **kw: Any) -> Launched:
-    """Submit the scoring pipeline (see ``submit``); ``model_version`` empty: ``scoring.model_version``."""
-    return submit(settings, "scoring", run_id=run_id, extra_parameters={"model_version": model_version}, **kw)
+def submit_scoring(settings: Settings, *, run_id: str | None, model_version: str = "", input_uri: str = "",
+                   **kw: Any) -> Launched:
+    """Submit the scoring pipeline (see ``submit``); ``model_version`` empty: ``scoring.model_version``;
+    ``input_uri``: a landed batch (gs://) to score instead of the scoring window."""
+    return submit(settings, "scoring", run_id=run_id,
+                  extra_parameters={"model_version": model_version, "input_uri": input_uri}, **kw)

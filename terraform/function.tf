@@ -28,7 +28,7 @@ resource "google_cloudfunctions2_function" "trigger" {
   name        = "${var.name_prefix}-trigger"
   project     = var.project_id
   location    = var.region
-  description = "Launches the ctloop training pipeline for new landing data (${var.env})."
+  description = "Launches the ctloop pipelines for new landing data and schedule ticks (${var.env})."
   labels      = merge(local.labels, { component = "trigger" })
 
   build_config {
@@ -64,6 +64,9 @@ resource "google_cloudfunctions2_function" "trigger" {
       # New batches follow monitoring.retrain_policy of the settings file; ticks launch the monitoring pipeline.
       CTLOOP_TRIGGER_POLICY           = "config"
       CTLOOP_TRIGGER_MONITOR_TEMPLATE = local.monitoring_template_uri
+      # Scoring ticks and batches landing under the score prefix launch the scoring pipeline (scoring.tf).
+      CTLOOP_TRIGGER_SCORE_TEMPLATE = local.scoring_template_uri
+      CTLOOP_TRIGGER_SCORE_PREFIX   = local.scoring_prefix
     }, var.function_env)
   }
 

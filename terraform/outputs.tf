@@ -29,7 +29,7 @@ output "bq_table" {
 }
 
 output "images_repository" {
-  description = "Docker repository; ctloop.yaml gcp.component_image / gcp.serving_image are <this>/component:<sha> and <this>/serving:<sha>"
+  description = "Docker repository; ctloop.yaml gcp.component_image / gcp.serving_image / gcp.scoring_image are <this>/component:<sha>, <this>/serving:<sha> and <this>/scoring:<sha>"
   value       = local.docker_repo_url
 }
 

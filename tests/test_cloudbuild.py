@@ -232,7 +232,7 @@ def kaniko_steps(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_compile_pins_the_component_image_this_build_produces(path: Path) -> None:
     doc = load(path)
     builds = kaniko_steps(doc)
-    assert set(builds) == {"components/Dockerfile", "serving/Dockerfile"}
+    assert set(builds) == {"components/Dockerfile", "serving/Dockerfile", "components/spark/Dockerfile"}
     component = flag(builds["components/Dockerfile"], "--destination")
     compile_step = step_by_id(doc, "compile")
     assert flag(compile_step, "--component-image") == component
@@ -257,8 +257,10 @@ def test_release_settings_name_the_pushed_images() -> None:
     overrides = dict(a.removeprefix("--set=").split("=", 1) for a in render["args"] if a.startswith("--set="))
     assert overrides["gcp.component_image"] == flag(builds["components/Dockerfile"], "--destination")
     assert overrides["gcp.serving_image"] == flag(builds["serving/Dockerfile"], "--destination")
+    assert overrides["gcp.scoring_image"] == flag(builds["components/spark/Dockerfile"], "--destination")
     publish = step_by_id(doc, "publish-config")
-    assert set(publish["waitFor"]) >= {"render-config", "build-component-image", "build-serving-image"}
+    assert set(publish["waitFor"]) >= {"render-config", "build-component-image", "build-serving-image",
+                                       "build-scoring-image"}
     upload = step_by_id(doc, "upload-template")
     assert {"compile", "publish-config"} <= set(upload["waitFor"])
     # The monitoring pipeline launches the training template this build uploads, by its commit tag.

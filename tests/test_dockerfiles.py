@@ -1,7 +1,7 @@
-"""The two images, checked without a Docker engine: hadolint, plus the properties that keep an image from
-drifting from the tested code (install sources pinned to requirements.lock, pinned bases, non-root users,
-no caches left, the Dataproc Serverless custom-container requirements, a build context that holds what the
-Dockerfiles copy)."""
+"""The images (component, serving, scoring), checked without a Docker engine: hadolint, plus the properties that
+keep an image from drifting from the tested code (install sources pinned to requirements.lock, pinned bases,
+non-root users, no caches left, the Dataproc Serverless custom-container requirements, a build context that holds
+what the Dockerfiles copy)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT = ROOT / "components" / "Dockerfile"
 SERVING = ROOT / "serving" / "Dockerfile"
-DOCKERFILES = [COMPONENT, SERVING]
+SCORING = ROOT / "components" / "spark" / "Dockerfile"
+DOCKERFILES = [COMPONENT, SERVING, SCORING]
 HADOLINT = ROOT / ".venv-tools" / "bin" / "hadolint"
 # uv pinned literally or through ARG UV_VERSION (whose value is checked against the Makefile below).
 _PINNED_UV = re.compile(r"install\s+\"?uv==(\d[\d.]*|\$\{?UV_VERSION\}?)\"?$")
@@ -311,6 +312,51 @@ def test_component_image_adds_java_only_for_the_local_spark_build() -> None:
     for path in DOCKERFILES:
         assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm$", path.read_text(), re.M), path
         assert all(s.base.startswith("python:3.11.") or s.base == "build" for s in parse(path.read_text())[1])
+
+
+def test_scoring_image_is_a_dataproc_custom_container_without_spark() -> None:
+    """Dataproc Serverless custom-container rules (its Spark and Java are mounted at run time): no Spark in the
+    image, procps and tini, user and group ``spark`` 1099 with a home, PYSPARK_PYTHON naming the image's Python;
+    and the runtime lock installed as in the component image, so the model unpickles with the tested versions."""
+    text = SCORING.read_text()
+    _, stages = parse(text)
+    build, final = stages
+    assert install_problems(stages, "requirements.lock") == []
+    # The component image's build stage up to the lock install, instruction for instruction: one shared layer.
+    _, component_stages = parse(COMPONENT.read_text())
+    def upto_lock(stage: Stage) -> list[str]:
+        lines = [f"{i.keyword} {i.args}" for i in stage.instructions]
+        return lines[: next(n for n, line in enumerate(lines) if "-r requirements.lock" in line) + 1]
+    assert upto_lock(build) == upto_lock(component_stages[0])
+    commands = runs(build)
+    lock = next(n for n, c in enumerate(commands) if "-r requirements.lock" in c)
+    assert re.fullmatch(r"uv pip uninstall --python /opt/venv/bin/python pyspark py4j", commands[lock + 1])
+    assert any(re.search(r"--no-deps \.", c) for c in commands[lock + 2:])  # the project, after the uninstall
+    assert 'import pyspark' in commands[-1] and "exit 1" in commands[-1]  # the build fails if pyspark is left
+    (apt,) = [c for c in runs(final) if "apt-get install" in c]
+    # Exactly procps and tini from Debian: no Java, no Spark (Dataproc mounts both).
+    assert re.search(r"apt-get install -y --no-install-recommends procps tini\s+&&", apt)
+    assert [c for c in runs(build) + runs(final) if "apt-get install" in c] == [apt]
+    assert "groupadd --gid 1099 spark" in apt
+    assert "useradd --uid 1099 --gid 1099 --create-home --home-dir /home/spark" in apt
+    assert [i.args for i in final.instructions if i.keyword == "USER"] == ["1099:1099"]
+    assert "PYSPARK_PYTHON=/opt/venv/bin/python" in stage_env(final)
+    assert [i.args for i in final.instructions if i.keyword == "COPY"] == ["--from=build /opt/venv /opt/venv"]
+
+
+def test_scoring_batch_runs_in_the_scoring_image() -> None:
+    from components import dataproc, score
+    from ctloop.config import Settings
+
+    settings = Settings()
+    assert settings.gcp.scoring_image.endswith("/scoring:latest")
+    assert "container_image=gcp.scoring_image" in Path(score.__file__).read_text()
+    batch = dataproc.build_batch(settings, "r1", "gs://b/score_job.py", [], step="score",
+                                 container_image=settings.gcp.scoring_image)
+    assert batch.runtime_config.container_image == settings.gcp.scoring_image
+    assert batch.runtime_config.version == settings.gcp.dataproc_runtime_version
+    transform = dataproc.build_batch(settings, "r1", "gs://b/transform_job.py", [])
+    assert not transform.runtime_config.container_image  # the transform runs on the runtime's own image
 
 
 # Test runners, linters and the emulators' wrappers: development tools that no image may install.

@@ -203,6 +203,7 @@ CLIENT_CALLS: list[tuple[str, str, list[str]]] = [
     (r".*", "download_to_file", ["storage.objects.get"]),
     (r".*", "download_to_filename", ["storage.objects.get"]),
     (r".*", "list_blobs", ["storage.objects.list"]),
+    (r"(copy|blob)", "rewrite", ["storage.objects.rewrite"]),
     (r"blob", "exists", ["storage.objects.get"]),
     (r".*", "create_batch", ["dataproc.projects.locations.batches.create"]),
     (r".*", "get_batch", ["dataproc.projects.locations.batches.get"]),

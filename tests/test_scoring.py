@@ -5,6 +5,7 @@ local recording server."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,10 @@ def test_compiled_scoring_pipeline(tmp_path: Path) -> None:
         "outputArtifactKey": "rows", "producerTask": "collect-scoring-rows"}
     assert all(t["cachingOptions"].get("enableCache", False) is False for t in tasks.values())
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
-        "config", "run_id", "snapshot_time", "trigger_uri", "model_version"}
+        "config", "run_id", "snapshot_time", "trigger_uri", "model_version", "input_uri"}
+    # "score this": the landed batch reaches the step that collects the rows
+    assert tasks["collect-scoring-rows"]["inputs"]["parameters"]["input_uri"] == {
+        "componentInputParameter": "input_uri"}
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
 
@@ -204,6 +208,7 @@ def test_submit_scoring_creates_one_pipeline_job_with_the_version(recording_serv
     body = req.json
     params = body["runtimeConfig"]["parameterValues"]
     assert params["model_version"] == "4" and params["snapshot_time"] == AS_OF
+    assert params["input_uri"] == ""  # the scoring window of the settings, not a landed batch
     assert params["config"]["backend"] == "cloud" and params["config"]["scoring"]["bq_table"] == "scores"
     assert body["displayName"] == "ctloop-scoring"
     assert set(body["pipelineSpec"]["root"]["dag"]["tasks"]) == {"collect-scoring-rows", "score-batch"}
@@ -258,7 +263,9 @@ def test_cloud_scoring_runs_a_dataproc_batch_then_one_bigquery_job(recording_ser
     assert args[args.index("--model-dir") + 1] == "gs://ctloop-dev-models/churn/4"
     assert args[args.index("--report-out") + 1] == "gs://root/run/score-batch/score_report.json"
     assert body["labels"]["ctloop-step"] == "score"
-    assert body["runtimeConfig"]["containerImage"] == s.gcp.component_image
+    # The scoring image (a Dataproc custom container without Spark) on the pinned runtime, not the component image.
+    assert body["runtimeConfig"]["containerImage"] == s.gcp.scoring_image != s.gcp.component_image
+    assert body["runtimeConfig"]["version"] == s.gcp.dataproc_runtime_version
 
     bq = bigquery.Client(project="ctloop-dev", credentials=AnonymousCredentials(),
                          client_options={"api_endpoint": url})
@@ -291,3 +298,125 @@ def test_scoring_time_is_utc_and_defaults_to_now() -> None:
 
     assert scoring_time("2026-11-20T01:00:00+01:00") == datetime(2026, 11, 20, tzinfo=UTC)
     assert abs((scoring_time("") - datetime.now(UTC)).total_seconds()) < 5
+
+
+# ---- "score this": a landed batch --------------------------------------------------------------------------
+
+def _land_batch(trained: dict[str, Any], folder: Path, entities: int = 40) -> pd.DataFrame:
+    """Every extracted row of the first ``entities`` customers, landed as two data files plus a marker, a Spark
+    temporary and a hidden file (which the run must leave out)."""
+    frame = pd.read_parquet(trained["extract"])
+    chosen = sorted(frame["customer_id"].dropna().astype(str).unique())[:entities]
+    rows = frame[frame["customer_id"].astype(str).isin(chosen)].reset_index(drop=True)
+    (folder / "_temporary").mkdir(parents=True)
+    half = len(rows) // 2
+    rows.iloc[:half].to_parquet(folder / "part-0.parquet", index=False)
+    rows.iloc[half:].to_parquet(folder / "part-1.parquet", index=False)
+    rows.iloc[:5].to_parquet(folder / "_temporary" / "part-9.parquet", index=False)
+    rows.iloc[:5].to_parquet(folder / ".part-8.parquet", index=False)
+    (folder / "_SUCCESS").write_bytes(b"")
+    return rows
+
+
+def test_a_landed_batch_is_scored_as_the_window_scores_its_entities(trained: dict[str, Any], spark: Any,  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    """A batch holding every row of some entities gets, for those entities, exactly the scores the scheduled run
+    over the whole window gives them: the same job, the same features, the same model."""
+    from components.score import collect_batch
+
+    rows = _land_batch(trained, tmp_path / "landing" / "scoring" / "2026-11-20")
+    s = _settings_out(trained, tmp_path)
+    collected = tmp_path / "run" / "rows"
+    batch = collect_batch(s, input_uri=str(tmp_path / "landing" / "scoring" / "2026-11-20"),
+                          output_path=str(collected), output_uri=str(collected))
+    assert batch.row_count == len(rows) and batch.files == ["part-00000.parquet", "part-00001.parquet"]
+    scores = tmp_path / "run" / "scores"
+    result = run_scoring(s, run_id="score-batch-1", input_path=str(collected), input_uri=str(collected),
+                         scores_path=str(scores), scores_uri=str(scores), snapshot_time=AS_OF, spark=spark)
+    window = _score(trained, spark, "score-window-1", tmp_path)
+    by_batch = pd.read_parquet(result.destination).set_index("customer_id").sort_index()
+    by_window = pd.read_parquet(window.destination).set_index("customer_id").loc[by_batch.index]
+    assert len(by_batch) == rows["customer_id"].nunique() == 40
+    np.testing.assert_array_equal(by_batch["probability"].to_numpy(), by_window["probability"].to_numpy())
+    assert (by_batch["event_ts"] == by_window["event_ts"]).all()
+    assert result.report["input_rows"] == len(rows)
+
+
+def test_collect_batch_refuses_what_it_cannot_score(trained: dict[str, Any], tmp_path: Path) -> None:
+    from components.score import collect_batch
+
+    s = trained["settings"]
+    out = str(tmp_path / "rows")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "_SUCCESS").write_bytes(b"")
+    for uri, message in ((str(tmp_path / "missing"), "no such folder or file"),
+                         (str(empty), "expected Parquet data files"),
+                         ("gs://landing/scoring/b1/", "the local backend reads a local folder")):
+        with pytest.raises(CtloopError, match=message):
+            collect_batch(s, input_uri=uri, output_path=out, output_uri=out)
+    assert not (tmp_path / "rows").exists()  # nothing half-written
+
+
+def test_cloud_collect_batch_copies_the_data_files_server_side(recording_server: RecordingServer,
+                                                              tmp_path: Path) -> None:
+    """The real storage client against the recording server: list the batch, rewrite each data file into the
+    step's output (markers, temporaries and hidden files left out), count rows from the copies' footers."""
+    from google.cloud import storage
+
+    from components.score import collect_batch
+
+    s = _cloud_settings(tmp_path)
+    src = "scoring/2026-11-20/"
+    landed = ["part-0.parquet", "part-1.parquet", "_SUCCESS", "_temporary/0/part-9.parquet", ".part-2.parquet"]
+    dst_prefix = "runs/r1/collect-scoring-rows/rows"
+    mount = tmp_path / "gcs" / "rows"  # what the task's /gcs/ mount shows of the output after the copies
+    mount.mkdir(parents=True)
+    for i, rows in enumerate((3, 4)):
+        pd.DataFrame({"customer_id": [f"c{i}{n}" for n in range(rows)]}).to_parquet(
+            mount / f"part-{i:05d}.parquet", index=False)
+    r = recording_server.route
+    r("GET", r"/storage/v1/b/ctloop-dev-landing/o", (200, {"items": [
+        {"name": src + n, "bucket": "ctloop-dev-landing", "generation": "7", "size": "10"} for n in landed]}))
+    r("POST", r"/storage/v1/b/ctloop-dev-landing/o/.+/rewriteTo/b/ctloop-dev-pipeline-root/o/.+", lambda q: (200, {
+        "kind": "storage#rewriteResponse", "done": True, "totalBytesRewritten": "10", "objectSize": "10",
+        "resource": {"name": q.path.rsplit("/o/", 1)[1], "bucket": "ctloop-dev-pipeline-root"}}))
+    r("GET", r"/storage/v1/b/ctloop-dev-pipeline-root/o", (200, {"items": [
+        {"name": f"{dst_prefix}/part-{i:05d}.parquet", "size": "10", "crc32c": "AAAAAA=="} for i in range(2)]}))
+    client = storage.Client(project="ctloop-dev", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": recording_server.url})
+    batch = collect_batch(s, input_uri=f"gs://ctloop-dev-landing/{src}", output_path=str(mount),
+                          output_uri=f"gs://ctloop-dev-pipeline-root/{dst_prefix}", storage_client=client)
+    assert batch.row_count == 7 and batch.files == ["part-00000.parquet", "part-00001.parquet"]
+    (listing,) = recording_server.find("GET", r"/storage/v1/b/ctloop-dev-landing/o")
+    assert listing.query["prefix"] == [src]
+    copies = recording_server.find("POST", r"/storage/v1/b/.+/rewriteTo/.+")
+    from urllib.parse import unquote
+
+    assert [tuple(unquote(p) for p in re.match(r"/storage/v1/b/[^/]+/o/(.+)/rewriteTo/b/[^/]+/o/(.+)", q.path)
+                  .groups()) for q in copies] == [
+        (src + "part-0.parquet", f"{dst_prefix}/part-00000.parquet"),
+        (src + "part-1.parquet", f"{dst_prefix}/part-00001.parquet")]
+    with pytest.raises(CtloopError, match="must be gs://"):
+        collect_batch(s, input_uri="/local/folder", output_path=str(mount), output_uri="gs://b/x")
+
+
+def test_ctloop_score_over_a_landed_batch_runs_the_pipeline_locally(trained: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """The pipeline under the KFP local runner with ``input_uri``: the collect step copies the batch, the score
+    step scores exactly its entities (what the local trigger's score command runs)."""
+    from pipelines.scoring import run_scoring_local
+
+    folder = tmp_path / "landing" / "scoring" / "b1"
+    rows = _land_batch(trained, folder, entities=25)
+    s = _settings_out(trained, tmp_path)
+    lines: list[str] = []
+    code, record = run_scoring_local(s, run_id="ctloop-score-b1", snapshot_time=AS_OF, input_uri=str(folder),
+                                     trigger_uri="gs://landing/scoring/b1/_SUCCESS#1", echo=lines.append)
+    assert code == 0, "\n".join(lines)
+    collected = record.artifact("collect-scoring-rows", "rows")["metadata"]
+    assert collected["source"] == str(folder) and collected["row_count"] == len(rows) and collected["files"] == 2
+    scored = record.artifact("score-batch", "scores")["metadata"]
+    assert scored["scored_rows"] == 25 and scored["input_rows"] == len(rows)
+    out = pd.read_parquet(destination_dir(s, "ctloop-score-b1", "1"))
+    assert sorted(out["customer_id"]) == sorted(rows["customer_id"].astype(str).unique())

@@ -137,25 +137,25 @@ def dynamic_block(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def check_notification_feeds_function(cfg: dict[str, Any]) -> list[str]:
-    """The landing notification's topic is the one the function is triggered from, in both delivery modes."""
+    """Every landing notification (training data; the score prefix, terraform/scoring.tf) publishes to the one
+    topic the function is triggered from, in both delivery modes."""
     problems: list[str] = []
     notifications = resources(cfg, "google_storage_notification")
-    if len(notifications) != 1:
-        return [f"expected one google_storage_notification, found {sorted(notifications)}"]
-    (notification,) = notifications.values()
-    topics = referenced(notification.get("topic"), "google_pubsub_topic")
-    if notification.get("event_types") != ["OBJECT_FINALIZE"]:
-        problems.append(
-            f"notification event_types: expected ['OBJECT_FINALIZE'], found {notification.get('event_types')}"
-        )
-    if notification.get("payload_format") != "JSON_API_V1":
-        problems.append(
-            f"notification payload_format: expected JSON_API_V1, found {notification.get('payload_format')}"
-        )
-    if not notification.get("object_name_prefix"):
-        problems.append(
-            "notification: object_name_prefix is not set (every object in the bucket would trigger)"
-        )
+    if "landing" not in notifications:
+        return [f"expected the google_storage_notification 'landing', found {sorted(notifications)}"]
+    topics: set[str] = set()
+    for name, notification in sorted(notifications.items()):
+        topics |= referenced(notification.get("topic"), "google_pubsub_topic")
+        if notification.get("event_types") != ["OBJECT_FINALIZE"]:
+            problems.append(f"notification {name} event_types: expected ['OBJECT_FINALIZE'], found "
+                            f"{notification.get('event_types')}")
+        if notification.get("payload_format") != "JSON_API_V1":
+            problems.append(f"notification {name} payload_format: expected JSON_API_V1, found "
+                            f"{notification.get('payload_format')}")
+        if not notification.get("object_name_prefix"):
+            problems.append(
+                f"notification {name}: object_name_prefix is not set (every object in the bucket would trigger)"
+            )
     if len(topics) != 1:
         return problems + [f"notification topic: expected one google_pubsub_topic reference, found {topics}"]
 
@@ -297,11 +297,15 @@ def test_notification_topic_is_the_function_trigger_topic(cfg: dict[str, Any]) -
 
 def test_notification_check_catches_a_miswired_topic(cfg: dict[str, Any]) -> None:
     broken = copy.deepcopy(cfg)
-    (notification,) = resources(broken, "google_storage_notification").values()
-    notification["topic"] = "${google_pubsub_topic.dead_letter.id}"
+    for notification in resources(broken, "google_storage_notification").values():
+        notification["topic"] = "${google_pubsub_topic.dead_letter.id}"
     problems = check_notification_feeds_function(broken)
     assert any("event_trigger.pubsub_topic" in p for p in problems)
     assert any("push subscription topic" in p for p in problems)
+    # One notification on another topic than the rest: the function would miss its objects.
+    split = copy.deepcopy(cfg)
+    resources(split, "google_storage_notification")["scoring"]["topic"] = "${google_pubsub_topic.dead_letter.id}"
+    assert any("expected one google_pubsub_topic reference" in p for p in check_notification_feeds_function(split))
 
 
 def test_function_sa_can_act_as_pipeline_sa(cfg: dict[str, Any]) -> None:

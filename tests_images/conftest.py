@@ -55,7 +55,7 @@ class Containers:
 @pytest.fixture(scope="session")
 def engine() -> images.Engine:
     eng = images.engine()
-    missing = [tag for tag in (images.COMPONENT_IMAGE, images.SERVING_IMAGE, images.LOCAL_BASE)
+    missing = [tag for tag in (images.COMPONENT_IMAGE, images.SERVING_IMAGE, images.SCORING_IMAGE, images.LOCAL_BASE)
                if not eng.exists(tag)]
     if missing:
         pytest.fail(f"images missing: {', '.join(missing)}; build them first with `make images`")

@@ -1,7 +1,8 @@
 """The scoring job: rows to score -> the same features as training -> one scored row per entity.
 
-Runs where the transform job runs (a Dataproc Serverless batch in the component image; local Spark here) and
-derives the features with the transform job's own functions, so scoring cannot drift from training:
+Runs as a Dataproc Serverless batch in the scoring image (components/spark/Dockerfile: ctloop and the model's
+libraries, Spark mounted by Dataproc), or on local Spark, and derives the features with the transform job's own
+functions, so scoring cannot drift from training:
   1. read, check columns, drop exact duplicates, cast and quarantine (``flag_rows``; the label is not required);
   2. one row per (id, timestamp) (``dedup_id_timestamp``) and the point-in-time history features from strictly
      earlier rows (``add_history``): the rows are those before the scoring time, so each entity's latest row

@@ -4,7 +4,8 @@ Returning normally acknowledges the Pub/Sub message (HTTP 2xx); raising makes fu
 so Pub/Sub redelivers it. Only failures that a later attempt can fix raise.
 
 A new batch launches the training pipeline, or under the ``on_drift`` retrain policy the monitoring pipeline
-(ctloop_trigger/policy.py); a schedule tick (ctloop_trigger/schedule.py) always launches the monitoring pipeline.
+(ctloop_trigger/policy.py); a batch under the score prefix launches the scoring pipeline over it; a schedule tick
+(ctloop_trigger/schedule.py) launches the pipeline it names (monitoring or scoring).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def handle_event(event: Any, settings: TriggerSettings, launcher: Launcher) -> O
         return Outcome("rejected", str(exc))
     if tick is not None:
         where = {"event_id": event_id, "schedule": tick.schedule, "publish_time": tick.publish_time}
-        return _launch(tick_request(tick, settings.monitor_job_prefix), "schedule tick", settings, launcher,
-                       started, where)
+        return _launch(tick_request(tick, settings.target(tick.schedule).job_prefix), "schedule tick", settings,
+                       launcher, started, where)
     try:
         note = parse_event(event)
     except MalformedMessage as exc:
@@ -63,7 +64,8 @@ def handle_event(event: Any, settings: TriggerSettings, launcher: Launcher) -> O
         log("INFO", f"ignored: {decision.reason}", outcome="ignored", reason=decision.reason, **where)
         return Outcome("ignored", decision.reason)
     try:
-        pipeline, prefix = pipeline_for_batch(settings)  # may read the ctloop config: a failure is retried
+        # may read the ctloop config: a failure is retried
+        pipeline, prefix = ("scoring", settings.score_job_prefix) if decision.score else pipeline_for_batch(settings)
     except Exception as exc:
         log("ERROR", "retrain policy unavailable; the delivery will be retried", outcome="retry",
             error=f"{type(exc).__name__}: {exc}", **where)

@@ -20,13 +20,19 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
 def launch_argv(settings: TriggerSettings, request: LaunchRequest) -> list[str]:
-    """The configured command (training, or monitoring for a monitoring request) with its placeholders filled;
-    each value stays one argv element (no shell)."""
+    """The command configured for the request's pipeline with its placeholders filled; each value stays one argv
+    element (no shell). ``{input}``: the mirrored batch a scoring run reads ("" for a tick)."""
     values = {"python": sys.executable, "config": settings.resolve_bundle_path(settings.config),
               "run_id": request.job_id, "trigger_uri": request.trigger_uri,
-              "snapshot_time": request.snapshot_time}
-    command = settings.monitor_command if request.pipeline == "monitoring" else settings.launch_command
-    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in command]
+              "snapshot_time": request.snapshot_time, "input": mirrored_batch(settings, request)}
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in settings.target(request.pipeline).command]
+
+
+def mirrored_batch(settings: TriggerSettings, request: LaunchRequest) -> str:
+    """Where the mirror puts the request's batch (folder or object); "" without a batch or a mirror."""
+    if not (request.bucket and settings.mirror_dir):
+        return ""
+    return str(Path(settings.mirror_dir).resolve() / request.batch[len(f"gs://{request.bucket}/"):])
 
 
 class LocalLauncher:

@@ -51,7 +51,7 @@ def mirror_batch(request: LaunchRequest, settings: TriggerSettings) -> list[Path
         return [target]
     folder = request.batch[len(f"gs://{request.bucket}/"):]
     for blob in bucket.list_blobs(prefix=folder):
-        relative = blob.name[len(settings.prefix):]
+        relative = blob.name[len(folder):]  # the folder itself passed the checks (training or score prefix)
         if blob.name.endswith("/") or data_file_ignore_reason(relative, settings):
             continue  # markers, temporaries and other non-data files stay in the bucket
         target = safe_target(root, blob.name, settings.max_name_bytes)

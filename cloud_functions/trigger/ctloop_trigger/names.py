@@ -30,6 +30,7 @@ class Decision:
     action: Literal["launch", "ignore", "reject"]
     reason: str
     batch: str = ""  # launch: the folder (batch mode) or the object itself, as gs://bucket/name
+    score: bool = False  # launch: the object landed under the score prefix: a scoring run over ``batch``
 
 
 def check_name(name: str, max_bytes: int) -> None:
@@ -84,7 +85,10 @@ def data_file_ignore_reason(relative: str, settings: TriggerSettings) -> str | N
 
 
 def decide(note: Notification, settings: TriggerSettings) -> Decision:
-    """Reject, ignore, or launch; the first matching rule wins and its reason is logged."""
+    """Reject, ignore, or launch; the first matching rule wins and its reason is logged.
+
+    Objects under the training prefix are new training data; objects under the score prefix (when set) are
+    rows to score. Both follow the same batch rules (markers, or one object = one batch)."""
     try:
         check_attributes(note, settings.max_name_bytes)
     except UnsafeName as exc:
@@ -93,9 +97,13 @@ def decide(note: Notification, settings: TriggerSettings) -> Decision:
         return Decision("ignore", f"event type {note.event_type!r:.60} is not {OBJECT_FINALIZE}")
     if note.bucket != settings.bucket:
         return Decision("ignore", f"bucket {note.bucket!r} is not the watched bucket {settings.bucket!r}")
-    if not note.name.startswith(settings.prefix):
-        return Decision("reject", f"object is outside the watched prefix {settings.prefix!r}")
-    relative = note.name[len(settings.prefix):]
+    score = bool(settings.score_prefix) and note.name.startswith(settings.score_prefix)
+    prefix = settings.score_prefix if score else settings.prefix
+    if not note.name.startswith(prefix):
+        return Decision("reject", f"object is outside the watched prefix {settings.prefix!r}"
+                        + (f" and the score prefix {settings.score_prefix!r}" if settings.score_prefix else ""))
+    what = "batch to score" if score else "batch"
+    relative = note.name[len(prefix):]
     if not relative or note.name.endswith("/"):
         return Decision("ignore", "folder placeholder object")
     folder, _, base = relative.rpartition("/")
@@ -108,10 +116,11 @@ def decide(note: Notification, settings: TriggerSettings) -> Decision:
         batch_folder = note.name[: len(note.name) - len(base)]
         if settings.name_pattern and not settings.name_pattern.fullmatch(batch_folder):
             return Decision("reject", "batch folder does not match the configured name pattern")
-        return Decision("launch", "batch marker landed", batch=f"gs://{note.bucket}/{batch_folder}")
+        return Decision("launch", f"{what} marker landed", batch=f"gs://{note.bucket}/{batch_folder}", score=score)
     reason = data_file_ignore_reason(relative, settings)
     if reason:
         return Decision("ignore", reason)
     if settings.name_pattern and not settings.name_pattern.fullmatch(note.name):
         return Decision("reject", "object name does not match the configured name pattern")
-    return Decision("launch", "new object", batch=f"gs://{note.bucket}/{note.name}")
+    return Decision("launch", "new object to score" if score else "new object",
+                    batch=f"gs://{note.bucket}/{note.name}", score=score)

@@ -1,6 +1,7 @@
-"""Schedule ticks: Pub/Sub messages Cloud Scheduler publishes (terraform/monitoring.tf) to launch the monitoring
-pipeline. A tick carries the attribute ``ctloopSchedule=monitoring`` and no Cloud Storage fields; its message id
-keys the run, so a redelivered tick launches nothing new and every tick launches once."""
+"""Schedule ticks: Pub/Sub messages Cloud Scheduler publishes to launch a pipeline: the monitoring pipeline
+(terraform/monitoring.tf, ``ctloopSchedule=monitoring``) or the scoring pipeline (terraform/scoring.tf,
+``ctloopSchedule=scoring``). A tick carries no Cloud Storage fields; its message id keys the run, so a redelivered
+tick launches nothing new and every tick launches once."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ctloop.launching import Pipeline
 from ctloop_trigger.jobs import LaunchRequest, event_time, job_id_for
 from ctloop_trigger.notification import MESSAGE_PUBLISHED, MalformedMessage, _get, _message
 
 SCHEDULE_ATTRIBUTE = "ctloopSchedule"
-SCHEDULES = ("monitoring",)
+SCHEDULES: tuple[Pipeline, ...] = ("monitoring", "scoring")  # the attribute's value is the pipeline
 _MESSAGE_ID = re.compile(r"^[0-9A-Za-z_-]{1,100}$")
 
 
 @dataclass(frozen=True)
 class Tick:
-    schedule: str
+    schedule: Pipeline
     message_id: str
     publish_time: str
 
@@ -49,9 +51,9 @@ def parse_tick(event: Any) -> Tick | None:
 
 
 def tick_request(tick: Tick, prefix: str) -> LaunchRequest:
-    """One monitoring run per tick: the job id hashes the schedule and the tick's message id; the recent window
-    ends at the tick's publish time."""
+    """One run of the tick's pipeline per tick: the job id hashes the schedule and the tick's message id; the
+    run's window (recent data, rows to score) ends at the tick's publish time."""
     uri = f"schedule://{tick.schedule}#{tick.message_id}"
     return LaunchRequest(job_id=job_id_for("schedule", tick.schedule, tick.message_id, prefix), trigger_uri=uri,
                          batch=uri, bucket="", name=tick.schedule, generation=tick.message_id,
-                         pipeline="monitoring", snapshot_time=event_time(tick.publish_time))
+                         pipeline=tick.schedule, snapshot_time=event_time(tick.publish_time))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ctloop.launching import Pipeline
 from ctloop.local_launch import cli_argv
 
 ENV_PREFIX = "CTLOOP_TRIGGER_"
@@ -23,7 +24,10 @@ _PLACEHOLDERS = ("{python}", "{config}", "{run_id}", "{trigger_uri}", "{snapshot
 DEFAULT_LAUNCH_COMMAND = tuple(cli_argv(*_PLACEHOLDERS[:2], "training", *_PLACEHOLDERS[2:]))
 # The monitoring pipeline (retrain policy on_drift, and schedule ticks): ``ctloop monitor``.
 DEFAULT_MONITOR_COMMAND = tuple(cli_argv(*_PLACEHOLDERS[:2], "monitoring", *_PLACEHOLDERS[2:]))
-LAUNCH_PLACEHOLDERS = frozenset(p.strip("{}") for p in _PLACEHOLDERS)
+# The scoring pipeline (scoring ticks, and batches under the score prefix): ``ctloop score``; ``{input}`` is the
+# mirrored batch folder ("" for a tick: the scoring window of the settings).
+DEFAULT_SCORE_COMMAND = tuple(cli_argv(*_PLACEHOLDERS[:2], "scoring", *_PLACEHOLDERS[2:], "{input}"))
+LAUNCH_PLACEHOLDERS = frozenset(p.strip("{}") for p in (*_PLACEHOLDERS, "{input}"))
 # Batch mode by default: a batch of many files starts one run when its marker lands (the Spark/Hadoop
 # convention); CTLOOP_TRIGGER_MARKERS="" switches to one run per data file.
 DEFAULT_MARKERS = ("_SUCCESS",)
@@ -39,6 +43,15 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]*)\}")
 
 class SettingsError(ValueError):
     """The function is misconfigured (a deployment problem, not a message problem)."""
+
+
+@dataclass(frozen=True)
+class LaunchTarget:
+    template: str
+    display_name: str
+    job_prefix: str
+    command: tuple[str, ...]
+    template_variable: str  # the setting that names the template, for error messages
 
 
 @dataclass(frozen=True)
@@ -73,10 +86,26 @@ class TriggerSettings:
     monitor_display_name: str = "ctloop-monitoring"
     monitor_job_prefix: str = "ctloop-monitor"
     monitor_command: tuple[str, ...] = DEFAULT_MONITOR_COMMAND
+    # batch scoring: scoring ticks, and new batches under score_prefix ("" = no "score this" prefix)
+    score_prefix: str = ""
+    score_template: str = ""  # cloud: the compiled scoring pipeline (path, gs:// or Artifact Registry URI)
+    score_display_name: str = "ctloop-scoring"
+    score_job_prefix: str = "ctloop-score"
+    score_command: tuple[str, ...] = DEFAULT_SCORE_COMMAND
 
     @property
     def batch_mode(self) -> bool:
         return bool(self.markers)
+
+    def target(self, pipeline: Pipeline) -> LaunchTarget:
+        """What launching ``pipeline`` takes: its template, display name, job id prefix and local command."""
+        if pipeline == "monitoring":
+            return LaunchTarget(self.monitor_template, self.monitor_display_name, self.monitor_job_prefix,
+                                self.monitor_command, "MONITOR_TEMPLATE")
+        if pipeline == "scoring":
+            return LaunchTarget(self.score_template, self.score_display_name, self.score_job_prefix,
+                                self.score_command, "SCORE_TEMPLATE")
+        return LaunchTarget(self.template, self.display_name, self.job_prefix, self.launch_command, "TEMPLATE")
 
     def resolve_bundle_path(self, value: str) -> str:
         """Relative paths are relative to the function bundle, not to the server's working directory."""
@@ -139,6 +168,13 @@ def _job_prefix(environ: Mapping[str, str], var: str, default: str) -> str:
     return prefix
 
 
+def _object_prefix(var: str, prefix: str) -> str:
+    if prefix.startswith("/") or "\\" in prefix or ".." in prefix.split("/"):
+        raise SettingsError(f"{ENV_PREFIX}{var}: expected an object name prefix such as 'ctloop/events/', "
+                            f"found {prefix!r}")
+    return prefix
+
+
 def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
     """Build and validate the settings from ``environ`` (normally ``os.environ``)."""
     bucket = _env(environ, "BUCKET")
@@ -147,10 +183,7 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
     backend = _env(environ, "BACKEND", "cloud")
     if backend not in ("cloud", "local"):
         raise SettingsError(f"{ENV_PREFIX}BACKEND: expected 'cloud' or 'local', found {backend!r}")
-    prefix = _env(environ, "PREFIX")
-    if prefix.startswith("/") or "\\" in prefix or ".." in prefix.split("/"):
-        raise SettingsError(f"{ENV_PREFIX}PREFIX: expected an object name prefix such as 'ctloop/events/', "
-                            f"found {prefix!r}")
+    prefix = _object_prefix("PREFIX", _env(environ, "PREFIX"))
     pattern_raw = _env(environ, "NAME_PATTERN")
     try:
         pattern = re.compile(pattern_raw) if pattern_raw else None
@@ -167,6 +200,17 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
     if monitor_prefix == job_prefix:
         raise SettingsError(f"{ENV_PREFIX}MONITOR_JOB_PREFIX: must differ from {ENV_PREFIX}JOB_PREFIX "
                             f"({job_prefix!r}), or a batch's monitoring and training runs would share a job id")
+    score_job_prefix = _job_prefix(environ, "SCORE_JOB_PREFIX", "ctloop-score")
+    if score_job_prefix in (job_prefix, monitor_prefix):
+        raise SettingsError(f"{ENV_PREFIX}SCORE_JOB_PREFIX: must differ from {ENV_PREFIX}JOB_PREFIX and "
+                            f"{ENV_PREFIX}MONITOR_JOB_PREFIX ({score_job_prefix!r}), or runs would share job ids")
+    score_prefix = _object_prefix("SCORE_PREFIX", _env(environ, "SCORE_PREFIX"))
+    if score_prefix and (score_prefix.startswith(prefix) if prefix else True):
+        raise SettingsError(f"{ENV_PREFIX}SCORE_PREFIX: {score_prefix!r} lies inside the training prefix "
+                            f"{ENV_PREFIX}PREFIX={prefix!r}; batches to score must land outside it")
+    if score_prefix and prefix.startswith(score_prefix):
+        raise SettingsError(f"{ENV_PREFIX}SCORE_PREFIX: {score_prefix!r} contains the training prefix "
+                            f"{ENV_PREFIX}PREFIX={prefix!r}; batches to score must land outside it")
     policy = _env(environ, "POLICY", "always")
     if policy not in POLICIES:
         raise SettingsError(f"{ENV_PREFIX}POLICY: expected one of {list(POLICIES)}, found {policy!r}")
@@ -196,6 +240,11 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
         monitor_display_name=_env(environ, "MONITOR_DISPLAY_NAME", "ctloop-monitoring"),
         monitor_job_prefix=monitor_prefix,
         monitor_command=_launch_command(environ, "MONITOR_COMMAND", DEFAULT_MONITOR_COMMAND),
+        score_prefix=score_prefix,
+        score_template=_env(environ, "SCORE_TEMPLATE"),
+        score_display_name=_env(environ, "SCORE_DISPLAY_NAME", "ctloop-scoring"),
+        score_job_prefix=score_job_prefix,
+        score_command=_launch_command(environ, "SCORE_COMMAND", DEFAULT_SCORE_COMMAND),
     )
     if backend == "cloud" and not settings.template:
         raise SettingsError(f"{ENV_PREFIX}TEMPLATE: required when {ENV_PREFIX}BACKEND=cloud (a compiled "
@@ -203,6 +252,12 @@ def load_settings(environ: Mapping[str, str]) -> TriggerSettings:
     if backend == "cloud" and policy != "always" and not settings.monitor_template:
         raise SettingsError(f"{ENV_PREFIX}MONITOR_TEMPLATE: required when {ENV_PREFIX}BACKEND=cloud and "
                             f"{ENV_PREFIX}POLICY={policy} (the compiled monitoring pipeline)")
+    if backend == "cloud" and score_prefix and not settings.score_template:
+        raise SettingsError(f"{ENV_PREFIX}SCORE_TEMPLATE: required when {ENV_PREFIX}BACKEND=cloud and "
+                            f"{ENV_PREFIX}SCORE_PREFIX is set (the compiled scoring pipeline)")
+    if backend == "local" and score_prefix and not settings.mirror_dir:
+        raise SettingsError(f"{ENV_PREFIX}MIRROR_DIR: required when {ENV_PREFIX}BACKEND=local and "
+                            f"{ENV_PREFIX}SCORE_PREFIX is set (local scoring runs read the mirrored batch)")
     if backend == "local" and not settings.state_dir:
         raise SettingsError(f"{ENV_PREFIX}STATE_DIR: required when {ENV_PREFIX}BACKEND=local "
                             "(a directory for the launch ledger and run logs)")

@@ -39,14 +39,14 @@ class VertexLauncher:
     def launch(self, request: LaunchRequest) -> bool:
         """True when this call created the job, False when it existed (HTTP 409); other errors raise."""
         settings = read_ctloop_config(self.settings.resolve_bundle_path(self.settings.config), VERTEX_REQUIRED)
-        monitoring = request.pipeline == "monitoring"
-        template = self.settings.monitor_template if monitoring else self.settings.template
-        if not template:
+        target = self.settings.target(request.pipeline)
+        if not target.template:
             raise ConfigError(f"no template for the {request.pipeline} pipeline: set CTLOOP_TRIGGER_"
-                              f"{'MONITOR_TEMPLATE' if monitoring else 'TEMPLATE'}")
+                              f"{target.template_variable}")
+        # A scoring run over a landed batch reads that batch (input_uri); a tick's reads the scoring window.
+        extra = {"input_uri": request.batch if request.bucket else ""} if request.pipeline == "scoring" else None
         launched = create_pipeline_job(
-            settings, pipeline=request.pipeline, template_path=self.settings.resolve_bundle_path(template),
+            settings, pipeline=request.pipeline, template_path=self.settings.resolve_bundle_path(target.template),
             job_id=request.job_id, snapshot=request.snapshot_time, trigger_uri=request.trigger_uri,
-            display_name=self.settings.monitor_display_name if monitoring else self.settings.display_name,
-            client_options=self.client_options())
+            display_name=target.display_name, extra_parameters=extra, client_options=self.client_options())
         return launched.created
