@@ -54,7 +54,7 @@ images: setup
 
 # The images at work (needs `make images`): the training pipeline under kfp's DockerRunner, the serving image
 # with Vertex's environment, the transform job as Dataproc starts it, the trigger bundle in a clean container.
-test-images: setup
+test-images: setup trigger-bundle
 	$(BIN)/pytest -q -p no:cacheprovider tests_images
 
 clean:

@@ -38,6 +38,9 @@ class GcpSettings(_Strict):
     # pipeline root, so cleaning pipeline runs never breaks the champion. "" = staging_bucket.
     model_bucket: str = ""
     service_account: str = "ctloop-pipeline@ctloop-dev.iam.gserviceaccount.com"
+    # The serving container's identity on the endpoints (deployModel's serviceAccount): reads the model files,
+    # writes the prediction log. "" = Vertex AI's own account for prediction containers.
+    serving_service_account: str = "ctloop-serving@ctloop-dev.iam.gserviceaccount.com"
     component_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/component:latest"
     serving_image: str = "europe-west4-docker.pkg.dev/ctloop-dev/ctloop/serving:latest"
     # The scoring batch's Dataproc Serverless custom container (components/spark/Dockerfile): the runtime lock

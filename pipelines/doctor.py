@@ -6,7 +6,12 @@ Checks, each failure one line naming the problem and its fix:
 - the pipeline template is reachable (its Artifact Registry tag resolves);
 - every service account of the IAM table (terraform/iam/calls.yaml) holds the permissions its calls need, tested
   as that account (impersonated) with ``testIamPermissions`` on the project, the buckets, the repositories and
-  the service accounts it acts as. Object-prefix grants and optional calls (``when``) are not tested here.
+  the service accounts it acts as; an object-prefix read grant by reading a missing object under the prefix
+  (404 = allowed, 403 = denied).
+
+Not verified here, and listed as such in the report (the Terraform tests check them against the bindings):
+object-prefix writes (testing them would write), optional calls (``when``), grants on datasets, topics,
+subscriptions and Cloud Run services, and Google's service agents (they cannot be impersonated).
 
 The caller needs serviceusage.services.get, storage.buckets.get, artifactregistry.repositories.get and
 Service Account Token Creator on the accounts (docs/iam.md, identity ``operator``).
@@ -52,6 +57,7 @@ class Endpoints:
 class Report:
     failures: list[str] = field(default_factory=list)
     passed: int = 0
+    unverified: list[str] = field(default_factory=list)  # what the doctor cannot test, one line each
 
     def check(self, ok: bool, problem: str, fix: str) -> None:
         if ok:
@@ -73,6 +79,8 @@ def required_services() -> list[str]:
 def account_email(settings: Settings, account: str) -> str:
     """``google_service_account.function_build`` -> ``<prefix>-function-build@<project>.iam.gserviceaccount.com``,
     the naming of terraform/iam.tf, with the prefix of the settings' pipeline account."""
+    if account == "google_service_account.serving" and settings.gcp.serving_service_account:
+        return settings.gcp.serving_service_account
     name = account.split(".")[1].replace("_", "-")
     local = settings.gcp.service_account.split("@", 1)[0]
     prefix = local[: -len("-pipeline")] if local.endswith("-pipeline") else "ctloop"
@@ -175,11 +183,18 @@ def _check_identities(settings: Settings, table: dict[str, Identity], report: Re
 
     needs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for ident in table.values():
-        if not ident.account or not ident.account.startswith("google_service_account."):
+        if not ident.account:
+            continue  # the operator: the doctor's own calls are its checks
+        if not ident.account.startswith("google_service_account."):
+            report.unverified.append(f"{ident.name} ({ident.account}): a Google service agent, not impersonable")
             continue
+        email = account_email(settings, ident.account)
         for call in ident.calls:
-            if not call.when:
-                needs[account_email(settings, ident.account)][call.scope].update(call.permissions)
+            if call.when:
+                report.unverified.append(f"{email}: {', '.join(call.permissions)} on {call.scope} "
+                                         f"(only when {call.when})")
+            else:
+                needs[email][call.scope].update(call.permissions)
     impersonate = impersonate or (lambda email: _impersonated(credentials, email, endpoints))
     project = settings.gcp.project
     for email, scopes in needs.items():
@@ -191,6 +206,9 @@ def _check_identities(settings: Settings, table: dict[str, Identity], report: Re
                 url = f"{endpoints.resourcemanager}/v3/projects/{project}:testIamPermissions"
             elif kind == "bucket" and "/" not in name and name in buckets:
                 url = f"{endpoints.storage}/storage/v1/b/{buckets[name]}/iam/testPermissions"
+            elif kind == "bucket" and perms == {"storage.objects.get"} and name.split("/", 1)[0] in buckets:
+                _probe_prefix_read(session, report, endpoints, email, scope, buckets)
+                continue
             elif kind == "service_account":
                 target = account_email(settings, f"google_service_account.{name}")
                 url = f"{endpoints.iam}/v1/projects/{project}/serviceAccounts/{target}:testIamPermissions"
@@ -199,7 +217,8 @@ def _check_identities(settings: Settings, table: dict[str, Identity], report: Re
                 url = (f"{endpoints.artifactregistry}/v1/projects/{project}/locations/{location}/repositories/"
                        f"{repo}:testIamPermissions")
             else:
-                continue  # object prefixes, datasets, topics: checked in the Terraform tests only
+                report.unverified.append(f"{email}: {', '.join(sorted(perms))} on {scope}")
+                continue
             wanted = sorted(perms)
             try:
                 if kind == "bucket":
@@ -218,6 +237,28 @@ def _check_identities(settings: Settings, table: dict[str, Identity], report: Re
             missing = [p for p in wanted if p not in granted]
             report.check(not missing, f"{email} lacks {', '.join(missing)} on {scope}",
                          "terraform apply (terraform/iam.tf grants it; docs/iam.md says which role)")
+
+
+def _probe_prefix_read(session: Any, report: Report, endpoints: Endpoints, email: str, scope: str,
+                       buckets: dict[str, str]) -> None:
+    """A prefix-conditioned read grant, which ``testPermissions`` on the bucket does not evaluate: read a missing
+    object under the prefix as ``email``. Storage answers 404 to a reader, 403 to anyone else."""
+    from urllib.parse import quote
+
+    key, _, prefix = scope.partition(":")[2].partition("/")
+    url = f"{endpoints.storage}/storage/v1/b/{buckets[key]}/o/{quote(prefix + '.ctloop-doctor-probe', safe='')}"
+    try:
+        status = session.get(url).status_code
+    except Exception as exc:  # noqa: BLE001 - impersonation refused: one line, not a traceback
+        report.check(False, f"cannot test {email}'s permissions ({str(exc).splitlines()[0][:120]})",
+                     f"grant yourself roles/iam.serviceAccountTokenCreator on {email}")
+        return
+    if status in (403, 404):
+        report.check(status == 404, f"{email} lacks storage.objects.get on {scope}",
+                     "terraform apply (terraform/iam.tf grants it; docs/iam.md says which role)")
+    else:
+        report.check(False, f"reading gs://{buckets[key]}/{prefix} as {email} failed (HTTP {status})",
+                     f"check that {email} exists (terraform apply) and that you may impersonate it")
 
 
 def _impersonated(source: Any, email: str, endpoints: Endpoints) -> Any:

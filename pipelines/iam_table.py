@@ -119,7 +119,7 @@ def render_docs(table: dict[str, Identity], grants: dict[str, list[tuple[str, st
             lines.append(f"Account: `{ident.account}`.")
         if ident.google_granted:
             lines.append(f"Google grants it {', '.join(f'`{r}`' for r in ident.google_granted)} on the project.")
-        else:
+        elif not grants.get(name):
             lines.append("Not a Terraform-managed account: the table records its calls; nothing grants them here.")
         lines.append("")
         if grants.get(name):

@@ -13,6 +13,7 @@ locals {
     _BQ_DATASET           = google_bigquery_dataset.ctloop.dataset_id
     _BQ_TABLE             = google_bigquery_table.events.table_id
     _PIPELINE_SA          = google_service_account.pipeline.email
+    _SERVING_SA           = google_service_account.serving.email
     _FUNCTION_NAME        = google_cloudfunctions2_function.trigger.name
     _FUNCTION_SA          = google_service_account.trigger.email
     _INVOKER_SA           = google_service_account.trigger_invoker.email

@@ -35,6 +35,13 @@ resource "google_service_account" "function_build" {
   description  = "Builds the trigger function's container from its source (the function's build_config)."
 }
 
+resource "google_service_account" "serving" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-serving"
+  display_name = "ctloop serving (${var.env})"
+  description  = "The serving containers on the Vertex AI endpoints: reads the model files, writes the prediction log."
+}
+
 # --- pipeline SA -------------------------------------------------------------------------------------------
 
 resource "google_project_iam_member" "pipeline" {
@@ -89,6 +96,13 @@ resource "google_artifact_registry_repository_iam_member" "pipeline_reads_templa
 # The transform step submits its Dataproc batch to run as the pipeline SA itself.
 resource "google_service_account_iam_member" "pipeline_acts_as_itself" {
   service_account_id = google_service_account.pipeline.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = "serviceAccount:${google_service_account.pipeline.email}"
+}
+
+# The deploy step names the serving SA on each deployed model (gcp.serving_service_account).
+resource "google_service_account_iam_member" "pipeline_acts_as_serving" {
+  service_account_id = google_service_account.serving.name
   role               = "roles/iam.serviceAccountUser"
   member             = "serviceAccount:${google_service_account.pipeline.email}"
 }
@@ -216,4 +230,41 @@ resource "google_service_account_iam_member" "build_acts_as_function_build" {
   service_account_id = google_service_account.function_build.name
   role               = "roles/iam.serviceAccountUser"
   member             = "serviceAccount:${google_service_account.build.email}"
+}
+
+# --- serving SA ----------------------------------------------------------------------------------------------
+
+# The registered model files (models/ of the staging bucket, gcp.model_bucket's default), read-only. Vertex
+# collects the container's stdout/stderr itself, and the server writes no metrics: no logging or monitoring role.
+resource "google_storage_bucket_iam_member" "serving_reads_models" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectViewer"
+  member = "serviceAccount:${google_service_account.serving.email}"
+
+  condition {
+    title       = "ctloop-models-only"
+    description = "Objects under models/ only."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.staging.name}/objects/models/\")"
+  }
+}
+
+# The prediction log (monitoring.sample_rate > 0): new objects only, each flush a new name (create-only writes).
+resource "google_storage_bucket_iam_member" "serving_writes_prediction_log" {
+  bucket = google_storage_bucket.staging.name
+  role   = "roles/storage.objectCreator"
+  member = "serviceAccount:${google_service_account.serving.email}"
+
+  condition {
+    title       = "ctloop-prediction-log-only"
+    description = "Objects under prediction_log/ only."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${google_storage_bucket.staging.name}/objects/prediction_log/\")"
+  }
+}
+
+# Online features: the server reads each entity's history state from the Feature Store view (fetchFeatureValues).
+# Feature Store Data Viewer is the smallest predefined role that holds that permission.
+resource "google_project_iam_member" "serving_reads_online_features" {
+  project = var.project_id
+  role    = "roles/aiplatform.featurestoreDataViewer"
+  member  = "serviceAccount:${google_service_account.serving.email}"
 }

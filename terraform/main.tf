@@ -20,8 +20,6 @@ locals {
   landing_prefix = "${var.bq_dataset}/${var.bq_table}/"
 
   pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
-  # The serving containers' identity (deploy names no service account); terraform/iam/calls.yaml lists its calls.
-  vertex_custom_code_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-aiplatform-cc.iam.gserviceaccount.com"
   # Vertex AI's service agent: syncs the Feature Store view from its BigQuery table (terraform/feature_store.tf).
   vertex_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-aiplatform.iam.gserviceaccount.com"
 

@@ -43,6 +43,11 @@ output "pipeline_service_account" {
   value       = google_service_account.pipeline.email
 }
 
+output "serving_service_account" {
+  description = "ctloop.yaml gcp.serving_service_account"
+  value       = google_service_account.serving.email
+}
+
 output "trigger_service_account" {
   description = "Runtime service account of the trigger function."
   value       = google_service_account.trigger.email
@@ -87,6 +92,8 @@ output "ctloop_settings" {
       pipeline_root   = "gs://${google_storage_bucket.pipeline_root.name}/runs"
       staging_bucket  = google_storage_bucket.staging.name
       service_account = google_service_account.pipeline.email
+      # The serving containers run as this account (deployModel's serviceAccount).
+      serving_service_account = google_service_account.serving.email
       # Dataproc Serverless batches run here (network.tf), not on the region's default subnetwork.
       dataproc_subnetwork = google_compute_subnetwork.dataproc.id
     }

@@ -58,6 +58,7 @@ class FakeProject:
                         rf"/v1/projects/{PROJECT}/locations/europe-west4/repositories/[^/]+:testIamPermissions"):
             server.route("POST", pattern, self.test_permissions)
         server.route("GET", r"/storage/v1/b/[^/]+/iam/testPermissions", self.test_permissions)
+        server.route("GET", r"/storage/v1/b/[^/]+/o/.+", self.read_object)
 
     def services(self, req: RecordedRequest) -> tuple[int, dict]:
         names = req.query["names"]
@@ -72,6 +73,13 @@ class FakeProject:
     def token(self, req: RecordedRequest) -> tuple[int, dict]:
         email = re.search(r"serviceAccounts/([^/:]+):", req.path).group(1)
         return 200, {"accessToken": f"token-for-{email}", "expireTime": "2099-01-01T00:00:00Z"}
+
+    def read_object(self, req: RecordedRequest) -> tuple[int, dict]:
+        """No object exists: a reader gets 404, anyone else 403 (as Cloud Storage answers)."""
+        email = req.headers["authorization"].removeprefix("Bearer token-for-")
+        if "storage.objects.get" in self.granted.get(email, set()):
+            return 404, {"error": {"code": 404, "message": "No such object"}}
+        return 403, {"error": {"code": 403, "message": f"{email} does not have storage.objects.get access"}}
 
     def test_permissions(self, req: RecordedRequest) -> tuple[int, dict]:
         email = req.headers["authorization"].removeprefix("Bearer token-for-")
@@ -115,6 +123,25 @@ def test_a_ready_project_passes(recording_server: RecordingServer, settings, pro
     assert recording_server.find("POST", acts_as)
     assert recording_server.find("GET", r"/storage/v1/b/ctloop-dev-landing/iam/testPermissions")
     assert report.passed > 20
+    # The serving SA's read grant under models/ is probed as that account (a missing object: 404 = may read).
+    serving = f"ctloop-serving@{PROJECT}.iam.gserviceaccount.com"
+    (probe,) = recording_server.find("GET", r"/storage/v1/b/ctloop-dev-staging/o/models/.*")
+    assert probe.headers["authorization"] == f"Bearer token-for-{serving}"
+    # What it cannot test is said, not skipped silently.
+    assert f"{serving}: storage.objects.create on bucket:staging/prediction_log/ (only when monitoring.sample_rate" \
+        " > 0)" in report.unverified
+    assert any(line.startswith("gcs_agent (data.google_storage_project_service_account.gcs): a Google service "
+                               "agent") for line in report.unverified)
+    assert any("on dataset:ctloop" in line for line in report.unverified)
+
+
+def test_a_prefix_read_grant_that_is_missing_fails(recording_server: RecordingServer, settings,
+                                                  project: FakeProject) -> None:
+    serving = f"ctloop-serving@{PROJECT}.iam.gserviceaccount.com"
+    project.granted[serving] = {"aiplatform.featureViews.fetchFeatureValues"}  # everything but the models/ read
+    assert _doctor(recording_server, settings).failures == [
+        f"{serving} lacks storage.objects.get on bucket:staging/models/ -> terraform apply (terraform/iam.tf "
+        "grants it; docs/iam.md says which role)"]
 
 
 def test_each_problem_is_one_line_with_its_fix(recording_server: RecordingServer, settings,
@@ -164,6 +191,7 @@ def test_cli_exits_non_zero_with_one_line_per_problem(recording_server: Recordin
     assert result.exit_code == 1
     assert "API dataproc.googleapis.com is not enabled" in result.output
     assert result.output.strip().splitlines()[-1].endswith("1 failed")
+    assert "not checked: " in result.output
     assert "Traceback" not in result.output
 
 

@@ -520,6 +520,18 @@ def test_outputs_cover_the_ctloop_settings() -> None:
         assert name in outputs, f"output {name} missing"
 
 
+def test_serving_account_flows_from_terraform_into_the_settings(cfg: dict[str, Any]) -> None:
+    """Deployed models run as the Terraform-made serving SA: the release renders it into the triggered runs'
+    settings, and the settings output names it for manual runs."""
+    sa = "google_service_account.serving"
+    assert sa.split(".")[1] in cfg["resource"]["google_service_account"]
+    assert sa in cfg["locals"]["release_substitutions"]["_SERVING_SA"]
+    assert sa in json.dumps(cfg["output"]["ctloop_settings"]["value"])
+    (render,) = [s for s in yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())["steps"]
+                 if s.get("id") == "render-config"]
+    assert "--set=gcp.serving_service_account=${_SERVING_SA}" in render["args"]
+
+
 # --- tools ----------------------------------------------------------------------------------------------
 
 

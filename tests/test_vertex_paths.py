@@ -276,9 +276,12 @@ def test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_split_dir(tmp_path_factory.mktemp("split") / "test", synthetic_frame(n=30, seed=4))
 
 
+SERVING_SA = f"ctloop-serving@{PROJECT}.iam.gserviceaccount.com"
+
+
 def _settings(**overrides: object) -> Settings:
     base = {"backend": "cloud", "gcp.project": PROJECT, "gcp.region": REGION, "gcp.serving_image": IMAGE,
-            "gcp.model_bucket": MODEL_BUCKET,
+            "gcp.model_bucket": MODEL_BUCKET, "gcp.serving_service_account": SERVING_SA,
             "deploy.smoke_instances": 3, "labels": {"app": "ctloop", "env": "Test"}}
     return Settings().with_overrides({**base, **overrides})
 
@@ -443,13 +446,16 @@ def test_first_deploy_staging_smoke_production_and_champion(vertex: FakeVertex, 
     assert staging_deploy["deployedModel"] == {
         "model": f"{P}/models/ctloop-churn@1", "displayName": "ctloop-churn-v1",
         "dedicatedResources": {"machineSpec": {"machineType": "n1-standard-2"}, "minReplicaCount": 1,
-                               "maxReplicaCount": 2}}
+                               "maxReplicaCount": 2},
+        # The serving container runs as the serving SA, not as Vertex AI's own account.
+        "serviceAccount": SERVING_SA}
     # Smoke test: one batch of 3, then 3 single instances, features only.
     predicts = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:predict")
     assert [len(p.json["instances"]) for p in predicts] == [3, 1, 1, 1]
     assert sorted(predicts[0].json["instances"][0]) == ["contract_type", "monthly_charges", "tenure_months"]
     (prod_deploy,) = _deploy_bodies(vertex, "ctloop-production")
     assert prod_deploy["trafficSplit"] == {"0": 100}
+    assert prod_deploy["deployedModel"]["serviceAccount"] == SERVING_SA
     assert vertex.traffic("ctloop-production") == {"ctloop-churn@1": 100}
     assert result.endpoint == f"{P}/endpoints/ctloop-production" and result.smoke.ok
     merges = vertex.server.find("POST", rf"/v1/{P}/models/ctloop-churn@1:mergeVersionAliases")
@@ -460,6 +466,16 @@ def test_first_deploy_staging_smoke_production_and_champion(vertex: FakeVertex, 
     undeploys = vertex.server.find("POST", rf"/v1/{P}/endpoints/ctloop-staging:undeployModel")
     assert [u.json["deployedModelId"] for u in undeploys] == [staged_id]
     assert vertex.endpoints["ctloop-staging"]["deployedModels"] == []
+
+
+def test_no_serving_account_leaves_the_choice_to_vertex(vertex: FakeVertex, model_dirs: dict[str, Path],
+                                                       test_split: Path) -> None:
+    """gcp.serving_service_account "" sends no serviceAccount: Vertex AI's own prediction account runs it."""
+    s = _settings(**{"gcp.serving_service_account": ""})
+    reg = _register(s, "run-1", model_dirs)
+    _deploy(s, "run-1", reg.model_name, reg.version, test_split)
+    bodies = _deploy_bodies(vertex, "ctloop-staging") + _deploy_bodies(vertex, "ctloop-production")
+    assert len(bodies) == 2 and all("serviceAccount" not in b["deployedModel"] for b in bodies)
 
 
 def test_canary_waits_for_judgement_and_the_next_one_replaces_it(vertex: FakeVertex,

@@ -7,7 +7,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +92,55 @@ def docker_host(engine: images.Engine) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             service.kill()
         log.close()
+
+
+class _KeepContainers:
+    """A docker client whose ``containers.run`` never sets ``auto_remove``, remembering what it started.
+
+    kfp's DockerRunner starts each step with ``auto_remove=True``, then streams its logs and waits for its exit
+    code. podman removes the container as it exits and then answers those calls with HTTP 500 "no such
+    container" (not the 404 kfp tolerates), failing a step that succeeded; and where it answers 404, kfp
+    assumes exit code 0. Kept until removed explicitly, the container always yields its logs and real exit code.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.started: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    @property
+    def containers(self) -> Any:
+        outer, collection = self, self._client.containers
+
+        class Containers:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(collection, name)
+
+            def run(self, *args: Any, **kwargs: Any) -> Any:
+                container = collection.run(*args, **{**kwargs, "auto_remove": False})
+                outer.started.append(container)
+                return container
+
+        return Containers()
+
+
+@pytest.fixture()
+def kfp_steps_removed_after_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kfp's DockerRunner steps run without ``auto_remove``; each is removed once its exit code is read."""
+    import docker
+    from kfp.local import docker_task_handler
+
+    original = docker_task_handler.run_docker_container
+
+    def run_docker_container(client: Any, *args: Any, **kwargs: Any) -> int:
+        kept = _KeepContainers(client)
+        try:
+            return original(kept, *args, **kwargs)
+        finally:
+            for container in kept.started:
+                with suppress(docker.errors.APIError):  # already gone: nothing left to clean up
+                    container.remove(force=True)
+
+    monkeypatch.setattr(docker_task_handler, "run_docker_container", run_docker_container)

@@ -103,8 +103,8 @@ def _docker_run(settings: Settings, pipeline: object, run_id: str, docker_host: 
     from docker.types import Mount
     from kfp import local
 
+    from ctloop.launching import pipeline_parameters
     from pipelines.local_run import run_local
-    from pipelines.main_job import pipeline_arguments
 
     monkeypatch.setenv("DOCKER_HOST", docker_host)
     workdir = str(settings.local.workdir)
@@ -119,7 +119,7 @@ def _docker_run(settings: Settings, pipeline: object, run_id: str, docker_host: 
     )
     lines: list[str] = []
     record = run_local(pipeline, settings, run_id=run_id, runner=runner, echo=lines.append,
-                       arguments=pipeline_arguments(settings, run_id, "", "gs://landing/events/part-0.parquet#1"))
+                       arguments=pipeline_parameters(settings, run_id, "", "gs://landing/events/part-0.parquet#1"))
     assert record.status == "SUCCEEDED", f"image {COMPONENT}: {record.error}"
     log = Path(record.log_path).read_text()
     ran = [s.name for s in record.steps if s.status == "SUCCEEDED"]
@@ -136,6 +136,30 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_pipeline(training_pipeline, tmp_path_factory.mktemp("compiled") / "training.yaml", COMPONENT)
 
 
+@pytest.mark.usefixtures("kfp_steps_removed_after_exit")
+def test_docker_runner_steps_report_their_exit_code_and_are_removed(
+        docker_host: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The runner's steps as run_docker_container runs them: the step's own exit code and output come back
+    (the container is not removed under the runner), and the container is gone afterwards."""
+    import docker
+    from kfp.local import docker_task_handler
+
+    monkeypatch.setenv("DOCKER_HOST", docker_host)
+    label = {"ctloop-test": f"exit-code-{os.getpid()}"}
+    client = docker.from_env()
+    try:
+        code = docker_task_handler.run_docker_container(
+            client, images.LOCAL_BASE, ["sh", "-c", "echo from-the-step; exit 3"], {}, network_mode="host",
+            labels=label)
+        left = client.containers.list(all=True, filters={"label": f"ctloop-test={label['ctloop-test']}"})
+    finally:
+        client.close()
+    assert code == 3
+    assert "from-the-step" in capsys.readouterr().out
+    assert left == []
+
+
+@pytest.mark.usefixtures("kfp_steps_removed_after_exit")
 def test_training_pipeline_runs_every_step_in_the_component_image_through_both_gate_branches(
         settings: Settings, compiled: Path, docker_host: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp import components as kfp_components

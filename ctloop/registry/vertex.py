@@ -247,7 +247,8 @@ class VertexRegistry:
         model = aiplatform.Model(model_name=f"{self.parent()}@{version}", **self.where.kw)
         ep.deploy(model=model, traffic_split=dict(traffic_split), machine_type=d.machine_type,
                   min_replica_count=d.min_replicas, max_replica_count=d.max_replicas,
-                  deployed_model_display_name=f"{self.display_name}-v{version}", sync=True)
+                  deployed_model_display_name=f"{self.display_name}-v{version}",
+                  service_account=self.settings.gcp.serving_service_account or None, sync=True)
         deployed = next((x for x in self.deployments(endpoint) or () if x.version == str(version)), None)
         if deployed is None:
             raise RegistryError(f"{ep.resource_name}: {self.parent()}@{version} is not listed after deploying")
