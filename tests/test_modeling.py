@@ -17,16 +17,14 @@ from ctloop.config import ModelSettings
 from ctloop.errors import DataValidationError, ModelLoadError
 from ctloop.features import FeatureSpec
 from ctloop.metrics import choose_threshold, classification_metrics
-from ctloop.model_runtime import ONNX_FILE
+from ctloop.model_runtime import ONNX_FILE, load_model
 from ctloop.modeling import (
     CARD_FILE,
     MODEL_FILE,
     build_pipeline,
     data_checksum,
     experiment_run_name,
-    load_model,
     make_classifier,
-    predict_proba,
     read_split,
     train_model,
 )
@@ -72,7 +70,7 @@ def test_both_model_types_learn_and_handle_unseen_categories(model_type: str, tr
     assert result.valid_metrics["roc_auc"] > 0.7
     test = _test_frame(splits)
     assert (test["contract_type"] == UNSEEN_CONTRACT).sum() > 10  # the fixture really has unseen categories
-    proba = predict_proba(load_model(result.model_dir), test)
+    proba = load_model(result.model_dir).predict_proba(test)
     assert proba.shape == (len(test),) and np.isfinite(proba).all()
     assert classification_metrics(test["churned"], proba, 0.35)["roc_auc"] > 0.7
 
@@ -90,8 +88,8 @@ def test_same_data_and_seed_give_bit_identical_probabilities(model_type: str, tm
     assert second.checksum == first.checksum
     assert second.valid_metrics == first.valid_metrics
     test = _test_frame(splits)
-    p1 = predict_proba(load_model(first.model_dir), test)
-    p2 = predict_proba(load_model(second.model_dir), test)
+    p1 = load_model(first.model_dir).predict_proba(test)
+    p2 = load_model(second.model_dir).predict_proba(test)
     assert np.array_equal(p1, p2)
 
 
@@ -182,9 +180,9 @@ def test_missing_values_in_any_spelling_are_missing(trained: dict, splits: dict[
         frame = row.copy().astype({"contract_type": object, "tenure_months": object})
         frame.loc[0, "contract_type"] = cat_missing
         frame.loc[0, "tenure_months"] = num_missing
-        variants.append(predict_proba(loaded, frame)[0])
+        variants.append(loaded.predict_proba(frame)[0])
     assert variants[0] == variants[1] == variants[2]
-    present = predict_proba(loaded, row.assign(contract_type="month_to_month", tenure_months=3.0))[0]
+    present = loaded.predict_proba(row.assign(contract_type="month_to_month", tenure_months=3.0))[0]
     assert present != variants[0]
 
 
@@ -215,7 +213,7 @@ def test_predict_names_missing_columns(trained: dict, splits: dict[str, Path]) -
     loaded = load_model(trained["logistic_regression"][1].model_dir)
     frame = _test_frame(splits).drop(columns=["region", "support_calls"])
     with pytest.raises(DataValidationError, match=r"lacks feature column\(s\) \['support_calls', 'region'\]"):
-        predict_proba(loaded, frame)
+        loaded.predict_proba(frame)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
