@@ -405,7 +405,9 @@ def one_per_entity(frame: pd.DataFrame, id_column: str, seed: int = 0) -> pd.Dat
     """
     if id_column not in frame.columns:
         raise DataValidationError(f"one row per entity: no id column {id_column!r}; found {list(frame.columns)}")
-    shuffled = frame.sample(frac=1.0, random_state=seed)
+    # Sorted first: the draw depends on the rows, not on the order a multi-threaded reader returned them in.
+    ordered = frame.sort_values(list(frame.columns), kind="mergesort", na_position="last").reset_index(drop=True)
+    shuffled = ordered.sample(frac=1.0, random_state=seed)
     return shuffled.drop_duplicates(subset=[id_column]).sort_index().reset_index(drop=True)
 
 

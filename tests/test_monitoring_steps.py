@@ -131,7 +131,7 @@ def test_prediction_log_source_reads_the_endpoint_log_window(tmp_path: Path) -> 
     assert sorted(pd.read_parquet(out)["tenure_months"].tolist()) == [float(i) for i in range(400)]
     with pytest.raises(DataValidationError, match=r"400 logged rows .* expected at least 500 \(monitoring.min_rows"):
         gather_recent(s.with_overrides({"monitoring.min_rows": 500}), run_id="m", output_path=str(out),
-                      output_uri=str(out), snapshot_time=(NOW + timedelta(minutes=5)).isoformat())
+                      output_uri=str(out), snapshot_time=window_end)
 
 
 # --- check_drift ---------------------------------------------------------------------------------------------
