@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,11 @@ import pytest
 
 from devtools.emulators import LocalCloud
 from tests.test_monitoring_trigger import tick_event
-from tests.test_trigger_chain import PREFIX, Trigger, wait_for
+from tests.test_trigger_chain import PREFIX, cloud, deployed_triggers, wait_for  # noqa: F401  (cloud: fixture)
 from tests.trigger_helpers import (
-    ENTRY_POINT,
-    TRIGGER_MAIN,
     bundle_on_sys_path,
     cloud_event,
     recorded_launches,
-    write_recorder,
 )
 
 bundle_on_sys_path()
@@ -226,42 +222,18 @@ def tick_request_for(message_id: str) -> LaunchRequest:
 # --- end to end on the emulators ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    with LocalCloud(log_dir=tmp_path_factory.mktemp("emulators")) as running:
-        yield running
-
-
 @pytest.fixture
-def deployed(cloud: LocalCloud, tmp_path: Path) -> Iterator[Any]:
-    started: list[Trigger] = []
-
-    def start(raw_env: dict[str, str] | None = None, **env: str) -> Trigger:
-        name = f"landing-{uuid.uuid4().hex[:12]}"
-        bucket = cloud.gcs.client().create_bucket(name)
-        script, records = write_recorder(tmp_path)
-        state_dir = tmp_path / "state"
-
+def deployed(cloud: LocalCloud, tmp_path: Path) -> Iterator[Any]:  # noqa: F811
+    def base(name: str, script: Path, records: Path, state_dir: Path) -> dict[str, str]:
         def command(kind: str, *extra: str) -> str:
             return json.dumps([sys.executable, str(script), str(records), kind, "{run_id}", "{trigger_uri}", *extra])
 
-        values = {"BACKEND": "local", "BUCKET": name, "PREFIX": PREFIX, "SCORE_PREFIX": SCORE,
-                  "STATE_DIR": str(state_dir), "MIRROR_DIR": str(tmp_path / "landing"),
-                  "LAUNCH_COMMAND": command("train"), "SCORE_COMMAND": command("score", "{input}"),
-                  "CONFIG": str(tmp_path / "ctloop.yaml")}
-        values.update({k.upper(): v for k, v in env.items()})
-        env_vars = {f"CTLOOP_TRIGGER_{k}": v for k, v in values.items()} | (raw_env or {})
-        server = cloud.start_function(TRIGGER_MAIN, ENTRY_POINT, env_vars, name=f"trigger-{name}")
-        subscription = cloud.pubsub.create_subscription(cloud.project, f"push-{name}", cloud.topic,
-                                                        push_endpoint=server.push_endpoint(cloud.topic))
-        trigger = Trigger(cloud, server, bucket, state_dir, records, subscription)
-        started.append(trigger)
-        return trigger
+        return {"BACKEND": "local", "BUCKET": name, "PREFIX": PREFIX, "SCORE_PREFIX": SCORE,
+                "STATE_DIR": str(state_dir), "MIRROR_DIR": str(tmp_path / "landing"),
+                "LAUNCH_COMMAND": command("train"), "SCORE_COMMAND": command("score", "{input}"),
+                "CONFIG": str(tmp_path / "ctloop.yaml")}
 
-    yield start
-    for trigger in started:
-        cloud.pubsub.delete_subscription(trigger.subscription)
-        cloud.stop_function(trigger.server)
+    yield from deployed_triggers(cloud, tmp_path, base)
 
 
 def test_scoring_tick_and_score_batch_end_to_end(deployed: Any, tmp_path: Path) -> None:

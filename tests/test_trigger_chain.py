@@ -107,8 +107,13 @@ class Trigger:
 Start = Callable[..., Trigger]
 
 
-@pytest.fixture
-def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
+def deployed_triggers(cloud: LocalCloud, tmp_path: Path,
+                      base_settings: Callable[[str, Path, Path, Path], dict[str, str]]) -> Iterator[Start]:
+    """Starts functions watching fresh buckets, each pushed to by its own subscription; stops them after.
+
+    ``base_settings(bucket name, recorder script, records file, state dir)`` gives the CTLOOP_TRIGGER_* values
+    (without the prefix); a start's keyword arguments override them and ``raw_env`` adds variables as named.
+    """
     started: list[Trigger] = []
 
     def start(raw_env: dict[str, str] | None = None, **env: str) -> Trigger:
@@ -116,11 +121,7 @@ def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
         bucket = cloud.gcs.client().create_bucket(name)
         script, records = write_recorder(tmp_path)
         state_dir = tmp_path / "state"
-        # Per-object mode unless the test sets markers (batch mode, the deployed default, has its own tests).
-        settings = {"BACKEND": "local", "BUCKET": name, "PREFIX": PREFIX, "STATE_DIR": str(state_dir), "MARKERS": "",
-                    "LAUNCH_COMMAND": json.dumps([sys.executable, str(script), str(records), "{run_id}",
-                                                  "{trigger_uri}", "{config}"]),
-                    "CONFIG": str(tmp_path / "ctloop.yaml")}
+        settings = base_settings(name, script, records, state_dir)
         settings.update({k.upper(): v for k, v in env.items()})
         env_vars = {f"CTLOOP_TRIGGER_{k}": v for k, v in settings.items()} | (raw_env or {})
         server = cloud.start_function(TRIGGER_MAIN, ENTRY_POINT, env_vars, name=f"trigger-{name}")
@@ -134,6 +135,18 @@ def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
     for trigger in started:
         cloud.pubsub.delete_subscription(trigger.subscription)
         cloud.stop_function(trigger.server)
+
+
+@pytest.fixture
+def start_trigger(cloud: LocalCloud, tmp_path: Path) -> Iterator[Start]:
+    def base(name: str, script: Path, records: Path, state_dir: Path) -> dict[str, str]:
+        # Per-object mode unless the test sets markers (batch mode, the deployed default, has its own tests).
+        return {"BACKEND": "local", "BUCKET": name, "PREFIX": PREFIX, "STATE_DIR": str(state_dir), "MARKERS": "",
+                "LAUNCH_COMMAND": json.dumps([sys.executable, str(script), str(records), "{run_id}",
+                                              "{trigger_uri}", "{config}"]),
+                "CONFIG": str(tmp_path / "ctloop.yaml")}
+
+    yield from deployed_triggers(cloud, tmp_path, base)
 
 
 def test_one_upload_launches_one_run_and_mirrors_it(start_trigger: Start, tmp_path: Path) -> None:
