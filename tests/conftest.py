@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
@@ -19,3 +19,20 @@ def recording_server() -> Iterator[RecordingServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None],
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A Spark test that fails because the shared JVM died says how it died on its summary line."""
+    report = yield
+    if report.failed and "spark" in getattr(item, "fixturenames", ()):
+        from tests.spark_fixtures import jvm_death
+
+        death = jvm_death()
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if death and crash is not None:
+            crash.message = f"{death}; {crash.message}"
+        if death:
+            report.sections.append(("Spark JVM", death))
+    return report
