@@ -25,7 +25,7 @@ from ctloop.smoke import SMOKE_TOLERANCE, expect_offline_scores, run_smoke, smok
 from serving.app import ServedModel, create_app
 from serving.background import running_server
 from tests.recording_server import RecordedRequest, RecordingServer
-from tests.spark_fixtures import spark  # noqa: F401  (pytest fixture)
+from tests.spark_fixtures import live_session, spark  # noqa: F401  (spark: a pytest fixture)
 from tests.test_transform import _run_local, _settings, build_fixture, write_fixture
 
 pytestmark = pytest.mark.spark
@@ -50,10 +50,10 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(spark, tmp_path_factory) -> Trained:  # noqa: F811
+def trained(tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("history")
     settings = _settings(**{"local.workdir": str(root / "work"), "model.params": {"max_iter": 40}})
-    result = _run_local(settings, write_fixture(build_fixture(), root / "input"), root, spark)
+    result = _run_local(settings, write_fixture(build_fixture(), root / "input"), root, live_session())
     dirs = {s: str(root / "task" / s) for s in tr.SPLITS}
     train_model(settings, dirs["train"], dirs["valid"], root / "model", run_id="history-1")
     return Trained(settings, result.spec, dirs, {s: pd.read_parquet(d) for s, d in dirs.items()}, root / "model")

@@ -21,7 +21,7 @@ from components.spark import transform_job
 from ctloop.config import DATAPROC_RUNTIME_SPARK, Settings
 from ctloop.errors import DataValidationError
 from ctloop.features import DERIVED_NAMES, FeatureSpec, resolve_feature_spec
-from tests.spark_fixtures import spark  # noqa: F401  (pytest fixture)
+from tests.spark_fixtures import live_session, spark  # noqa: F401  (spark: a pytest fixture)
 
 NUMERIC = ["tenure_months", "monthly_charges", "total_charges", "support_calls", "data_usage_gb",
            "late_payments", "satisfaction_score"]
@@ -182,11 +182,11 @@ def _run_local(settings: Settings, input_dir: Path, out: Path, spark_session: An
 
 
 @pytest.fixture(scope="module")
-def local_run(spark, tmp_path_factory) -> LocalRun:  # noqa: F811
+def local_run(tmp_path_factory) -> LocalRun:
     fx = build_fixture()
     root = tmp_path_factory.mktemp("transform")
     input_dir = write_fixture(fx, root / "input")
-    result = _run_local(_settings(), input_dir, root, spark)
+    result = _run_local(_settings(), input_dir, root, live_session())
     splits = {s: pd.read_parquet(root / "task" / s) for s in tr.SPLITS}
     return LocalRun(fx, root, result, splits)
 
