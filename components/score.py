@@ -37,6 +37,8 @@ from ctloop.sql import parse_timestamp
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from components.extract import ParquetSummary
+
 STEP = "score"
 JOB_FILE = Path(__file__).parent / "spark" / "score_job.py"
 REPORT_JSON = "score_report.json"
@@ -98,20 +100,13 @@ def collect_rows(settings: Settings, *, run_id: str, output_path: str, output_ur
                        output_uri=output_uri, snapshot_time=as_of.isoformat(), bq_client=bq_client)
 
 
-@dataclass(frozen=True)
-class BatchRows:
-    row_count: int
-    checksum: str
-    files: list[str]
-
-
 def _data_file(relative: str) -> bool:
     """A Parquet data file, not a marker, temporary or hidden file (any path segment starting '_' or '.')."""
     return relative.endswith(".parquet") and not any(seg.startswith(("_", ".")) for seg in relative.split("/"))
 
 
 def collect_batch(settings: Settings, *, input_uri: str, output_path: str, output_uri: str,
-                  storage_client: Any = None) -> BatchRows:
+                  storage_client: Any = None) -> "ParquetSummary":
     """The Parquet data files of one landed batch (a folder or one file) as the rows to score, copied into the
     step's output (in Cloud Storage, server side), so the run keeps its input whatever lands there later."""
     from components.extract import _move_into_place, summarize_export, summarize_parquet
@@ -133,8 +128,7 @@ def collect_batch(settings: Settings, *, input_uri: str, output_path: str, outpu
         for i, file in enumerate(files):
             shutil.copyfile(file, staging / f"part-{i:05d}.parquet")
         _move_into_place(staging, output)
-        summary = summarize_parquet(output)
-        return BatchRows(summary.rows, summary.checksum, summary.files)
+        return summarize_parquet(output)
     if not input_uri.startswith("gs://") or not output_uri.startswith("gs://"):
         raise CtloopError(f"score (cloud): the input and rows URIs must be gs://..., found {input_uri!r} and "
                           f"{output_uri!r}")
@@ -158,7 +152,7 @@ def collect_batch(settings: Settings, *, input_uri: str, output_path: str, outpu
     if not summary.checksum:
         raise CtloopError(f"score: copied {len(blobs)} file(s) of {input_uri} to {output_uri}, but "
                           f"{output_path} does not show them")
-    return BatchRows(summary.rows, summary.checksum, summary.files)
+    return summary
 
 
 def collect_rows_to_artifact(config: dict, run_id: str, snapshot_time: str, rows: Any,
@@ -166,9 +160,9 @@ def collect_rows_to_artifact(config: dict, run_id: str, snapshot_time: str, rows
     settings = Settings.from_param(config)
     if input_uri:
         batch = collect_batch(settings, input_uri=input_uri, output_path=rows.path, output_uri=rows.uri)
-        rows.metadata.update({"row_count": batch.row_count, "source": input_uri, "files": len(batch.files),
+        rows.metadata.update({"row_count": batch.rows, "source": input_uri, "files": len(batch.files),
                               "checksum": batch.checksum, "run_id": run_id})
-        return (batch.row_count,)
+        return (batch.rows,)
     result = collect_rows(settings, run_id=run_id, output_path=rows.path, output_uri=rows.uri,
                           snapshot_time=snapshot_time)
     rows.metadata.update({"row_count": result.row_count, "source_table": result.source_table,

@@ -38,7 +38,7 @@ from pipelines.compile import all_pipelines, compile_pipeline
 from pipelines.scoring import scoring_pipeline
 from pipelines.submit import submit_scoring
 from tests.recording_server import RecordingServer
-from tests.spark_fixtures import spark  # noqa: F401  (pytest fixture)
+from tests.spark_fixtures import live_session, spark  # noqa: F401  (spark: a pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 AS_OF = "2026-11-20T00:00:00+00:00"
@@ -52,7 +52,7 @@ def _settings(workdir: Path) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, spark: Any) -> dict[str, Any]:  # noqa: F811
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The training path end to end without the runner: extract, transform (local Spark), train, register the
     model as champion; returns the settings, the extract and the transform outputs."""
     root = tmp_path_factory.mktemp("scoring")
@@ -64,7 +64,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, spark: Any) -> dict[str, A
     run_transform(s, run_id="train-1", input_path=str(extract), input_uri=str(extract),
                   **{f"{k}_path": str(v) for k, v in splits.items()},
                   **{f"{k}_uri": str(v) for k, v in splits.items()},
-                  report_path=str(root / "transform" / "report.md"), spark=spark)
+                  report_path=str(root / "transform" / "report.md"), spark=live_session())
     model_dir = root / "model"
     train_model(s, splits["train"], splits["valid"], model_dir, "train-1",
                 {"train_uri": str(splits["train"]), "valid_uri": str(splits["valid"])})
@@ -329,7 +329,7 @@ def test_a_landed_batch_is_scored_as_the_window_scores_its_entities(trained: dic
     collected = tmp_path / "run" / "rows"
     batch = collect_batch(s, input_uri=str(tmp_path / "landing" / "scoring" / "2026-11-20"),
                           output_path=str(collected), output_uri=str(collected))
-    assert batch.row_count == len(rows) and batch.files == ["part-00000.parquet", "part-00001.parquet"]
+    assert batch.rows == len(rows) and batch.files == ["part-00000.parquet", "part-00001.parquet"]
     scores = tmp_path / "run" / "scores"
     result = run_scoring(s, run_id="score-batch-1", input_path=str(collected), input_uri=str(collected),
                          scores_path=str(scores), scores_uri=str(scores), snapshot_time=AS_OF, spark=spark)
@@ -387,7 +387,7 @@ def test_cloud_collect_batch_copies_the_data_files_server_side(recording_server:
                             client_options={"api_endpoint": recording_server.url})
     batch = collect_batch(s, input_uri=f"gs://ctloop-dev-landing/{src}", output_path=str(mount),
                           output_uri=f"gs://ctloop-dev-pipeline-root/{dst_prefix}", storage_client=client)
-    assert batch.row_count == 7 and batch.files == ["part-00000.parquet", "part-00001.parquet"]
+    assert batch.rows == 7 and batch.files == ["part-00000.parquet", "part-00001.parquet"]
     (listing,) = recording_server.find("GET", r"/storage/v1/b/ctloop-dev-landing/o")
     assert listing.query["prefix"] == [src]
     copies = recording_server.find("POST", r"/storage/v1/b/.+/rewriteTo/.+")
