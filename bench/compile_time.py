@@ -32,6 +32,9 @@ def measure(repeat: int) -> dict[str, Any]:
     pipelines = all_pipelines()
     project_import = time.perf_counter() - t0
     from bench.tiny_pipeline import tiny_pipeline
+    from ctloop.config import StepResources
+
+    tiny_resources = {"echo": StepResources(cpu="1", memory="1G")}  # its step is in no settings' resources
 
     compile_all_s, tiny_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,7 +43,7 @@ def measure(repeat: int) -> dict[str, Any]:
             paths = compile_all(Path(tmp) / f"all-{i}", IMAGE)
             compile_all_s.append(time.perf_counter() - t)
             t = time.perf_counter()
-            compile_pipeline(tiny_pipeline, Path(tmp) / f"tiny-{i}.yaml", IMAGE)
+            compile_pipeline(tiny_pipeline, Path(tmp) / f"tiny-{i}.yaml", IMAGE, tiny_resources)
             tiny_s.append(time.perf_counter() - t)
         sizes = {p.stem: p.stat().st_size for p in paths}
     return {"kfp_import": kfp_import, "project_import": project_import, "pipelines": sorted(pipelines),

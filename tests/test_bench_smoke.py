@@ -396,3 +396,12 @@ def test_a_child_named_after_a_parent_thread_is_the_parent_memory() -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+def test_compile_suite_measures_every_pipeline_and_the_one_step_baseline() -> None:
+    from bench.compile_time import measure
+
+    result = measure(1)
+    assert result["pipelines"] == ["monitoring", "scoring", "training"]
+    assert len(result["compile_all"]) == len(result["tiny"]) == 1 and min(result["tiny"]) > 0
+    assert set(result["yaml_bytes"]) == {"monitoring", "scoring", "training"}
