@@ -232,7 +232,8 @@ class LocalSettings(_Strict):
     # OpenMP/BLAS in local steps, the local server and tests (ctloop/threads.py): waiting threads sleep
     # (PASSIVE) instead of spinning, so another busy process costs CPU share, not a stalled barrier each time.
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
-    threads: int = Field(default=0, ge=0)  # OpenMP/BLAS threads per local process; 0 = one per CPU
+    # OpenMP/BLAS threads per local process; 0 = one per CPU, and a local fit takes the CPUs left idle.
+    threads: int = Field(default=0, ge=0)
 
     def path(self, *parts: str) -> Path:
         return Path(self.workdir).resolve().joinpath(*parts)

@@ -41,6 +41,7 @@ from ctloop.model_runtime import (
     to_category_strings,
     to_float64,
 )
+from ctloop.threads import fit_threads
 
 __all__ = ["CARD_FILE", "MODEL_FILE"]
 
@@ -223,7 +224,8 @@ def train_model(
         )
 
     pipeline = build_pipeline(spec, settings.model)
-    pipeline.fit(train[spec.model_features], train[label])
+    with fit_threads(settings):
+        pipeline.fit(train[spec.model_features], train[label])
     valid_proba = pipeline.predict_proba(valid[spec.model_features])[:, 1]
     m = settings.model
     threshold, objective_value = choose_threshold(

@@ -9,9 +9,16 @@ and degrades with the CPU it actually loses on a busy one. The bench's contentio
 The variables are read when the OpenMP/BLAS runtimes load, so they are set in the process environment before
 any step, server or test imports NumPy or scikit-learn; step processes inherit them. Vertex steps, which have
 their VM to themselves, do not go through here and keep the runtimes' defaults.
+
+A local fit (``fit_threads``) also takes only the CPUs other processes leave idle when it starts: even sleeping
+waiters leave the fit's barriers waiting on a thread that shares a CPU with another busy process, while one
+thread per idle CPU never waits on a descheduled peer. A quiet machine keeps every core.
 """
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 
 from ctloop.config import Settings
 
@@ -34,3 +41,43 @@ def use_local_threads(settings: Settings) -> dict[str, str]:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in env}
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all CPUs, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]  # user..steal; guest time is inside user
+    return values[3] + values[4], sum(values)
+
+
+def idle_cpus(sample_seconds: float = 0.1) -> float | None:
+    """How many of this process's CPUs sat idle over ``sample_seconds``; None where /proc/stat is missing."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(sample_seconds)
+        idle1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    machine = os.cpu_count() or 1
+    return min(float(len(os.sched_getaffinity(0))), (idle1 - idle0) / (total1 - total0) * machine)
+
+
+@contextlib.contextmanager
+def fit_threads(settings: Settings) -> Iterator[int | None]:
+    """OpenMP threads for a fit: on the local backend without ``local.threads``, one per CPU idle at the start
+    (at least one; every CPU on a quiet machine); elsewhere unchanged. Yields the limit set, or None."""
+    if settings.backend != "local" or settings.local.threads:
+        yield None
+        return
+    cpus = len(os.sched_getaffinity(0))
+    idle = idle_cpus()
+    threads = cpus if idle is None else max(1, min(cpus, round(idle)))
+    if threads >= cpus:
+        yield None
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="openmp"):
+        yield threads

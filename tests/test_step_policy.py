@@ -4,6 +4,7 @@ and resources for every pipeline."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,10 +14,11 @@ import pytest
 import yaml
 from google.api_core.exceptions import BadRequest, ServiceUnavailable
 
+from ctloop import threads
 from ctloop.config import DEFAULT_RESOURCES, Settings
 from ctloop.errors import DataValidationError
 from ctloop.steps import REASON_PREFIX, run_step, transient_retry
-from ctloop.threads import thread_env
+from ctloop.threads import fit_threads, idle_cpus, thread_env
 from pipelines.compile import all_pipelines, compile_pipeline
 from pipelines.local_run import RunRecord, StepRecord, _attach_reasons
 from pipelines.report_html import markdown_html, render_run_report
@@ -130,6 +132,35 @@ def test_local_threads_are_set_before_the_runtimes_load_and_a_user_value_wins() 
     policy, pools = json.loads(done.stdout.strip().splitlines()[-1])
     assert policy == "ACTIVE"
     assert pools and all(n == 1 for _, n in pools), pools  # every OpenMP/BLAS pool sized by the settings
+
+
+def test_a_local_fit_takes_the_cpus_left_idle_and_a_quiet_machine_keeps_every_core(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sklearn.ensemble  # noqa: F401  (loads the OpenMP runtime the limit applies to)
+    from threadpoolctl import threadpool_info
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(threads, "idle_cpus", lambda: 1.2)  # another process holds the rest
+    with fit_threads(Settings()) as limit:
+        openmp = {p["num_threads"] for p in threadpool_info() if p["user_api"] == "openmp"}
+    if cpus > 1:
+        assert limit == 1 and openmp == {1}
+    monkeypatch.setattr(threads, "idle_cpus", lambda: cpus - 0.1)  # quiet: no limit
+    with fit_threads(Settings()) as limit:
+        assert limit is None
+
+
+def test_fit_threads_leave_the_cloud_and_explicit_settings_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never() -> float:
+        raise AssertionError("sampled the CPUs although the settings decide")
+
+    monkeypatch.setattr(threads, "idle_cpus", never)
+    for settings in (Settings().with_overrides(["local.threads=1"]),
+                     Settings().with_overrides(["backend=cloud", "gcp.project=ctloop-test"])):
+        with fit_threads(settings) as limit:
+            assert limit is None
+    measured = idle_cpus()
+    assert measured is not None and 0.0 <= measured <= len(os.sched_getaffinity(0))
 
 
 # ---- compiled YAML of every pipeline: names, retries, resources ------------------------------------------------
