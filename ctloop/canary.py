@@ -7,7 +7,8 @@ endpoint's prediction log, split by ``__deployed_model_id``; each check is a one
 ``canary.p_value`` that must also exceed a size limit (docs/monitoring.md, "Canary analysis"):
 
 - errors: share of failed requests, Fisher's exact test; worse  -> rollback
-- latency: share of requests slower than the pooled p99, Fisher's exact test, and the p99 ratio -> rollback
+- latency: Mann-Whitney U on the request latencies, and the median ratio -> rollback
+- latency_p99: share of requests slower than the pooled p99, Fisher's exact test, and the p99 ratio -> rollback
 - scores: two-sample Kolmogorov-Smirnov on the probabilities (in shadow: on the same requests only) -> hold
 - labels: where labels have arrived, the DeLong bound of the ROC AUC drop (``ctloop.decay``) -> hold
 
@@ -52,6 +53,7 @@ from ctloop.rollout import ChampionMoved, promote, retire
 PROMOTE, ROLLBACK, HOLD, NO_CANARY = "promote", "rollback", "hold", "no_canary"
 LABELS_DIR = "labels"  # <log root>/labels/: files of (__request_id, label) for logged requests whose label arrived
 LABEL_COLUMN = "label"
+ROLLBACK_CHECKS = ("errors", "latency", "latency_p99")  # the others hold
 _MIN_LABELLED = 50  # per side, with both classes present
 
 
@@ -59,11 +61,11 @@ _MIN_LABELLED = 50  # per side, with both classes present
 class Check:
     """One comparison of canary against champion."""
 
-    name: str  # errors | latency | scores | labels
+    name: str  # errors | latency | latency_p99 | scores | labels
     test: str
-    champion: float  # the measure on the champion's side (error rate, p99 ms, mean score, AUC)
+    champion: float  # the measure on the champion's side (error rate, median or p99 ms, mean score, AUC)
     canary: float
-    size: float  # what the limit applies to: rate difference, p99 ratio, KS distance, AUC drop (bound)
+    size: float  # what the limit applies to: rate difference, latency ratio, KS distance, AUC drop (bound)
     limit: float
     p_value: float
     failed: bool
@@ -117,19 +119,43 @@ def error_check(champion: pd.DataFrame, canary: pd.DataFrame, s: CanarySettings)
                  s.max_error_rate_increase, p, p < s.p_value and r1 - r0 > s.max_error_rate_increase)
 
 
+def _latencies(champion: pd.DataFrame, canary: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return (champion[LATENCY_MS].dropna().to_numpy(float), canary[LATENCY_MS].dropna().to_numpy(float))
+
+
+def _ratio(canary: float, champion: float) -> float:
+    return canary / champion if champion > 0 else math.inf
+
+
 def latency_check(champion: pd.DataFrame, canary: pd.DataFrame, s: CanarySettings) -> Check:
-    lat0 = champion[LATENCY_MS].dropna().to_numpy(float)
-    lat1 = canary[LATENCY_MS].dropna().to_numpy(float)
+    """The canary is slower on most requests: Mann-Whitney U and the ratio of the medians.
+
+    A stall of the whole serving machine (a busy host, a pause) slows the requests in flight on both sides alike;
+    it moves the medians little, while it can lift the p99 of either side to the stall's length."""
+    lat0, lat1 = _latencies(champion, canary)
     if len(lat0) == 0 or len(lat1) == 0:
         return Check("latency", "not measured (no latencies logged)", math.nan, math.nan, math.nan,
+                     s.max_latency_median_ratio, math.nan, False)
+    p = float(stats.mannwhitneyu(lat1, lat0, alternative="greater").pvalue)
+    median0, median1 = float(np.median(lat0)), float(np.median(lat1))
+    ratio = _ratio(median1, median0)
+    return Check("latency", "Mann-Whitney U, one-sided (canary slower); and the median ratio", median0, median1,
+                 ratio, s.max_latency_median_ratio, p, p < s.p_value and ratio > s.max_latency_median_ratio)
+
+
+def latency_tail_check(champion: pd.DataFrame, canary: pd.DataFrame, s: CanarySettings) -> Check:
+    """The canary is slower on its slowest requests: its share above the pooled p99, and the ratio of the p99s."""
+    lat0, lat1 = _latencies(champion, canary)
+    if len(lat0) == 0 or len(lat1) == 0:
+        return Check("latency_p99", "not measured (no latencies logged)", math.nan, math.nan, math.nan,
                      s.max_latency_p99_ratio, math.nan, False)
     cut = float(np.quantile(np.concatenate([lat0, lat1]), 0.99))
     k0, k1 = int((lat0 > cut).sum()), int((lat1 > cut).sum())
     p = float(stats.fisher_exact([[k1, len(lat1) - k1], [k0, len(lat0) - k0]], alternative="greater").pvalue)
     p99_0, p99_1 = float(np.quantile(lat0, 0.99)), float(np.quantile(lat1, 0.99))
-    ratio = p99_1 / p99_0 if p99_0 > 0 else math.inf
-    return Check("latency", "share above the pooled p99, Fisher exact, one-sided; and the p99 ratio", p99_0, p99_1,
-                 ratio, s.max_latency_p99_ratio, p, p < s.p_value and ratio > s.max_latency_p99_ratio)
+    ratio = _ratio(p99_1, p99_0)
+    return Check("latency_p99", "share above the pooled p99, Fisher exact, one-sided; and the p99 ratio", p99_0,
+                 p99_1, ratio, s.max_latency_p99_ratio, p, p < s.p_value and ratio > s.max_latency_p99_ratio)
 
 
 def score_check(champion: pd.DataFrame, canary: pd.DataFrame, s: CanarySettings) -> Check:
@@ -171,13 +197,14 @@ def judge(log: pd.DataFrame, champion_id: str, canary_id: str, s: CanarySettings
         return Verdict(HOLD, [f"waiting for data: {len(req0)} champion and {len(req1)} canary requests logged, "
                               f"{s.min_requests} needed on each side (canary.min_requests)"], [],
                        len(req0), len(req1), matched)
-    checks = [error_check(req0, req1, s), latency_check(req0, req1, s), score_check(rows0, rows1, s)]
+    checks = [error_check(req0, req1, s), latency_check(req0, req1, s), latency_tail_check(req0, req1, s),
+              score_check(rows0, rows1, s)]
     if LABEL_COLUMN in log and (labels := label_check(rows0, rows1, s, threshold)) is not None:
         checks.append(labels)
     failed = [c for c in checks if c.failed]
     reasons = [f"{c.name}: champion {c.champion:.4g}, canary {c.canary:.4g}; {c.test}: size {c.size:.4g} "
                f"(limit {c.limit:g}), p = {c.p_value:.2g} (level {s.p_value:g})" for c in failed]
-    if any(c.name in ("errors", "latency") for c in failed):
+    if any(c.name in ROLLBACK_CHECKS for c in failed):
         decision = ROLLBACK
     elif failed:
         decision = HOLD

@@ -198,6 +198,7 @@ class CanarySettings(_Strict):
     min_requests: int = Field(default=200, ge=10)  # logged requests each side needs before anything is decided
     p_value: float = Field(default=0.01, gt=0, lt=1)  # level of each one-sided test
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)  # canary minus champion error rate
+    max_latency_median_ratio: float = Field(default=1.5, ge=1)  # canary median / champion median
     max_latency_p99_ratio: float = Field(default=1.5, ge=1)  # canary p99 / champion p99
     max_score_ks: float = Field(default=0.1, gt=0, le=1)  # KS distance of the two score distributions
     min_auc_drop: float = Field(default=0.02, ge=0, le=1)  # champion AUC minus canary AUC, on labelled rows

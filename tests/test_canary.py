@@ -57,12 +57,15 @@ def traffic_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:
-    # The p99 ratio limit is 2 here, not 1.5: this machine is shared, and a stall of the canary's scoring thread
-    # during its ~100 requests moves its p99 by more than production's thousands of requests would see. The
-    # injected delay (100 ms on a few ms) is far beyond either limit.
+    # The latency limits are 3 here, not 1.5. Server and traffic generator share this process and its GIL, and
+    # there the canary's model, called for a tenth of the requests, answers 1.2-1.6x slower at the median and
+    # 1.5-2x at the p99 than the champion's, busy with the other nine tenths (measured: two logistic
+    # regressions, one on each side, at a 10% share; equal at 50%). On Vertex AI each deployed model has
+    # replicas of its own. The injected delay (100 ms on about 16 ms) is 10x and more; the median check also
+    # holds when stalls of the whole process lift both p99s (tests/test_canary_rates.py, "stalled").
     base = {"local.workdir": str(tmp_path / "work"), "deploy.smoke_instances": 6, "deploy.canary_percent": 10,
             "monitoring.sample_rate": 1.0, "canary.min_requests": 60, "canary.max_requests_per_second": 5000,
-            "canary.max_latency_p99_ratio": 2.0}
+            "canary.max_latency_median_ratio": 3.0, "canary.max_latency_p99_ratio": 3.0}
     return Settings().with_overrides({**base, **overrides})
 
 
@@ -104,13 +107,14 @@ def test_a_good_canary_is_promoted_step_by_step_and_only_then_becomes_champion(
 
     first = _round(s, traffic_split, 900)
     assert first.decision == PROMOTE, first.verdict
-    assert {c.name: c.failed for c in first.verdict.checks} == {"errors": False, "latency": False, "scores": False}
+    assert {c.name: c.failed for c in first.verdict.checks} == {
+        "errors": False, "latency": False, "latency_p99": False, "scores": False}, first.verdict
     assert first.verdict.canary_requests >= s.canary.min_requests
     assert _split(s) == {V1: 50, V2: 50} and not first.became_champion
     assert _alias(s, "champion") == 1  # 50% is not yet champion
 
     second = _round(s, traffic_split, 200)
-    assert second.decision == PROMOTE and second.became_champion
+    assert second.decision == PROMOTE and second.became_champion, second.verdict
     assert _split(s) == {V2: 100}  # the old champion gave its traffic up and was undeployed
     assert (_alias(s, "champion"), _alias(s, "previous-champion")) == (2, 1)
 

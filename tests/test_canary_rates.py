@@ -3,8 +3,9 @@ prediction-log windows built from real model scores: the champion and each candi
 rows, every request goes to the canary with the canary share (a random split, as the endpoint splits), and the
 decision comes from ``ctloop.canary.judge`` with the default settings. ``pytest -s`` prints the table.
 
-Latencies are drawn from one heavy-tailed distribution for both sides (the latency test compares the two
-sides' shares above their pooled p99, which does not depend on the distribution's shape when nothing changed).
+Latencies are drawn from one heavy-tailed distribution for both sides (both latency tests are rank tests, which
+do not depend on the distribution's shape when nothing changed). Machine stalls add 100-300 ms to a share of the
+requests of both sides at once, as a busy or paused host does.
 """
 
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class Scenario:
     share: float
     errors: float = BASE_ERROR_RATE
     latency_factor: float = 1.0
+    slow_tail: float = 0.0  # share of the canary's requests 10x slower
+    stalls: float = 0.0  # share of all requests caught in a machine stall
     expect: str = PROMOTE
 
 
@@ -43,7 +46,11 @@ SCENARIOS = [
     Scenario("retrained model (C=0.5), 10% share", "good", 0.10),
     Scenario("errors 0.1% -> 5%, 10% share", "champion", 0.10, errors=0.05, expect=ROLLBACK),
     Scenario("errors 0.1% -> 2%, 50% share", "champion", 0.50, errors=0.02, expect=ROLLBACK),
+    Scenario("same model (A/A), 10% share, 3% stalled", "champion", 0.10, stalls=0.03),
     Scenario("latency x2, 10% share", "champion", 0.10, latency_factor=2.0, expect=ROLLBACK),
+    Scenario("latency x2, 10% share, 3% stalled", "champion", 0.10, latency_factor=2.0, stalls=0.03,
+             expect=ROLLBACK),
+    Scenario("5% of requests x10, 10% share", "champion", 0.10, slow_tail=0.05, expect=ROLLBACK),
     Scenario("scores +0.2, 10% share", "shifted", 0.10, expect=HOLD),
     Scenario("scores +0.1, 10% share", "shifted_small", 0.10, expect=HOLD),
 ]
@@ -72,7 +79,9 @@ def _window(sc: Scenario, scores: dict[str, np.ndarray], rng: np.random.Generato
     canary = rng.random(REQUESTS) < sc.share
     prob = np.where(canary, scores[sc.canary_model][rows], scores["champion"][rows])
     failed = rng.random(REQUESTS) < np.where(canary, sc.errors, BASE_ERROR_RATE)
-    latency = rng.lognormal(np.log(4.0), 0.5, REQUESTS) * np.where(canary, sc.latency_factor, 1.0)
+    slow = np.where(canary & (rng.random(REQUESTS) < sc.slow_tail), 10.0, 1.0)
+    latency = rng.lognormal(np.log(4.0), 0.5, REQUESTS) * np.where(canary, sc.latency_factor, 1.0) * slow
+    latency += (rng.random(REQUESTS) < sc.stalls) * rng.uniform(100.0, 300.0, REQUESTS)
     return pd.DataFrame({DEPLOYED_MODEL_ID: np.where(canary, "canary", "champion"),
                          REQUEST_ID: [f"r{i}" for i in range(REQUESTS)], ERROR: failed.astype(int),
                          LATENCY_MS: latency, PROBABILITY: np.where(failed, np.nan, prob)})
