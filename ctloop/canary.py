@@ -16,9 +16,11 @@ Fewer than ``canary.min_requests`` logged requests on either side: hold. Otherwi
 the next share of ``canary.steps``; reaching 100 moves ``champion`` compare-and-set, as ``ctloop.rollout`` does.
 """
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from ctloop.prediction_log import (
     DEPLOYED_MODEL_ID,
     ERROR,
     LATENCY_MS,
+    LOGGED_AT,
     PROBABILITY,
     REQUEST_ID,
     local_path,
@@ -51,6 +54,7 @@ from ctloop.registry.base import (
 from ctloop.rollout import ChampionMoved, promote, retire
 
 PROMOTE, ROLLBACK, HOLD, NO_CANARY = "promote", "rollback", "hold", "no_canary"
+STEPS_DIR = "canary_steps"  # <log root>/canary_steps/<deployed id>-<share>.json: when the analysis moved it
 LABELS_DIR = "labels"  # <log root>/labels/: files of (__request_id, label) for logged requests whose label arrived
 LABEL_COLUMN = "label"
 ROLLBACK_CHECKS = ("errors", "latency", "latency_p99")  # the others hold
@@ -186,6 +190,10 @@ def judge(log: pd.DataFrame, champion_id: str, canary_id: str, s: CanarySettings
     as ``label`` where they arrived)."""
     ids = log[DEPLOYED_MODEL_ID].astype(str) if not log.empty else pd.Series(dtype=str)
     rows0, rows1 = log[ids == champion_id], log[ids == canary_id]
+    if LOGGED_AT in log and not rows1.empty:
+        # Before the canary's first logged request the champion served alone, at another time and load.
+        first = pd.to_datetime(rows1[LOGGED_AT], utc=True).min()
+        rows0 = rows0[pd.to_datetime(rows0[LOGGED_AT], utc=True) >= first]
     matched = "split"
     if shadow and REQUEST_ID in log:
         # The shadow answered copies of requests the champion answered: compare on exactly those.
@@ -216,11 +224,13 @@ def judge(log: pd.DataFrame, champion_id: str, canary_id: str, s: CanarySettings
 # -- reading the window --------------------------------------------------------------------------------------
 
 
-def read_window(settings: Settings, now: datetime | None = None) -> pd.DataFrame:
-    """The production endpoint's prediction log over the last ``canary.window_hours``, with the labels that
-    have arrived joined on the request id (single-instance requests)."""
+def read_window(settings: Settings, now: datetime | None = None, since: datetime | None = None) -> pd.DataFrame:
+    """The production endpoint's prediction log over the last ``canary.window_hours`` (from ``since`` if later),
+    with the labels that have arrived joined on the request id (single-instance requests)."""
     end = (now or datetime.now(UTC)).astimezone(UTC)
     start = end - timedelta(hours=settings.canary.window_hours)
+    if since is not None:
+        start = max(start, since.astimezone(UTC))
     root = log_root(settings, settings.deploy.production_endpoint)
     log = read_prediction_log(root, start, end)
     labels = read_labels(root)
@@ -246,6 +256,29 @@ def read_labels(root: str) -> pd.DataFrame | None:
         raise DataValidationError(f"labels in {folder}: expected columns {REQUEST_ID!r} and {LABEL_COLUMN!r}, "
                                   f"found {list(labels.columns)}")
     return labels[[REQUEST_ID, LABEL_COLUMN]].drop_duplicates(REQUEST_ID, keep="last")
+
+
+def _step_file(settings: Settings, canary: Deployed, share: int) -> Path:
+    return local_path(log_root(settings, settings.deploy.production_endpoint)) / STEPS_DIR / f"{canary.id}-{share}.json"
+
+
+def step_started(settings: Settings, canary: Deployed) -> datetime | None:
+    """When the canary analysis moved ``canary`` to its current share (None: the deploy step put it there)."""
+    path = _step_file(settings, canary, canary.traffic)
+    if not path.is_file():
+        return None
+    try:
+        return datetime.fromisoformat(json.loads(path.read_text())["since"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataValidationError(f"canary step record {path}: expected {{\"since\": <ISO time>}}, found "
+                                  f"{path.read_text()[:200]!r} ({exc})") from exc
+
+
+def record_step(settings: Settings, canary: Deployed, share: int, at: datetime) -> None:
+    """Note that ``canary`` gets ``share`` from ``at`` on: the next judgement reads the log from then."""
+    path = _step_file(settings, canary, share)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"since": at.astimezone(UTC).isoformat()}))
 
 
 # -- acting on it --------------------------------------------------------------------------------------------
@@ -290,7 +323,8 @@ def apply(registry: Registry, production: str, champion: Deployed, canary: Deplo
 
 def run_canary(settings: Settings, registry: Registry, now: datetime | None = None,
                log: pd.DataFrame | None = None) -> CanaryOutcome:
-    """Find the canary on production, judge it on the prediction log (``log``, else read), act on it."""
+    """Find the canary on production, judge it on the prediction log since it got its current share (``log``:
+    that window, given), act on it."""
     production = settings.deploy.production_endpoint
     before = split_of(registry.deployments(production))
     pair = find_canary(registry, production)
@@ -303,15 +337,19 @@ def run_canary(settings: Settings, registry: Registry, now: datetime | None = No
         became = apply(registry, production, champion, canary, PROMOTE, settings.canary.steps)
         return CanaryOutcome(PROMOTE, champion.version, canary.version, before,
                              split_of(registry.deployments(production)), became, verdict)
+    recorded = log is None  # a window read here starts at the current step's record; a given one is as given
     if log is None:
         try:
-            log = read_window(settings, now)
+            log = read_window(settings, now, since=step_started(settings, canary))
         except DataValidationError as exc:
             if settings.monitoring.sample_rate <= 0:
                 raise DataValidationError(f"canary {canary.version}: cannot be judged with prediction logging "
                                           f"off (monitoring.sample_rate 0)") from exc
             log = pd.DataFrame(columns=[DEPLOYED_MODEL_ID])  # nothing logged yet: waiting for data
     verdict = judge(log, champion.id, canary.id, settings.canary, shadow=canary.traffic == 0)
+    if recorded and verdict.decision == PROMOTE and (share := next_step(settings.canary.steps, canary.traffic)) < 100:
+        # Before the split moves: each share is judged on requests served at that share only.
+        record_step(settings, canary, share, now or datetime.now(UTC))
     became = apply(registry, production, champion, canary, verdict.decision, settings.canary.steps)
     return CanaryOutcome(verdict.decision, champion.version, canary.version, before,
                          split_of(registry.deployments(production)), became, verdict)

@@ -18,6 +18,7 @@ from ctloop.prediction_log import (
     DEPLOYED_MODEL_ID,
     ERROR,
     LATENCY_MS,
+    LOGGED_AT,
     PROBABILITY,
     REQUEST_ID,
     log_root,
@@ -115,6 +116,8 @@ def test_a_good_canary_is_promoted_step_by_step_and_only_then_becomes_champion(
 
     second = _round(s, traffic_split, 200)
     assert second.decision == PROMOTE and second.became_champion, second.verdict
+    # Judged on the requests served at 50% only: the first round's, served at 10%, are not in its window.
+    assert second.verdict.champion_requests + second.verdict.canary_requests == 200
     assert _split(s) == {V2: 100}  # the old champion gave its traffic up and was undeployed
     assert (_alias(s, "champion"), _alias(s, "previous-champion")) == (2, 1)
 
@@ -225,6 +228,24 @@ def test_judge_alone_decides_on_each_check() -> None:
     assert judge(_log(2000, 500, 0.0, 0.0, 10.0, 0.0, 1), "a", "b", s).decision == ROLLBACK
     assert judge(_log(2000, 500, 0.0, 0.0, 5.0, 0.2, 1), "a", "b", s).decision == HOLD
     assert judge(_log(2000, 50, 0.0, 0.5, 50.0, 0.5, 1), "a", "b", s).decision == HOLD  # too few requests
+
+
+def test_the_champion_is_judged_only_from_the_canarys_first_request_on() -> None:
+    """A quiet night before the canary existed (the champion alone, 3x faster) does not count against it."""
+    s = CanarySettings(min_requests=100)
+    log = _log(2000, 500, 0.0, 0.0, 5.0, 0.0, 1)
+    start = pd.Timestamp("2026-12-01T12:00:00Z")
+    log[LOGGED_AT] = start + pd.to_timedelta(np.arange(len(log)) % 2000, unit="s")  # both sides interleaved
+    quiet = _log(3000, 0, 0.0, 0.0, 5.0, 0.0, 2)
+    quiet[LATENCY_MS] /= 3
+    quiet[REQUEST_ID] = "night-" + quiet[REQUEST_ID]
+    quiet[LOGGED_AT] = start - pd.to_timedelta(np.arange(len(quiet)) + 1, unit="s")
+    window = pd.concat([quiet, log], ignore_index=True)
+    verdict = judge(window, "a", "b", s)
+    assert verdict.decision == PROMOTE and verdict.champion_requests == 2000, verdict
+    # Without the times to tell the night from the day, the canary would be rolled back for the hour it served.
+    untimed = judge(window.drop(columns=LOGGED_AT), "a", "b", s)
+    assert untimed.decision == ROLLBACK and untimed.champion_requests == 5000, untimed
 
 
 def test_traffic_generator_is_bounded_to_loopback() -> None:
