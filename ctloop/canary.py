@@ -281,6 +281,13 @@ def record_step(settings: Settings, canary: Deployed, share: int, at: datetime) 
     path.write_text(json.dumps({"since": at.astimezone(UTC).isoformat()}))
 
 
+def clear_steps(settings: Settings, canary: Deployed) -> None:
+    """Forget ``canary``'s steps once it is rolled back or champion (a later deployment starts afresh)."""
+    folder = _step_file(settings, canary, 0).parent
+    for path in folder.glob(f"{canary.id}-*.json") if folder.is_dir() else []:
+        path.unlink(missing_ok=True)
+
+
 # -- acting on it --------------------------------------------------------------------------------------------
 
 
@@ -335,6 +342,7 @@ def run_canary(settings: Settings, registry: Registry, now: datetime | None = No
         # Judged and moved to 100% by an earlier run that stopped before the champion moved: finish that.
         verdict = Verdict(PROMOTE, ["the canary already serves 100%: the champion moves to it"])
         became = apply(registry, production, champion, canary, PROMOTE, settings.canary.steps)
+        clear_steps(settings, canary)
         return CanaryOutcome(PROMOTE, champion.version, canary.version, before,
                              split_of(registry.deployments(production)), became, verdict)
     recorded = log is None  # a window read here starts at the current step's record; a given one is as given
@@ -351,5 +359,7 @@ def run_canary(settings: Settings, registry: Registry, now: datetime | None = No
         # Before the split moves: each share is judged on requests served at that share only.
         record_step(settings, canary, share, now or datetime.now(UTC))
     became = apply(registry, production, champion, canary, verdict.decision, settings.canary.steps)
+    if became or verdict.decision == ROLLBACK:
+        clear_steps(settings, canary)
     return CanaryOutcome(verdict.decision, champion.version, canary.version, before,
                          split_of(registry.deployments(production)), became, verdict)

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from components.deploy import run_deploy
 from components.lookup import find_champion
 from components.register import run_register
-from ctloop.canary import HOLD, NO_CANARY, PROMOTE, ROLLBACK, CanaryOutcome, judge, run_canary
+from ctloop.canary import HOLD, NO_CANARY, PROMOTE, ROLLBACK, STEPS_DIR, CanaryOutcome, judge, run_canary
 from ctloop.config import CanarySettings, Settings
 from ctloop.prediction_log import (
     DEPLOYED_MODEL_ID,
@@ -113,11 +113,15 @@ def test_a_good_canary_is_promoted_step_by_step_and_only_then_becomes_champion(
     assert first.verdict.canary_requests >= s.canary.min_requests
     assert _split(s) == {V1: 50, V2: 50} and not first.became_champion
     assert _alias(s, "champion") == 1  # 50% is not yet champion
+    steps = Path(log_root(s, s.deploy.production_endpoint)) / STEPS_DIR
+    assert [p.name for p in steps.iterdir()] == [f"{V2}-50.json"]  # written before the split moved
 
     second = _round(s, traffic_split, 200)
     assert second.decision == PROMOTE and second.became_champion, second.verdict
-    # Judged on the requests served at 50% only: the first round's, served at 10%, are not in its window.
-    assert second.verdict.champion_requests + second.verdict.canary_requests == 200
+    # Judged on the requests served at 50% only: the first round's 900, served at 10%, are not in its window
+    # (nor the champion's few answered before the canary's first).
+    assert 190 <= second.verdict.champion_requests + second.verdict.canary_requests <= 200, second.verdict
+    assert not list(steps.iterdir())  # champion now: a later deployment of it starts afresh
     assert _split(s) == {V2: 100}  # the old champion gave its traffic up and was undeployed
     assert (_alias(s, "champion"), _alias(s, "previous-champion")) == (2, 1)
 
