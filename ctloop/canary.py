@@ -258,8 +258,12 @@ def read_labels(root: str) -> pd.DataFrame | None:
     return labels[[REQUEST_ID, LABEL_COLUMN]].drop_duplicates(REQUEST_ID, keep="last")
 
 
+def _steps_dir(settings: Settings) -> Path:
+    return local_path(log_root(settings, settings.deploy.production_endpoint)) / STEPS_DIR
+
+
 def _step_file(settings: Settings, canary: Deployed, share: int) -> Path:
-    return local_path(log_root(settings, settings.deploy.production_endpoint)) / STEPS_DIR / f"{canary.id}-{share}.json"
+    return _steps_dir(settings) / f"{canary.id}-{share}.json"
 
 
 def step_started(settings: Settings, canary: Deployed) -> datetime | None:
@@ -283,8 +287,7 @@ def record_step(settings: Settings, canary: Deployed, share: int, at: datetime) 
 
 def clear_steps(settings: Settings, canary: Deployed) -> None:
     """Forget ``canary``'s steps once it is rolled back or champion (a later deployment starts afresh)."""
-    folder = _step_file(settings, canary, 0).parent
-    for path in folder.glob(f"{canary.id}-*.json") if folder.is_dir() else []:
+    for path in _steps_dir(settings).glob(f"{canary.id}-*.json"):
         path.unlink(missing_ok=True)
 
 
