@@ -51,7 +51,7 @@ def run_floor(workdir: Path, landing: Path, snapshot_time: str, run_id: str, pro
     from components.transform import run_transform
     from ctloop.modeling import train_model
     from ctloop.online_stores import open_online_store
-    from ctloop.spark_session import local_spark
+    from ctloop.spark_session import local_spark, parquet_rows
 
     phases: dict[str, float] = {"imports": time.perf_counter() - t_imports}
     settings = bench_settings(workdir, overrides)
@@ -78,7 +78,7 @@ def run_floor(workdir: Path, landing: Path, snapshot_time: str, run_id: str, pro
     def transform() -> Any:
         # The component starts and stops its own session: so does this, timed in parts.
         t = time.perf_counter()
-        spark = local_spark(settings, app_name="ctloop-transform")
+        spark = local_spark(settings, app_name="ctloop-transform", rows=parquet_rows(str(dataset)))
         phases["spark_session_start"] = time.perf_counter() - t
         try:
             t = time.perf_counter()

@@ -51,7 +51,7 @@ def measure(rows: int, workdir: Path) -> dict[str, Any]:
 
     work = workdir / "scoring"
     settings = bench_settings(work / "state")
-    spark = local_spark(settings, app_name="bench-scoring")
+    spark = local_spark(settings, app_name="bench-scoring", rows=rows)  # the size it scores
     try:
         t = time.perf_counter()
         model_dir = _champion(settings, workdir / "data", work, spark)

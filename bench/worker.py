@@ -21,12 +21,12 @@ def spark_transform(input_dir: Path, out: Path, workdir: Path, overrides: list[s
     """The product's transform step (run_transform, local Spark), session start included as the step does."""
     from bench.workspace import bench_settings
     from components.transform import run_transform
-    from ctloop.spark_session import local_spark
+    from ctloop.spark_session import local_spark, parquet_rows
 
     settings = bench_settings(workdir, overrides)
     paths = {s: out / s for s in SPLITS}
     t0 = time.perf_counter()
-    spark = local_spark(settings, app_name="ctloop-transform")
+    spark = local_spark(settings, app_name="ctloop-transform", rows=parquet_rows(str(input_dir)))
     started = time.perf_counter() - t0
     try:
         result = run_transform(settings, run_id="bench-scaling", input_path=str(input_dir),

@@ -99,7 +99,7 @@ def run_register(settings: Settings, run_id: str, model_dir: str | Path, model_u
 
 def version_aliases(run_id: str, model_dir: Path) -> list[str]:
     """``run-<run id>`` and ``fp-<model fingerprint>``: each names at most one version of the model."""
-    from ctloop.modeling import CARD_FILE, model_fingerprint
+    from ctloop.model_runtime import CARD_FILE, model_fingerprint
     from ctloop.vertex import run_alias
 
     card = json.loads((model_dir / CARD_FILE).read_text())

@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
-
-from scipy import stats
 
 from ctloop.config import GateSettings
 from ctloop.paired import PairedDifference
@@ -95,7 +94,7 @@ def _compare(check: str, metric: str, value: float, threshold: float, comparator
 
 def _calibration(metrics: dict[str, Any], gate: GateSettings, whose: str) -> list[GateCheck]:
     """The calibration band checks; an estimate fails only when outside the band beyond z * its standard error."""
-    z = float(stats.norm.ppf(1 - gate.alpha))
+    z = NormalDist().inv_cdf(1 - gate.alpha)
     checks = []
     a, a_se = _metric(metrics, "calibration_intercept", whose), _metric(metrics, "calibration_intercept_se", whose)
     band = gate.max_calibration_intercept

@@ -16,6 +16,7 @@ of the on-disk format and keep their names and behaviour.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -396,3 +397,21 @@ def check_onnx_agreement(model: LoadedModel, frame: pd.DataFrame, where: str) ->
     return {**base, "agrees": False, "max_abs_diff": worst if math.isfinite(worst) else None,
             "reason": f"ONNX and scikit-learn probabilities differ by up to {worst:.3g} on {where} "
                       f"({int((diff > ONNX_TOLERANCE).sum())} of {len(frame)} rows above {ONNX_TOLERANCE:g})"}
+
+
+# The model-card fields that decide what a trained model is; run ids, timestamps and metrics do not.
+_FINGERPRINT_FIELDS = ("model_type", "hyperparameters", "seed", "threshold", "category_min_frequency", "label",
+                       "features", "feature_spec")
+
+
+def model_fingerprint(card: dict[str, Any]) -> str:
+    """A short hash of what determines the model: training data, features, estimator and its parameters.
+
+    Two runs on the same data with the same settings train the same model; the registry uses this to keep one
+    version of it instead of a duplicate per run.
+    """
+    basis = {k: card.get(k) for k in _FINGERPRINT_FIELDS}
+    basis["training_data_checksum"] = (card.get("training_data") or {}).get("checksum")
+    basis["sklearn"] = (card.get("versions") or {}).get("sklearn")
+    blob = json.dumps(basis, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]

@@ -269,24 +269,6 @@ def train_model(
     return TrainResult(model_dir=out, card=card, valid_metrics=valid_metrics, checksum=checksum, rows=rows)
 
 
-# The model-card fields that decide what a trained model is; run ids, timestamps and metrics do not.
-_FINGERPRINT_FIELDS = ("model_type", "hyperparameters", "seed", "threshold", "category_min_frequency", "label",
-                       "features", "feature_spec")
-
-
-def model_fingerprint(card: dict[str, Any]) -> str:
-    """A short hash of what determines the model: training data, features, estimator and its parameters.
-
-    Two runs on the same data with the same settings train the same model; the registry uses this to keep one
-    version of it instead of a duplicate per run.
-    """
-    basis = {k: card.get(k) for k in _FINGERPRINT_FIELDS}
-    basis["training_data_checksum"] = (card.get("training_data") or {}).get("checksum")
-    basis["sklearn"] = (card.get("versions") or {}).get("sklearn")
-    blob = json.dumps(basis, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
 def library_versions() -> dict[str, str]:
     return {
         "sklearn": sklearn.__version__,
