@@ -63,6 +63,10 @@ ROWS_PER_FILE = 1_000_000
 _TS_US = "__ts_us"
 _SPLIT = "__split"
 _TYPED = "__typed__"
+_SOURCE = "__source__"
+_WELL_FORMED = "__well_formed"
+_CONFLICT = "__conflict"
+_KEEP = "__keep"
 _COPIES = "__copies"
 _TWINS = "__twins"
 _MICROS_PER_DAY = 86_400_000_000
@@ -203,42 +207,32 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
     counts: dict[str, Any] = {"input_rows": raw.count()}
     log.info("read %d rows from %s", counts["input_rows"], args.input)
 
-    # Flags depend on a row's values alone, so exact duplicates share them: the malformed rows and the clean
-    # ones are deduplicated apart. The few malformed rows take a cheap pass of their own (no cache of the whole
-    # input); the clean ones go through one shuffle by id, which the exact-duplicate drop (grouping on every
-    # column, id among them) and both windows (partitioned by id) all reuse.
-    flagged = flag_rows(raw, spec, non_negative, nanos_as_long)
-    quarantine = (flagged.where(F.col(REASON).isNotNull())
-                  .groupBy(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN)
-                  .agg(F.count(F.lit(1)).alias(_COPIES))
-                  .persist(StorageLevel.MEMORY_AND_DISK))
-    featured: DataFrame | None = None
-    checked: DataFrame | None = None
+    # One shuffle by id, one sort, one cache: exact duplicates (every source column equal) are grouped within
+    # the id's partition, counted as their copies, then flagged (flags depend on a row's values alone); the
+    # conflicting labels, the one row per (id, timestamp) and the history all come from windows over a single
+    # sort of those partitions (``check_and_feature``).
+    distinct = (raw.repartition(_col(spec.id_column))
+                .groupBy(*[_col(c) for c in spec.source_columns]).agg(F.count(F.lit(1)).alias(_COPIES)))
+    flagged = flag_rows(distinct, spec, non_negative, nanos_as_long)
+    rows = check_and_feature(flagged.select(
+        *[_col(c).alias(_SOURCE + c) for c in spec.source_columns],
+        *[F.col(_quote(_TYPED + c)).alias(c) for c in spec.source_columns],
+        REASON, REASON_COLUMN, _COPIES), spec).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        # The well-formed rows, one per distinct row with its number of input copies, partitioned by id: the
-        # conflicting-label window (by id and timestamp) and the later windows (by id) reuse that shuffle.
-        distinct = (flagged.where(F.col(REASON).isNull()).select(*[_col(c) for c in spec.source_columns])
-                    .repartition(_col(spec.id_column))
-                    .groupBy(*[_col(c) for c in spec.source_columns]).agg(F.count(F.lit(1)).alias(_COPIES)))
-        checked = flag_conflicting_labels(flag_rows(distinct, spec, non_negative, nanos_as_long), spec)
-        checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
-        conflicting = (checked.where(F.col(REASON).isNotNull())
-                       .select(*[_col(c) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES))
-        quarantine_all = quarantine.unionByName(conflicting)
-        reasons = quarantine_all.groupBy(REASON, REASON_COLUMN).agg(
+        quarantine = rows.where(F.col(REASON).isNotNull()).select(
+            *[F.col(_quote(_SOURCE + c)).alias(c) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES)
+        reasons = quarantine.groupBy(REASON, REASON_COLUMN).agg(
             F.count(F.lit(1)).alias("count"), F.sum(_COPIES).alias("copies")).collect()
         counts["bad"] = [r for r in reasons if r[REASON] is not None]
         bad_rows = sum(r["count"] for r in reasons)
         bad_input_rows = sum(int(r["copies"]) for r in reasons)
-        quarantine_rows = quarantine_all.drop(_COPIES)
+        quarantine_rows = quarantine.drop(_COPIES)
         if counts["input_rows"] == bad_input_rows:
             _write_parquet(quarantine_rows, bad_rows, args.quarantine_out)
             raise ValueError(f"input {args.input}: no valid rows left after quarantine "
                              f"({_reason_text(counts['bad'])}); nothing to split")
-        clean = checked.where(F.col(REASON).isNull()).select(
-            *[F.col(_quote(_TYPED + c)).alias(c) for c in spec.source_columns])
-        featured = add_history(dedup_id_timestamp(clean, spec, count_as=_TWINS), spec)
-        featured = featured.persist(StorageLevel.MEMORY_AND_DISK)
+        featured = rows.where(F.col(REASON).isNull()).select(
+            *[_col(c) for c in spec.output_columns], _TS_US, _TWINS)
 
         cuts = cut_points(featured, args.valid_fraction, args.test_fraction)
         split = featured.withColumn(_SPLIT, F.when(F.col(_TS_US) < cuts[0], "train")
@@ -258,11 +252,7 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
         for name in SPLITS:
             log.info("wrote %d %s rows to %s", stats[name]["rows"], name, getattr(args, f"{name}_out"))
     finally:
-        if featured is not None:
-            featured.unpersist()
-        if checked is not None:
-            checked.unpersist()
-        quarantine.unpersist()
+        rows.unpersist()
     report = build_report(args, spec, counts, cuts, stats)
     write_text(spark, args.report_out, json.dumps(report, indent=2, sort_keys=True))
     log.info("quarantined: %s", json.dumps(report["quarantined"]))
@@ -372,56 +362,84 @@ def flag_rows(df: DataFrame, spec: JobSpec, non_negative: list[str], nanos_as_lo
     return df.select("*", *typed, reason.alias(REASON), reason_column.alias(REASON_COLUMN))
 
 
-def flag_conflicting_labels(flagged: DataFrame, spec: JobSpec) -> DataFrame:
-    """Marks ``conflicting_label`` on the clean rows of each (id, timestamp) whose clean rows disagree on the label."""
-    key = Window.partitionBy(F.col(_quote(_TYPED + spec.id_column)), F.col(_quote(_TYPED + spec.timestamp_column)))
-    clean_label = F.when(F.col(REASON).isNull(), F.col(_quote(_TYPED + spec.label_column)))
-    conflict = F.col(REASON).isNull() & (F.min(clean_label).over(key) != F.max(clean_label).over(key))
-    flagged = flagged.withColumn("__conflict", conflict)  # one window, read by both columns below
-    return (flagged
-            .withColumn(REASON_COLUMN, F.when(F.col("__conflict"), F.lit(spec.label_column))
+def check_and_feature(df: DataFrame, spec: JobSpec) -> DataFrame:
+    """Marks ``conflicting_label``, keeps one row per (id, timestamp) and adds the history, in one sort.
+
+    ``df``: distinct rows partitioned by id, with the typed values under the spec's names, the quarantine
+    reason (null = well-formed) and ``__copies``. Returns the quarantined rows (malformed or conflicting) and
+    the kept clean rows, these with ``__twins`` (the clean rows their (id, timestamp) had) and the history.
+    Malformed rows sort apart from the well-formed ones of the same id; a conflict takes every clean row of
+    its (id, timestamp), so the windows below see whole groups and the history counts kept clean rows only.
+    """
+    df = df.withColumn(_WELL_FORMED, F.col(REASON).isNull())
+    df = _with_ts_us(df, spec)
+    entity = [_col(spec.id_column), F.col(_WELL_FORMED)]
+    df = df.sortWithinPartitions(*entity, *_first_row_order(spec))
+    same_key = Window.partitionBy(*entity, F.col(_TS_US))
+    clean_label = F.when(F.col(_WELL_FORMED), _col(spec.label_column))
+    conflict = F.col(_WELL_FORMED) & (F.min(clean_label).over(same_key) != F.max(clean_label).over(same_key))
+    previous_ts = F.lag(F.col(_TS_US)).over(Window.partitionBy(*entity).orderBy(*_first_row_order(spec)))
+    df = df.select("*", conflict.alias(_CONFLICT), (previous_ts.isNull() | (previous_ts != F.col(_TS_US))).alias(_KEEP),
+                   F.count(F.lit(1)).over(same_key).alias(_TWINS))
+    df = (df.withColumn(REASON_COLUMN, F.when(F.col(_CONFLICT), F.lit(spec.label_column))
                         .otherwise(F.col(REASON_COLUMN)))
-            .withColumn(REASON, F.when(F.col("__conflict"), F.lit("conflicting_label")).otherwise(F.col(REASON)))
-            .drop("__conflict"))
+          .withColumn(REASON, F.when(F.col(_CONFLICT), F.lit("conflicting_label")).otherwise(F.col(REASON))))
+    counted = F.col(REASON).isNull() & F.col(_KEEP)
+    df = df.select("*", *history_columns(spec, entity, counted))
+    df = df.where(F.col(REASON).isNotNull() | F.col(_KEEP))
+    # A quarantined row keeps its source values only, a kept row its typed values and features: the other
+    # half is null, which the cache stores as a bit.
+    bad = F.col(REASON).isNotNull()
+    source = [F.when(bad, F.col(_quote(_SOURCE + c))).alias(_SOURCE + c) for c in spec.source_columns]
+    typed = [F.when(~bad, _col(c)).alias(c) for c in spec.output_columns]
+    return df.select(*source, *typed, REASON, REASON_COLUMN, _COPIES, _TS_US, _TWINS)
 
 
-def dedup_id_timestamp(df: DataFrame, spec: JobSpec, count_as: str | None = None) -> DataFrame:
+def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
     """One row per (id, timestamp): the first by the other output columns, ascending with nulls last.
 
     Adds ``__ts_us`` (the timestamp in microseconds, which orders rows as the timestamp does) and sorts by
     it, partitioned by id alone: the history window that follows then needs neither a shuffle nor a sort.
-    ``count_as`` names a column for how many rows the kept one stood for (itself and its dropped twins).
     """
     df = _with_ts_us(df, spec)
-    others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
-    w = Window.partitionBy(_col(spec.id_column)).orderBy(
-        F.col(_TS_US).asc(), *[_col(c).asc_nulls_last() for c in others])
+    w = Window.partitionBy(_col(spec.id_column)).orderBy(*_first_row_order(spec))
     previous_ts = F.lag(F.col(_TS_US)).over(w)
-    keep = previous_ts.isNull() | (previous_ts != F.col(_TS_US))
     # A window value cannot be filtered on directly: materialise it as a column first.
-    df = df.withColumn("__keep", keep)
-    if count_as is not None:  # after the window above, whose sort already groups each (id, timestamp)
-        df = df.withColumn(count_as, F.count(F.lit(1)).over(
-            Window.partitionBy(_col(spec.id_column), F.col(_TS_US))))
-    return df.where(F.col("__keep")).drop("__keep")
+    df = df.withColumn(_KEEP, previous_ts.isNull() | (previous_ts != F.col(_TS_US)))
+    return df.where(F.col(_KEEP)).drop(_KEEP)
+
+
+def _first_row_order(spec: JobSpec) -> list[Column]:
+    """Within an id: by time, then by the other source columns ascending, nulls last (the kept row first)."""
+    others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
+    return [F.col(_TS_US).asc(), *[_col(c).asc_nulls_last() for c in others]]
 
 
 def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
     """Adds ``__ts_us`` (unless there) and the history features from the same entity's strictly earlier rows."""
     df = _with_ts_us(df, spec)
+    return df.select("*", *history_columns(spec, [_col(spec.id_column)]))
+
+
+def history_columns(spec: JobSpec, entity: list[Column], counted: Column | None = None) -> list[Column]:
+    """The history features of each row from the strictly earlier rows of its ``entity`` (all of them, or
+    those where ``counted`` holds): a range frame over ``__ts_us`` ending 1 µs before the row."""
     if not spec.history_enabled:
-        return df
-    earlier = (Window.partitionBy(_col(spec.id_column)).orderBy(F.col(_TS_US))
-               .rangeBetween(Window.unboundedPreceding, -1))
-    prior_ts = F.max(F.col(_TS_US)).over(earlier)
+        return []
+    earlier = Window.partitionBy(*entity).orderBy(F.col(_TS_US)).rangeBetween(Window.unboundedPreceding, -1)
+
+    def only(value: Column) -> Column:
+        return value if counted is None else F.when(counted, value)
+
+    prior_ts = F.max(only(F.col(_TS_US))).over(earlier)
     names = spec.names
     derived = [
-        F.count(F.lit(1)).over(earlier).cast("double").alias(names.prior_events),
+        F.count(only(F.lit(1))).over(earlier).cast("double").alias(names.prior_events),
         ((F.col(_TS_US) - prior_ts) / _MICROS_PER_DAY).cast("double").alias(names.days_since_prior),
     ]
-    derived += [F.avg(_col(c)).over(earlier).cast("double").alias(names.prior_mean_prefix + c)
+    derived += [F.avg(only(_col(c))).over(earlier).cast("double").alias(names.prior_mean_prefix + c)
                 for c in spec.history_means]
-    return df.select("*", *derived)
+    return derived
 
 
 def _with_ts_us(df: DataFrame, spec: JobSpec) -> DataFrame:
@@ -439,7 +457,7 @@ def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tu
 
 def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
     """Rows, positive rate, time range and per-feature null counts of each split, in one aggregation; with a
-    ``__twins`` column (``dedup_id_timestamp(count_as=...)``) also the clean rows before that dedup."""
+    ``__twins`` column (``check_and_feature``) also the clean rows before the (id, timestamp) dedup."""
     features = spec.numeric + spec.categorical + spec.derived
     aggs = [F.count(F.lit(1)).alias("rows"), F.sum(_col(spec.label_column)).alias("positives"),
             F.min(_TS_US).alias("ts_min"), F.max(_TS_US).alias("ts_max"),
