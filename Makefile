@@ -15,6 +15,8 @@ $(BIN)/.installed: requirements-dev.lock pyproject.toml devtools/pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements-dev.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e . -e devtools
+	# Spark's classes, recorded once for every later local session to map (ctloop/spark_session.py).
+	$(BIN)/python -m ctloop.spark_session
 	touch $@
 
 setup: $(BIN)/.installed
