@@ -118,8 +118,7 @@ def _record(archive: str) -> None:
             "*", F.lag("v").over(w).alias("p"),
             F.avg("v").over(w.rangeBetween(Window.unboundedPreceding, -1)).alias("m"))
         df = df.persist(StorageLevel.MEMORY_AND_DISK)
-        df.approxQuantile("v", [0.5], 0.01)
-        df.groupBy("k").agg(F.max("m")).collect()
+        df.groupBy("k").agg(F.max("m"), F.percentile_approx("v", [0.5], 100)).collect()
         df.coalesce(1).write.parquet(f"{tmp}/out")
         df.unpersist()
     jvm = SparkContext._gateway.proc  # type: ignore[union-attr]

@@ -29,8 +29,6 @@ from components.spark import transform_job as tj
 
 log = logging.getLogger("ctloop.score_job")
 
-ROWS_PER_FILE = tj.ROWS_PER_FILE
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="score_job", description=__doc__.splitlines()[0])
@@ -118,7 +116,8 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: tj.JobSpec, non_ne
         rows = scores.count()
         if rows == 0:
             raise ValueError(f"input {args.input}: no valid rows to score (every row was quarantined)")
-        scores.coalesce(max(1, -(-rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(args.scores_out)
+        files = tj.output_files(rows, spark.sparkContext.defaultParallelism)
+        scores.coalesce(files).write.mode("overwrite").parquet(args.scores_out)
         bins = F.least(F.floor(F.col(PROBABILITY) * HISTOGRAM_BINS).cast("int"), F.lit(HISTOGRAM_BINS - 1))
         hist = {r["bin"]: r["count"] for r in scores.groupBy(bins.alias("bin")).count().collect()}
         stats = scores.agg(F.sum(F.col(LABEL)).alias("positives"), F.avg(PROBABILITY).alias("mean")).first()

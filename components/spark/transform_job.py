@@ -22,7 +22,7 @@ Steps, in order:
      microseconds ending at -1 µs, so rows at the same instant never see each other whatever the dedup did.
      ``hist_prior_events`` (0 for a first event), ``hist_days_since_prior`` and ``hist_prior_mean_<col>``
      (null without an earlier value), all doubles so every model numeric has one type.
-  7. Temporal split at two timestamp quantiles (Spark's approxQuantile, a distributed sketch): rows before
+  7. Temporal split at two timestamp quantiles (Spark's percentile_approx, a distributed sketch): rows before
      the first cut are train, rows from the first cut and before the second are valid, the rest test. A row
      exactly at a cut goes to the later split, so every valid timestamp is strictly after every train
      timestamp (and test after valid); an empty split is an error.
@@ -59,6 +59,8 @@ SPLITS = ("train", "valid", "test")
 # Rank error of the timestamp quantile sketch: 0.01% of the rows, tiny next to any useful split fraction.
 QUANTILE_RELATIVE_ERROR = 1e-4
 ROWS_PER_FILE = 1_000_000
+# Below this many rows per file, splitting an output across cores costs more in tasks and files than it saves.
+MIN_ROWS_PER_FILE = 250_000
 
 _TS_US = "__ts_us"
 _SPLIT = "__split"
@@ -221,9 +223,15 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
     try:
         quarantine = rows.where(F.col(REASON).isNotNull()).select(
             *[F.col(_quote(_SOURCE + c)).alias(c) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES)
-        reasons = quarantine.groupBy(REASON, REASON_COLUMN).agg(
-            F.count(F.lit(1)).alias("count"), F.sum(_COPIES).alias("copies")).collect()
-        counts["bad"] = [r for r in reasons if r[REASON] is not None]
+        # One pass over the cache counts every reason and sketches the clean rows' timestamps for the cut points
+        # (the group without a reason).
+        probs = [1.0 - args.valid_fraction - args.test_fraction, 1.0 - args.test_fraction]
+        groups = rows.groupBy(REASON, REASON_COLUMN).agg(
+            F.count(F.lit(1)).alias("count"), F.sum(_COPIES).alias("copies"),
+            F.percentile_approx(F.when(F.col(REASON).isNull(), F.col(_TS_US)), probs,
+                                round(1 / QUANTILE_RELATIVE_ERROR)).alias("cuts")).collect()
+        reasons = [r for r in groups if r[REASON] is not None]
+        counts["bad"] = reasons
         bad_rows = sum(r["count"] for r in reasons)
         bad_input_rows = sum(int(r["copies"]) for r in reasons)
         quarantine_rows = quarantine.drop(_COPIES)
@@ -234,7 +242,7 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
         featured = rows.where(F.col(REASON).isNull()).select(
             *[_col(c) for c in spec.output_columns], _TS_US, _TWINS)
 
-        cuts = cut_points(featured, args.valid_fraction, args.test_fraction)
+        cuts = next((int(r["cuts"][0]), int(r["cuts"][1])) for r in groups if r[REASON] is None)
         split = featured.withColumn(_SPLIT, F.when(F.col(_TS_US) < cuts[0], "train")
                                     .when(F.col(_TS_US) < cuts[1], "valid").otherwise("test"))
         stats = split_stats(split, spec)
@@ -260,8 +268,14 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
 
 
 def _write_parquet(df: DataFrame, rows: int, out: str) -> None:
-    """Files sized by rows, not by the shuffle's partition count: a small output is one file."""
-    df.coalesce(max(1, -(-rows // ROWS_PER_FILE))).write.mode("overwrite").parquet(out)
+    df.coalesce(output_files(rows, df.sparkSession.sparkContext.defaultParallelism)).write.mode(
+        "overwrite").parquet(out)
+
+
+def output_files(rows: int, parallelism: int) -> int:
+    """Files sized by rows, not by the shuffle's partition count: a small output is one file, a large one at
+    most ``ROWS_PER_FILE`` rows per file and spread over the cores (one task writes each file)."""
+    return max(1, -(-rows // ROWS_PER_FILE), min(parallelism, rows // MIN_ROWS_PER_FILE))
 
 
 def build_report(args: argparse.Namespace, spec: JobSpec, counts: dict[str, Any], cuts: tuple[int, int],
@@ -446,13 +460,6 @@ def _with_ts_us(df: DataFrame, spec: JobSpec) -> DataFrame:
     if _TS_US in df.columns:
         return df
     return df.withColumn(_TS_US, F.unix_micros(_col(spec.timestamp_column)))
-
-
-def cut_points(df: DataFrame, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """Timestamps (µs since epoch) where valid and test start, from a distributed quantile sketch."""
-    probs = [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction]
-    q = df.approxQuantile(_TS_US, probs, QUANTILE_RELATIVE_ERROR)
-    return int(q[0]), int(q[1])
 
 
 def split_stats(df: DataFrame, spec: JobSpec) -> dict[str, dict[str, Any]]:
