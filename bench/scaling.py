@@ -139,10 +139,13 @@ def run(ctx: Context) -> Section:
             f"derived features within {max(parity['max_relative_difference'].values()):.1e} relative, "
             f"{parity['split_disagreements']} rows in another split (allowed {allowed}: Spark's cut points come "
             f"from a quantile sketch with relative rank error {QUANTILE_RELATIVE_ERROR}, pandas' are exact).")
+    local = settings.local
     section.notes += [
         "Wall time is the whole fresh process (interpreter, imports, Spark's JVM start), as a pipeline step "
         "pays it; the work alone is in the table.",
-        "Spark runs with the project's local settings (local[2], driver memory 2g, 8 shuffle partitions).",
+        f"Spark runs with the project's local settings ({local.spark_master}, driver memory "
+        f"{local.spark_driver_memory}, {local.spark_shuffle_partitions} shuffle partitions, the optimising JIT "
+        f"from {local.spark_full_jit_rows:,} input rows).",
     ]
     section.data = {"sizes": sizes, "results": {str(n): r for n, r in results.items()}, "generation": generation,
                     "parity": parity}
