@@ -222,7 +222,7 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
         REASON, REASON_COLUMN, _COPIES), spec).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         quarantine = rows.where(F.col(REASON).isNotNull()).select(
-            *[F.col(_quote(_SOURCE + c)).alias(c) for c in spec.source_columns], REASON, REASON_COLUMN, _COPIES)
+            *[F.col(_quote(_SOURCE + c)).alias(c) for c in spec.source_columns], REASON, REASON_COLUMN)
         # One pass over the cache counts every reason and sketches the clean rows' timestamps for the cut points
         # (the group without a reason).
         probs = [1.0 - args.valid_fraction - args.test_fraction, 1.0 - args.test_fraction]
@@ -234,9 +234,8 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
         counts["bad"] = reasons
         bad_rows = sum(r["count"] for r in reasons)
         bad_input_rows = sum(int(r["copies"]) for r in reasons)
-        quarantine_rows = quarantine.drop(_COPIES)
         if counts["input_rows"] == bad_input_rows:
-            _write_parquet(quarantine_rows, bad_rows, args.quarantine_out)
+            _write_parquet(quarantine, bad_rows, args.quarantine_out)
             raise ValueError(f"input {args.input}: no valid rows left after quarantine "
                              f"({_reason_text(counts['bad'])}); nothing to split")
         featured = rows.where(F.col(REASON).isNull()).select(
@@ -249,7 +248,7 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
         _check_splits(stats, cuts, args)
         counts["clean_rows"] = sum(stats[s]["clean_rows"] for s in SPLITS)
         counts["distinct_rows"] = counts["clean_rows"] + bad_rows
-        writes = [(quarantine_rows, bad_rows, args.quarantine_out)]
+        writes = [(quarantine, bad_rows, args.quarantine_out)]
         writes += [(split.where(F.col(_SPLIT) == name).select(*[_col(c) for c in spec.output_columns]),
                     stats[name]["rows"], getattr(args, f"{name}_out")) for name in SPLITS]
         # Each output is one or a few files, each written by one task: several outputs at once keep every
@@ -388,12 +387,12 @@ def check_and_feature(df: DataFrame, spec: JobSpec) -> DataFrame:
     df = df.withColumn(_WELL_FORMED, F.col(REASON).isNull())
     df = _with_ts_us(df, spec)
     entity = [_col(spec.id_column), F.col(_WELL_FORMED)]
-    df = df.sortWithinPartitions(*entity, *_first_row_order(spec))
+    order = _first_row_order(spec)
+    df = df.sortWithinPartitions(*entity, *order)
     same_key = Window.partitionBy(*entity, F.col(_TS_US))
     clean_label = F.when(F.col(_WELL_FORMED), _col(spec.label_column))
     conflict = F.col(_WELL_FORMED) & (F.min(clean_label).over(same_key) != F.max(clean_label).over(same_key))
-    previous_ts = F.lag(F.col(_TS_US)).over(Window.partitionBy(*entity).orderBy(*_first_row_order(spec)))
-    df = df.select("*", conflict.alias(_CONFLICT), (previous_ts.isNull() | (previous_ts != F.col(_TS_US))).alias(_KEEP),
+    df = df.select("*", conflict.alias(_CONFLICT), _first_at_instant(entity, order).alias(_KEEP),
                    F.count(F.lit(1)).over(same_key).alias(_TWINS))
     df = (df.withColumn(REASON_COLUMN, F.when(F.col(_CONFLICT), F.lit(spec.label_column))
                         .otherwise(F.col(REASON_COLUMN)))
@@ -416,10 +415,8 @@ def dedup_id_timestamp(df: DataFrame, spec: JobSpec) -> DataFrame:
     it, partitioned by id alone: the history window that follows then needs neither a shuffle nor a sort.
     """
     df = _with_ts_us(df, spec)
-    w = Window.partitionBy(_col(spec.id_column)).orderBy(*_first_row_order(spec))
-    previous_ts = F.lag(F.col(_TS_US)).over(w)
     # A window value cannot be filtered on directly: materialise it as a column first.
-    df = df.withColumn(_KEEP, previous_ts.isNull() | (previous_ts != F.col(_TS_US)))
+    df = df.withColumn(_KEEP, _first_at_instant([_col(spec.id_column)], _first_row_order(spec)))
     return df.where(F.col(_KEEP)).drop(_KEEP)
 
 
@@ -427,6 +424,12 @@ def _first_row_order(spec: JobSpec) -> list[Column]:
     """Within an id: by time, then by the other source columns ascending, nulls last (the kept row first)."""
     others = [c for c in spec.source_columns if c not in (spec.id_column, spec.timestamp_column)]
     return [F.col(_TS_US).asc(), *[_col(c).asc_nulls_last() for c in others]]
+
+
+def _first_at_instant(entity: list[Column], order: list[Column]) -> Column:
+    """True for the first row of its (entity, ``__ts_us``) in ``order``: the row an (id, timestamp) keeps."""
+    previous_ts = F.lag(F.col(_TS_US)).over(Window.partitionBy(*entity).orderBy(*order))
+    return previous_ts.isNull() | (previous_ts != F.col(_TS_US))
 
 
 def add_history(df: DataFrame, spec: JobSpec) -> DataFrame:
