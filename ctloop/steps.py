@@ -9,9 +9,15 @@
   retry the whole body with backoff, in the same process. Bodies are idempotent (deterministic job ids, atomic
   moves), so a rerun picks up where the failed attempt stopped. The pipelines set no step-level retry: KFP would
   rerun a step for any failure, deterministic ones included.
+- A step's process ends soon after its body: at exit the objects still alive are frozen (``gc.freeze``), so the
+  interpreter's final collections do not walk every object the step imported or made. That is 0.3 s of a train
+  step's exit with scikit-learn loaded (0.35 -> 0.05 s). Python promises no finalizer for an object alive at exit
+  either way; atexit hooks and closing what goes out of scope run as before.
 """
 
+import atexit
 import contextlib
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +51,8 @@ def reason_line(exc: BaseException) -> str:
 def run_step(body: Callable[..., T], *args: Any, retry: Any = None, termination_log: Path = TERMINATION_LOG,
              **kwargs: Any) -> T:
     """Run a component's body under the step policy (module docstring); ``retry`` overrides the backoff."""
+    atexit.unregister(gc.freeze)  # once per process, however many bodies it runs
+    atexit.register(gc.freeze)
     try:
         return (retry or transient_retry())(body)(*args, **kwargs)
     except CtloopError as exc:

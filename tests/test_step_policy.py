@@ -85,6 +85,21 @@ def test_the_expected_error_line_ends_the_real_step_process_log() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_step_process_freezes_what_is_left_at_exit_and_still_runs_its_exit_hooks() -> None:
+    """The objects alive at exit are frozen before the interpreter's final collections, once however many bodies
+    ran; exit hooks registered by the last body run before the freeze, the others after it, and all of them run."""
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('process', gc.get_freeze_count() > 0, flush=True))\n"
+            "from ctloop.steps import run_step\n"
+            "def body(name):\n"
+            "    atexit.register(lambda: print(name, gc.get_freeze_count() > 0, flush=True))\n"
+            "    return 7\n"
+            "sys.exit(run_step(body, 'first') + run_step(body, 'last'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 14, done.stderr
+    assert done.stdout.splitlines() == ["last False", "first True", "process True"]
+
+
 # ---- the local runner's per-step reasons ---------------------------------------------------------------------
 
 def _record(tmp_path: Path, steps: list[StepRecord]) -> RunRecord:
