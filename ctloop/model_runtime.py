@@ -166,17 +166,22 @@ def _major_minor(version: str) -> str:
 # -------------------------------------------------------------------------------------------- loaded model
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model directory, loaded: the scikit-learn pipeline, its card, and the ONNX session when it is served.
+    """A model directory, loaded: its card, the scikit-learn pipeline, and the ONNX session when it is served.
 
     ``runtime`` is what ``probabilities`` scores with ("onnx" or "sklearn"); ``runtime_reason`` says why.
     """
 
-    pipeline: Any
     card: ModelCard
     model_dir: Path
     runtime: str = "sklearn"
     runtime_reason: str = ""
     session: Any = None
+
+    @functools.cached_property
+    def pipeline(self) -> Any:
+        """The fitted scikit-learn pipeline. A model served by ONNX Runtime unpickles it on first use only: its
+        scoring does not need it, and importing scikit-learn costs a fresh process about a second."""
+        return _unpickle_pipeline(self.model_dir / MODEL_FILE)
 
     @property
     def spec(self) -> FeatureSpec:
@@ -244,48 +249,60 @@ def load_model(model_dir: str | Path, runtime: str = "auto") -> LoadedModel:
     agrees with scikit-learn, else with scikit-learn (``runtime_reason`` says why); ``"sklearn"`` always uses
     scikit-learn. Raises ModelLoadError if a file is missing or unreadable, the card is invalid, or the model
     was saved by a scikit-learn whose major.minor differs from the installed one (pickles do not carry across).
+    An ONNX-served model's pickle is read when ``pipeline`` is first used, and raises then.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime: expected one of {list(RUNTIMES)}, found {runtime!r}")
-    import joblib
-    import sklearn
-
     path = Path(model_dir)
     for name in MODEL_FILES:
         if not (path / name).is_file():
             raise ModelLoadError(f"model directory {path}: {name} not found; a model directory holds "
                                  f"{list(MODEL_FILES)}")
     card = read_card(path)
-    model_path = path / MODEL_FILE
-    if _major_minor(card.sklearn_version) != _major_minor(sklearn.__version__):
+    installed = _installed_sklearn()
+    if _major_minor(card.sklearn_version) != _major_minor(installed):
         raise ModelLoadError(
-            f"{model_path}: saved with scikit-learn {card.sklearn_version}, installed is {sklearn.__version__}; "
-            f"major.minor must match ({_major_minor(card.sklearn_version)} != {_major_minor(sklearn.__version__)})"
+            f"{path / MODEL_FILE}: saved with scikit-learn {card.sklearn_version}, installed is {installed}; "
+            f"major.minor must match ({_major_minor(card.sklearn_version)} != {_major_minor(installed)})"
         )
+    if runtime == "sklearn":
+        return _sklearn_model(card, path, "scikit-learn requested")
+    reason = onnx_unusable_reason(path)
+    if reason:
+        return _sklearn_model(card, path, reason)
+    try:
+        session = onnx_session(path / ONNX_FILE)
+    except Exception as exc:  # noqa: BLE001 - any failure to build the session means scikit-learn serves
+        return _sklearn_model(card, path, f"{ONNX_FILE} cannot be loaded: {type(exc).__name__}: {exc}")
+    return LoadedModel(card=card, model_dir=path, runtime="onnx",
+                       runtime_reason=f"{ONNX_FILE} agrees with scikit-learn on the test split", session=session)
+
+
+def _sklearn_model(card: ModelCard, path: Path, reason: str) -> LoadedModel:
+    """A model scored by scikit-learn, its pickle read and its classes checked now, not on the first request."""
+    model = LoadedModel(card=card, model_dir=path, runtime="sklearn", runtime_reason=reason)
+    model._positive_index  # noqa: B018
+    return model
+
+
+def _unpickle_pipeline(model_path: Path) -> Any:
+    import joblib
+
     try:
         pipeline = joblib.load(model_path)
     except Exception as exc:  # unpickling raises anything: a truncated file, a class or function that is gone
         raise ModelLoadError(f"{model_path}: cannot load ({type(exc).__name__}: {exc})") from exc
     if not hasattr(pipeline, "predict_proba"):
         raise ModelLoadError(f"{model_path}: holds a {type(pipeline).__name__}, which has no predict_proba")
-    model = LoadedModel(pipeline=pipeline, card=card, model_dir=path)
-    model._positive_index  # noqa: B018  (checks the classes now, not on the first request)
-    if runtime == "sklearn":
-        return _with_runtime(model, "sklearn", "scikit-learn requested")
-    reason = onnx_unusable_reason(path)
-    if reason:
-        return _with_runtime(model, "sklearn", reason)
-    try:
-        session = onnx_session(path / ONNX_FILE)
-    except Exception as exc:  # noqa: BLE001 - any failure to build the session means scikit-learn serves
-        return _with_runtime(model, "sklearn", f"{ONNX_FILE} cannot be loaded: {type(exc).__name__}: {exc}")
-    return LoadedModel(pipeline=pipeline, card=card, model_dir=path, runtime="onnx",
-                       runtime_reason=f"{ONNX_FILE} agrees with scikit-learn on the test split", session=session)
+    return pipeline
 
 
-def _with_runtime(model: LoadedModel, runtime: str, reason: str) -> LoadedModel:
-    return LoadedModel(pipeline=model.pipeline, card=model.card, model_dir=model.model_dir, runtime=runtime,
-                       runtime_reason=reason)
+@functools.cache
+def _installed_sklearn() -> str:
+    """The installed scikit-learn's version, read from its package metadata: without importing it."""
+    from importlib.metadata import version
+
+    return version("scikit-learn")
 
 
 # ---------------------------------------------------------------------------------------------------- ONNX

@@ -17,6 +17,7 @@
 
 import atexit
 import contextlib
+import functools
 import gc
 import sys
 from collections.abc import Callable
@@ -35,12 +36,37 @@ RETRY_MAX_S = 60.0
 RETRY_DEADLINE_S = 600.0
 
 
-def transient_retry(deadline_s: float = RETRY_DEADLINE_S, initial_s: float = RETRY_INITIAL_S) -> Any:
-    """The retry policy for a step body: transient Google API errors only."""
-    from google.api_core.retry import Retry, if_transient_error
+def transient_retry(deadline_s: float = RETRY_DEADLINE_S, initial_s: float = RETRY_INITIAL_S,
+                    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """The retry policy for a step body: transient Google API errors only (``google.api_core.retry.Retry``).
 
-    return Retry(predicate=if_transient_error, initial=initial_s, maximum=RETRY_MAX_S, multiplier=2.0,
-                 timeout=deadline_s, on_error=lambda exc: print(f"transient error, retrying: {exc}", flush=True))
+    The policy is built at the body's first exception: a body that raises none, as every local step, does not
+    import google.api_core (0.1 s of a fresh step process).
+    """
+
+    def wrap(func: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> T:
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the policy below decides: retried or raised as it is
+                first: list[Exception] = [exc]
+            from google.api_core.retry import Retry, if_transient_error
+
+            def attempt() -> T:
+                # The policy's first attempt is the one that already failed: it sees that error, then retries.
+                if first:
+                    raise first.pop()
+                return func(*args, **kwargs)
+
+            policy = Retry(predicate=if_transient_error, initial=initial_s, maximum=RETRY_MAX_S, multiplier=2.0,
+                           timeout=deadline_s,
+                           on_error=lambda exc: print(f"transient error, retrying: {exc}", flush=True))
+            return policy(attempt)()
+
+        return call
+
+    return wrap
 
 
 def reason_line(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,40 @@ def test_served_by_onnx_when_the_gate_approved_it_else_by_sklearn(model_dir: Pat
             got = [p["probability"] for p in body["predictions"]]
             np.testing.assert_allclose(got, _expected(model_dir, instances), rtol=0, atol=1e-6)
         assert seen == {"onnx", "forced", "unchecked"}
+
+
+def test_a_model_served_by_onnx_loads_and_scores_without_scikit_learn(model_dir: Path, tmp_path: Path) -> None:
+    """Its pickle is read on first use only: a fresh process (a deploy step, a server) skips scikit-learn's
+    import; a pickle that cannot be read still fails with its path, when it is used."""
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    (broken / "model.joblib").write_bytes(b"not a pickle")
+    script = """
+import json, sys
+from ctloop.errors import ModelLoadError
+from ctloop.model_runtime import load_model
+out = {}
+for name in sys.argv[1:]:
+    model = load_model(name)
+    columns = {"tenure_months": [3.0, None], "monthly_charges": [70.0, 20.0], "contract_type": ["monthly", None]}
+    out[name] = {"runtime": model.runtime, "p": model.probabilities(columns).tolist()}
+out["sklearn imported"] = "sklearn" in sys.modules
+try:
+    load_model(sys.argv[-1]).pipeline
+except ModelLoadError as exc:
+    out["error"] = str(exc)
+print(json.dumps(out))
+"""
+    run = subprocess.run([sys.executable, "-c", script, str(model_dir), str(broken)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out[str(model_dir)]["runtime"] == out[str(broken)]["runtime"] == "onnx"
+    assert out[str(model_dir)]["p"] == out[str(broken)]["p"]
+    assert out["sklearn imported"] is False
+    assert out["error"].startswith(f"{broken / 'model.joblib'}: cannot load (")
+    expected = _expected(model_dir, [{"tenure_months": 3.0, "monthly_charges": 70.0, "contract_type": "monthly"},
+                                     {"tenure_months": None, "monthly_charges": 20.0, "contract_type": None}])
+    np.testing.assert_allclose(out[str(model_dir)]["p"], expected, rtol=0, atol=1e-6)
 
 
 def test_parameters_field_is_accepted_like_vertex_sends_it(server: str) -> None:

@@ -74,6 +74,15 @@ def test_a_non_transient_google_error_is_not_retried() -> None:
     assert len(calls) == 1
 
 
+def test_a_body_that_raises_nothing_does_not_import_the_retry_policy() -> None:
+    """google.api_core is imported at a body's first exception only (0.1 s of every local step otherwise)."""
+    code = ("import sys\nfrom ctloop.steps import run_step\n"
+            "print(run_step(lambda x: x * 2, 21), 'google.api_core.retry' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["42", "False"]
+
+
 def test_the_expected_error_line_ends_the_real_step_process_log() -> None:
     """In a process, as the executor runs it: exit 1, the reason as the last line, no traceback."""
     code = ("from ctloop.steps import run_step\nfrom ctloop.errors import CtloopError\n"
