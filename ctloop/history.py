@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from ctloop.features import DAYS_SINCE_PRIOR, PRIOR_EVENTS, PRIOR_MEAN_PREFIX, FeatureSpec
@@ -154,16 +155,23 @@ def fold_states(rows: Iterable[tuple[str, int, Mapping[str, Any]]], columns: lis
 
 
 def states_from_splits(split_dirs: Iterable[str], spec: FeatureSpec) -> dict[str, HistoryState]:
-    """Each entity's latest state over the transform's split directories (their rows are the history)."""
-    import pandas as pd
+    """Each entity's latest state over the transform's split directories (their rows are the history).
+
+    Reads the ``*.parquet`` files with ``pyarrow.parquet`` alone: ``pyarrow.dataset`` and pandas would add 0.4 s
+    of imports to the step.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     cols = [spec.id_column, spec.timestamp_column, *spec.history_means]
-    frames = [pd.read_parquet(d, columns=cols) for d in split_dirs]
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
-    ts = pd.to_datetime(frame[spec.timestamp_column], utc=True).astype("datetime64[us, UTC]")
-    frame = frame.assign(__us=ts.astype("int64")).sort_values([spec.id_column, "__us"], kind="stable")
-    ids = frame[spec.id_column].astype(str).tolist()
-    micros = frame["__us"].tolist()
-    value_lists = {c: frame[c].astype("float64").tolist() for c in spec.history_means}
-    rows = ((ids[i], micros[i], {c: value_lists[c][i] for c in spec.history_means}) for i in range(len(ids)))
+    files = [f for d in split_dirs for f in sorted(Path(d).glob("*.parquet"))]
+    if not files:
+        return {}
+    table = pa.concat_tables([pq.ParquetFile(f).read(columns=cols) for f in files], promote_options="permissive")
+    micros = table[spec.timestamp_column].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    table = table.append_column("__us", micros).sort_by([(spec.id_column, "ascending"), ("__us", "ascending")])
+    ids = table[spec.id_column].cast(pa.string()).to_pylist()
+    times = table["__us"].to_pylist()
+    value_lists = {c: table[c].cast(pa.float64()).to_pylist() for c in spec.history_means}
+    rows = ((ids[i], times[i], {c: value_lists[c][i] for c in spec.history_means}) for i in range(len(ids)))
     return fold_states(rows, list(spec.history_means))
