@@ -28,6 +28,7 @@ answered; their answers are logged under the live request's id, never returned.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import random
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 
 from ctloop.model_runtime import LoadedModel, load_model
@@ -205,8 +207,22 @@ async def _read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
+def _json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
 def _bad_request(message: str) -> Response:
-    return Response(json.dumps({"error": message}), status_code=400, media_type="application/json")
+    return _json_response({"error": message}, 400)
+
+
+def parse_body(raw: bytes) -> Any:
+    """The request's JSON. orjson parses it (a 100-instance body in a quarter of json's time); a body orjson
+    refuses is parsed again by json, so what is wrong gets json's words (NaN, nesting too deep) and a number
+    beyond a double's range reads as infinity, for the instance check to name its field."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> Any:
@@ -282,6 +298,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # What the server holds by now (modules, models, the app) lives as long as it does: frozen, the
+        # collector's full passes leave it out. Unfrozen, a full pass over it (25 ms) ran every quarter second
+        # under load and stalled every request in flight: single-instance p99 went 4 -> 28 ms at 16 clients.
+        gc.freeze()
         yield
         if copies:
             await asyncio.gather(*copies, return_exceptions=True)
@@ -299,17 +319,16 @@ def create_app(
              "runtime": s.model.runtime, "runtimeReason": s.model.runtime_reason} for s in served]}
         if prediction_log is not None:
             body["predictionLog"] = [s.logger.stats() for s in served if s.logger is not None]
-        return Response(json.dumps(body), media_type="application/json")
+        return _json_response(body)
 
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
         raw = await _read_body(request)
         if raw is None:
-            return Response(json.dumps({"error": f"request body: larger than {MAX_BODY_BYTES} bytes (1.5 MiB), "
-                                                 f"the limit of one prediction request"}),
-                            status_code=413, media_type="application/json")
+            return _json_response({"error": f"request body: larger than {MAX_BODY_BYTES} bytes (1.5 MiB), the "
+                                            f"limit of one prediction request"}, 413)
         try:
-            body = json.loads(raw, parse_constant=_reject_constant)
+            body = parse_body(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             return _bad_request(f"request body is not valid JSON: {exc}")
         except RecursionError:
@@ -336,7 +355,7 @@ def create_app(
         except InstanceError as exc:
             return _bad_request(str(exc))
         except OnlineStoreUnavailable as exc:
-            return Response(json.dumps({"error": str(exc)}), status_code=503, media_type="application/json")
+            return _json_response({"error": str(exc)}, 503)
         columns = parsed.columns
         sampled = target.logger is not None and target.logger.draw()
         request_id = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:128] if sampled else ""
@@ -348,7 +367,7 @@ def create_app(
                                      target.served.deployed_id, target.served.model, target.served.version,
                                      request_id=request_id, latency_ms=(time.perf_counter() - started) * 1000,
                                      error=True)
-            return Response(json.dumps({"error": str(exc)}), status_code=500, media_type="application/json")
+            return _json_response({"error": str(exc)}, 500)
         threshold = target.threshold
         if sampled:
             target.logger.record(columns, probs, threshold, target.served.deployed_id, target.served.model,
@@ -366,7 +385,7 @@ def create_app(
             "model": target.served.model,
             "modelVersionId": target.served.version,
         }
-        return Response(json.dumps(answer), media_type="application/json")
+        return _json_response(answer)
 
     app.add_api_route(health_route, health, methods=["GET"])
     app.add_api_route(predict_route, predict, methods=["POST"])
