@@ -30,7 +30,7 @@ REASON_PREFIX = "ctloop error: "
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' default terminationMessagePath
 T = TypeVar("T")
 
-# Backoff for transient errors: 2 s, 4 s, 8 s ... up to 60 s apart, giving up after 10 minutes in all.
+# Backoff for transient errors: 2 s, 4 s, 8 s ... up to 60 s apart, giving up 10 minutes after the first one.
 RETRY_INITIAL_S = 2.0
 RETRY_MAX_S = 60.0
 RETRY_DEADLINE_S = 600.0
