@@ -97,9 +97,9 @@ def write_labels(settings: Settings, request_ids: Sequence[str], labels: Sequenc
 
 
 @contextmanager
-def serving_production(settings: Settings) -> Iterator[str]:
+def serving_production(settings: Settings, seed: int | None = None) -> Iterator[str]:
     """The local production endpoint (its split as of now, shadows included) on 127.0.0.1 with the prediction log
-    the settings configure; the log is written out when the block ends."""
+    the settings configure; the log is written out when the block ends. ``seed`` fixes the traffic split's draws."""
     from ctloop.registry import LocalRegistry
     from serving.app import create_app, endpoint_deployments
     from serving.background import running_server
@@ -107,6 +107,6 @@ def serving_production(settings: Settings) -> Iterator[str]:
 
     name = settings.deploy.production_endpoint
     app = create_app(endpoint_deployments(LocalRegistry(settings.local.registry_db), name),
-                     prediction_log=config_from_settings(settings, name))
+                     prediction_log=config_from_settings(settings, name), seed=seed)
     with running_server(app) as url:
         yield url
