@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from ctloop.features import DAYS_SINCE_PRIOR, PRIOR_EVENTS, PRIOR_MEAN_PREFIX, FeatureSpec
+from ctloop.parquet_files import parquet_files
 
 SPLITS = ("train", "valid", "test")
 ROWS_PER_FILE = 1_000_000
@@ -33,7 +34,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def read_input(input_dir: Path, spec: FeatureSpec) -> pd.DataFrame:
-    files = sorted(str(p) for p in Path(input_dir).glob("*.parquet"))
+    files = [str(p) for p in parquet_files(input_dir)]
     if not files:
         raise FileNotFoundError(f"input {input_dir}: no *.parquet files")
     table = ds.dataset(files, format="parquet").to_table()

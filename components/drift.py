@@ -32,6 +32,7 @@ from ctloop.drift_report import render_html
 from ctloop.errors import ChampionError, CtloopError, DataValidationError
 from ctloop.model_runtime import LoadedModel, load_model
 from ctloop.modeling import read_split
+from ctloop.parquet_files import parquet_files
 from ctloop.prediction_log import META_COLUMNS, local_path
 
 
@@ -85,7 +86,7 @@ def _read_reference(champion: LoadedModel, key: str, name: str) -> tuple[pd.Data
 
 def read_recent(directory: str | Path) -> pd.DataFrame:
     path = Path(directory)
-    files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    files = parquet_files(path)
     if not files:
         raise DataValidationError(f"recent batch {path}: no Parquet files")
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)

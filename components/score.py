@@ -32,6 +32,7 @@ from components.images import COMPONENT_IMAGE
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
 from ctloop.features import DERIVED_NAMES
+from ctloop.parquet_files import is_data_file, parquet_files
 from ctloop.sql import parse_timestamp
 
 if TYPE_CHECKING:
@@ -100,11 +101,6 @@ def collect_rows(settings: Settings, *, run_id: str, output_path: str, output_ur
                        output_uri=output_uri, snapshot_time=as_of.isoformat(), bq_client=bq_client)
 
 
-def _data_file(relative: str) -> bool:
-    """A Parquet data file, not a marker, temporary or hidden file (any path segment starting '_' or '.')."""
-    return relative.endswith(".parquet") and not any(seg.startswith(("_", ".")) for seg in relative.split("/"))
-
-
 def collect_batch(settings: Settings, *, input_uri: str, output_path: str, output_uri: str,
                   storage_client: Any = None) -> "ParquetSummary":
     """The Parquet data files of one landed batch (a folder or one file) as the rows to score, copied into the
@@ -118,9 +114,8 @@ def collect_batch(settings: Settings, *, input_uri: str, output_path: str, outpu
         source = Path(input_uri.removeprefix("file://"))
         if not source.exists():
             raise CtloopError(f"score: input {source}: no such folder or file")
-        files = [source] if source.is_file() else sorted(
-            p for p in source.rglob("*.parquet") if _data_file(p.relative_to(source).as_posix()))
-        if not files or not _data_file(files[0].name):
+        files = [source] if source.is_file() else parquet_files(source, recursive=True)
+        if not files or not is_data_file(files[0].name):
             raise CtloopError(f"score: input {source}: expected Parquet data files (*.parquet), found none")
         output = Path(output_path)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +134,7 @@ def collect_batch(settings: Settings, *, input_uri: str, output_path: str, outpu
     src_bucket, _, src_prefix = input_uri.removeprefix("gs://").partition("/")
     dst_bucket, _, dst_prefix = output_uri.removeprefix("gs://").partition("/")
     blobs = sorted((b for b in storage_client.list_blobs(src_bucket, prefix=src_prefix)
-                    if _data_file(b.name[len(src_prefix):] or b.name.rpartition("/")[2])), key=lambda b: b.name)
+                    if is_data_file(b.name[len(src_prefix):] or b.name.rpartition("/")[2])), key=lambda b: b.name)
     if not blobs:
         raise CtloopError(f"score: input {input_uri}: expected Parquet data files (*.parquet), found none")
     target = storage_client.bucket(dst_bucket)

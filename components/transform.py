@@ -34,6 +34,7 @@ from components.transform_report import QUARANTINE_DIR, REPORT_JSON, SPLITS, ren
 from ctloop.config import Settings
 from ctloop.errors import DataValidationError
 from ctloop.features import DERIVED_NAMES, FeatureSpec, feature_roles, resolve_feature_spec
+from ctloop.parquet_files import parquet_files
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -174,7 +175,7 @@ def read_column_types(input_path: str) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     root = Path(input_path)
-    files = sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
+    files = [str(p) for p in parquet_files(root)] if root.is_dir() else []
     if not files:
         raise DataValidationError(f"input {input_path}: no *.parquet files; "
                                   "expected the extract's Dataset directory")

@@ -19,10 +19,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from ctloop.features import DAYS_SINCE_PRIOR, PRIOR_EVENTS, PRIOR_MEAN_PREFIX, FeatureSpec
+from ctloop.parquet_files import parquet_files
 
 MICROS_PER_DAY = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -164,7 +164,7 @@ def states_from_splits(split_dirs: Iterable[str], spec: FeatureSpec) -> dict[str
     import pyarrow.parquet as pq
 
     cols = [spec.id_column, spec.timestamp_column, *spec.history_means]
-    files = [f for d in split_dirs for f in sorted(Path(d).glob("*.parquet"))]
+    files = [f for d in split_dirs for f in parquet_files(d)]
     if not files:
         return {}
     table = pa.concat_tables([pq.ParquetFile(f).read(columns=cols) for f in files], promote_options="permissive")

@@ -17,6 +17,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from ctloop.config import Settings
+from ctloop.parquet_files import parquet_files
 
 # A short-lived batch JVM: the serial collector starts faster and costs less memory than the server default on
 # a small machine; the timezone pins java.time defaults to the session's UTC.
@@ -78,7 +79,7 @@ def parquet_rows(directory: str) -> int:
     """Rows in a directory's Parquet files, from their footers (no data read): the ``rows`` hint above."""
     import pyarrow.parquet as pq
 
-    return sum(pq.read_metadata(str(f)).num_rows for f in Path(directory).glob("*.parquet"))
+    return sum(pq.read_metadata(str(f)).num_rows for f in parquet_files(directory))
 
 
 def build_class_archive(target: Path = CLASS_ARCHIVE) -> Path:
