@@ -206,24 +206,19 @@ def job_args(spec: FeatureSpec, non_negative: list[str], settings: Settings, *, 
 
 def _run_local(settings: Settings, spec: FeatureSpec, non_negative: list[str], input_path: str,
                paths: dict[str, str], report_path: str, spark: "SparkSession | None") -> dict[str, Any]:
-    from components.spark import transform_job
-    from ctloop.spark_session import local_spark, parquet_rows
+    from ctloop.spark_service import run_spark_job
+    from ctloop.spark_session import parquet_rows
 
     task_dir = Path(paths["train"]).parent
     task_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".transform-", dir=task_dir))
-    own_session = spark is None
     try:
         outputs = {split: str(staging / split) for split in SPLITS}
         argv = job_args(spec, non_negative, settings, input_uri=str(Path(input_path).resolve()),
                         outputs=outputs, quarantine=str(staging / QUARANTINE_DIR),
                         report=str(staging / REPORT_JSON))
-        session = spark or local_spark(settings, app_name="ctloop-transform", rows=parquet_rows(input_path))
-        try:
-            report = transform_job.main(argv, spark=session)
-        finally:
-            if own_session:
-                session.stop()
+        report = run_spark_job(settings, JOB_FILE, argv, name="ctloop-transform", spark=spark,
+                               rows=parquet_rows(input_path))
         for split in SPLITS:
             spec.write(outputs[split])
         # Publish only now: every output is complete in staging.

@@ -231,8 +231,11 @@ class LocalSettings(_Strict):
     spark_driver_memory: str = "2g"
     # One shuffle partition per core of local[2]: more only add tasks (bench/: 1M rows, 8 -> 2 saves ~10%).
     spark_shuffle_partitions: int = 2
-    # Input rows from which the local JVM also runs its optimising compiler (ctloop/spark_session.py).
+    # Input rows from which a JVM started for one job also runs its optimising compiler (ctloop/spark_session.py).
     spark_full_jit_rows: int = Field(default=500_000, ge=0)
+    # Local Spark jobs run on one long-lived JVM (ctloop/spark_service.py), which stops after this many idle
+    # seconds; 0 = none: each job starts a JVM of its own and stops it.
+    spark_service_idle_seconds: float = Field(default=900.0, ge=0)
     # OpenMP/BLAS in local steps, the local server and tests (ctloop/threads.py): waiting threads sleep
     # (PASSIVE) instead of spinning, so another busy process costs CPU share, not a stalled barrier each time.
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"

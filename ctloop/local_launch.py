@@ -2,7 +2,8 @@
 
 The ledger (ctloop/launch_ledger.py) is claimed before anything starts, so duplicate deliveries and retried steps
 start nothing new; the process gets its own session (process group), so it outlives the caller and can be
-stopped as a whole (the runner, its step subprocesses, Spark's JVM).
+stopped as a whole (the runner, its step subprocesses, a JVM of their own). The local Spark service is not in
+the group: it outlives runs, and cancels the job of a step that went away (ctloop/spark_service.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from ctloop.launch_ledger import Ledger, LedgerBusy
 from ctloop.launching import Pipeline
 
-STOP_TIMEOUT = 15.0  # SIGTERM -> SIGKILL for a run's process group (Spark's JVM runs its shutdown hooks)
+STOP_TIMEOUT = 15.0  # SIGTERM -> SIGKILL for a run's process group (a JVM runs its shutdown hooks)
 # The executor's flag: under it ``kfp.dsl`` leaves out the pipeline-building half a launched run needs.
 _EXECUTOR_ONLY_ENV = ("_KFP_RUNTIME",)
 

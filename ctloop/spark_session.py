@@ -30,18 +30,21 @@ SMALL_INPUT_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 CLASS_ARCHIVE = Path(sys.prefix) / "share" / "ctloop" / "spark-classes.jsa"
 
 
-def local_spark(settings: Settings, app_name: str = "ctloop", rows: int | None = None) -> SparkSession:
+def local_spark(settings: Settings, app_name: str = "ctloop", rows: int | None = None,
+                long_lived: bool = False) -> SparkSession:
     """Start (or return the running) local session configured from ``settings.local``.
 
-    ``rows`` (the input's row count, when known) picks the JIT: below ``settings.local.spark_full_jit_rows``
-    or unknown, the quick compiler only. Static options (master, memory, JVM flags) only take effect for the
-    first session of the process.
+    ``rows`` (the input's row count, when known) picks the JIT of a JVM started for one job: below
+    ``settings.local.spark_full_jit_rows`` or unknown, the quick compiler only. A ``long_lived`` JVM (the local
+    Spark service) runs many jobs, so it always compiles fully. Static options (master, memory, JVM flags) only
+    take effect for the first session of the process.
     """
     archive = f"-XX:SharedArchiveFile={CLASS_ARCHIVE}" if CLASS_ARCHIVE.is_file() else ""
-    return _start(settings, app_name, rows, archive)
+    return _start(settings, app_name, None if long_lived else rows, archive, long_lived)
 
 
-def _start(settings: Settings, app_name: str, rows: int | None, archive_option: str) -> SparkSession:
+def _start(settings: Settings, app_name: str, rows: int | None, archive_option: str,
+           long_lived: bool = False) -> SparkSession:
     # Bind to loopback: no hostname lookups (which stall on machines without DNS) and nothing exposed.
     os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
     # PySpark starts its Python workers with $PYSPARK_PYTHON (default: python3 from PATH); the
@@ -49,7 +52,7 @@ def _start(settings: Settings, app_name: str, rows: int | None, archive_option: 
     os.environ["PYSPARK_PYTHON"] = sys.executable
     local = settings.local
     jvm_options = JVM_OPTIONS
-    if rows is None or rows < local.spark_full_jit_rows:
+    if not long_lived and (rows is None or rows < local.spark_full_jit_rows):
         jvm_options = f"{SMALL_INPUT_JVM_OPTIONS} {jvm_options}"
     jvm_options = f"{jvm_options} {archive_option}".strip()
     builder = (

@@ -11,7 +11,8 @@
 The demo keeps its state in ``<local.workdir>/demo/`` (its own landing area, registry, runs, ledger and logs),
 emptied at each start, so it always begins with no model and never touches the state of ``ctloop run``.
 Everything it started is stopped on exit, on errors and on Ctrl-C / SIGTERM / SIGHUP, the running pipeline
-(its whole process group: the runner, its step subprocesses and Spark's JVM) included.
+(its whole process group: the runner and its step subprocesses) included; the local Spark service cancels the
+job of a step that went away and stays, as between runs, until idle (ctloop/spark_service.py).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from ctloop.errors import CtloopError
 from ctloop.history import features, to_micros
 from ctloop.local_launch import group_members, stop_groups
 from ctloop.online_store import STORE_FILE, SQLiteStore
+from ctloop.spark_service import service_address, stop_services
 from devtools.demo import demo_lock, prepare_demo_dir, run_demo
 from devtools.emulators import http_status
 
@@ -158,17 +159,23 @@ def test_demo_end_to_end_on_the_real_pipeline(settings: Settings) -> None:
 
 
 def test_ctrl_c_stops_the_pipeline_spark_and_every_service(tmp_path: Path) -> None:
+    """Ctrl-C stops the run and every service the demo started; the local Spark service (ctloop/spark_service.py)
+    lives on, as it does between runs, but cancels the job of the step that went away."""
     out = tmp_path / "demo.out"
+    # A Spark service of its own (the idle time is part of its identity), so this demo's run starts it.
+    idle = f"local.spark_service_idle_seconds={600 + time.time_ns() % 100_000 / 1000:.3f}"
+    service_log = service_address(load_settings(REPO / "ctloop.yaml", [idle])).log
     with open(out, "wb") as log:
         demo = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "--workdir", str(tmp_path / "work"),
-                                 "demo", "--rows", "1000"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                 "--set", idle, "demo", "--rows", "1000"], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         started: dict[int, str] = {}
         while time.monotonic() < deadline and demo.poll() is None:
             started = _descendants(demo.pid)
-            if any("pyspark-shell" in cmd for cmd in started.values()):
+            job_started = service_log.is_file() and "transform (ctloop-job-1): started" in service_log.read_text()
+            if job_started and any("pyspark-shell" in cmd for cmd in started.values()):
                 break
             time.sleep(0.2)
         assert demo.poll() is None, out.read_text()
@@ -187,6 +194,17 @@ def test_ctrl_c_stops_the_pipeline_spark_and_every_service(tmp_path: Path) -> No
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
     text = out.read_text()
+    deadline = time.monotonic() + 30
+    while "the client went away; cancelling" not in service_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    service_text = service_log.read_text()
+    stop_services(sys.prefix)
+    service_log.unlink()
+    assert re.search(r"ctloop-job-1: the client went away; cancelling its Spark jobs", service_text), service_text
+    assert "ctloop-transform (ctloop-job-1): failed" in service_text, service_text
+    service = {pid for pid, cmd in started.items() if "ctloop.spark_service" in cmd or "pyspark-shell" in cmd}
+    assert service, started
+    started = {pid: cmd for pid, cmd in started.items() if pid not in service}
     assert "\ninterrupted: stopping everything the demo started\n" in text
     assert re.search(r"^stopping run ctloop-train-[0-9a-f]{16} \(process group \d+\)$", text, re.M), text
     assert re.search(r"^stopped the trigger function, fake-gcs-server and the Pub/Sub emulator in [\d.]+s$",

@@ -50,6 +50,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.util import inheritable_thread_target
 
 log = logging.getLogger("ctloop.transform_job")
 
@@ -254,7 +255,8 @@ def _run(spark: SparkSession, args: argparse.Namespace, spec: JobSpec, non_negat
         # Each output is one or a few files, each written by one task: several outputs at once keep every
         # core busy (Spark runs jobs from different threads side by side).
         with ThreadPoolExecutor(max_workers=len(writes), thread_name_prefix="write") as pool:
-            for future in [pool.submit(_write_parquet, *w) for w in writes]:
+            # The writes belong to the caller's job group, so cancelling the job cancels them too.
+            for future in [pool.submit(inheritable_thread_target(_write_parquet), *w) for w in writes]:
                 future.result()
         for name in SPLITS:
             log.info("wrote %d %s rows to %s", stats[name]["rows"], name, getattr(args, f"{name}_out"))

@@ -1,0 +1,370 @@
+"""The local Spark service: one long-lived local Spark JVM that runs the local steps' Spark jobs, as Dataproc
+runs the cloud's batches.
+
+A step submits its job (the standalone job file and its arguments, exactly what the cloud backend gives
+Dataproc) over a Unix socket. The service runs the file's ``main(argv, spark=...)`` in a session of its own
+(``newSession``: its own SQL settings, the JVM shared) and answers with the job's report or its error. The
+first job starts the service, detached, with its log beside its socket; it stops after
+``local.spark_service_idle_seconds`` without a job (0: no service, every job starts and stops a JVM of its own).
+
+Why: a fresh JVM spends most of a small job compiling (bench/: the transform's 100k-row job takes several times
+longer in a fresh JVM than in a warm one). A client that goes away (its step stopped) cancels its job.
+
+Protocol, one JSON object per line. Client: ``{"job_file", "argv", "name"}`` or ``{"stop": true}``. Service:
+``{"accepted": pid}``, then ``{"result": report}`` or ``{"error": {"type", "builtin", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import runpy
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ctloop.config import Settings
+from ctloop.errors import CtloopError
+
+log = logging.getLogger("ctloop.spark_service")
+
+START_TIMEOUT_S = 180.0  # a cold JVM on a busy 2-core machine; the service says why when it fails sooner
+_CONNECT_POLL_S = 0.05
+_LOG_TAIL_LINES = 20
+
+
+class SparkServiceError(CtloopError):
+    """The local Spark service could not be started or reached, or stopped during a job."""
+
+
+@dataclass(frozen=True)
+class ServiceAddress:
+    """Where one service listens and keeps its lock, log and description (same stem, in the temp folder)."""
+
+    socket: Path
+    lock: Path
+    log: Path
+    info: Path
+
+
+def service_address(settings: Settings) -> ServiceAddress:
+    """The service for this environment and these Spark settings: another interpreter, other Spark settings or
+    another version of this module or the session's gets a service of its own."""
+    from ctloop import spark_session
+
+    local = settings.local
+    identity = {
+        "python": sys.executable, "prefix": sys.prefix, "master": local.spark_master,
+        "memory": local.spark_driver_memory, "partitions": local.spark_shuffle_partitions,
+        "idle": local.spark_service_idle_seconds,
+        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()  # type: ignore[arg-type]
+                 for m in (sys.modules[__name__], spark_session)],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    # A short path: a Unix socket's name is limited to 107 bytes.
+    stem = Path(tempfile.gettempdir()) / f"ctloop-spark-{os.getuid()}-{key}"
+    return ServiceAddress(*(stem.with_suffix(s) for s in (".sock", ".lock", ".log", ".json")))
+
+
+def run_spark_job(settings: Settings, job_file: Path, argv: list[str], *, name: str,
+                  spark: Any = None, rows: int | None = None) -> dict[str, Any]:
+    """Run a standalone Spark job file's ``main(argv, spark=...)`` locally; returns its report.
+
+    In ``spark`` (a caller's session) when given; else on the local Spark service; with the service off, in a
+    session started for this job and stopped after it (``rows``, the input's size, picks its JIT). A job's
+    ``ValueError`` (bad data) reaches the caller as a ``ValueError`` with the same message in every case.
+    """
+    if spark is not None:
+        return _main_of(job_file)(argv, spark=spark)
+    if settings.local.spark_service_idle_seconds <= 0:
+        from ctloop.spark_session import local_spark
+
+        session = local_spark(settings, app_name=name, rows=rows)
+        try:
+            return _main_of(job_file)(argv, spark=session)
+        finally:
+            session.stop()
+    return submit(settings, job_file, argv, name)
+
+
+def _main_of(job_file: Path) -> Any:
+    # The file as it is now, in a module of its own: a long-lived service never runs a stale copy, and
+    # concurrent jobs never share a module's state. Its functions pickle by value, as under spark-submit.
+    return runpy.run_path(str(job_file), run_name=f"ctloop_job_{next(_job_numbers)}")["main"]
+
+
+_job_numbers = itertools.count(1)
+
+
+# --- client -------------------------------------------------------------------------------------------------
+
+
+def submit(settings: Settings, job_file: Path, argv: list[str], name: str) -> dict[str, Any]:
+    """Run the job on the service (started if it is not running) and wait for its answer."""
+    address = service_address(settings)
+    request = {"job_file": str(Path(job_file).resolve()), "argv": argv, "name": name}
+    for _ in range(3):  # a service that was stopping when we called: start another
+        conn = _accepted(settings, address, request)
+        if conn is not None:
+            break
+    else:
+        raise SparkServiceError(f"local Spark service {address.socket}: it stopped three times before accepting "
+                                f"job {name}; its log: {address.log}")
+    with conn, conn.makefile("rb") as replies:
+        answer = replies.readline()
+    if not answer:
+        raise SparkServiceError(f"local Spark service {address.socket}: it stopped during job {name}; its log "
+                                f"(last lines):\n{_tail(address.log)}")
+    reply = json.loads(answer)
+    if "result" in reply:
+        return reply["result"]
+    error = reply["error"]
+    kind = getattr(builtins, error["type"], None) if error["builtin"] else None
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        raise kind(error["message"])
+    raise SparkServiceError(f"local Spark job {name} failed: {error['type']}: {error['message']} (traceback in "
+                            f"{address.log})")
+
+
+def _accepted(settings: Settings, address: ServiceAddress, request: dict[str, Any]) -> socket.socket | None:
+    """A connection whose request the service accepted, or None when the service stopped before accepting.
+
+    Under the address's lock: so only one caller starts a service, and a service never stops between a
+    caller's connecting and its job being accepted (the service takes the same lock to stop).
+    """
+    with _locked(address.lock):
+        conn = _connect(address.socket)
+        if conn is None:
+            conn = _start(settings, address)
+        try:
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            accepted = _read_line(conn)
+        except OSError:
+            accepted = b""
+        if not accepted:
+            conn.close()
+            return None
+        return conn
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    # Byte by byte: the accept line must not buffer any of the answer that follows it.
+    out = bytearray()
+    while not out.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            return b""
+        out += chunk
+    return bytes(out)
+
+
+def _connect(path: Path) -> socket.socket | None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except OSError:  # no socket, or one left by a service that died
+        conn.close()
+        return None
+    return conn
+
+
+def _start(settings: Settings, address: ServiceAddress) -> socket.socket:
+    address.socket.unlink(missing_ok=True)
+    with open(address.log, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ctloop.spark_service", "serve", "--settings", json.dumps(settings.to_param())],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True,
+            cwd=address.socket.parent)  # not the caller's folder, which may go before the service does
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        conn = _connect(address.socket)
+        if conn is not None:
+            return conn
+        if process.poll() is not None:
+            raise SparkServiceError(f"local Spark service: it exited ({process.returncode}) while starting; its "
+                                    f"log (last lines):\n{_tail(address.log)}")
+        time.sleep(_CONNECT_POLL_S)
+    process.kill()
+    raise SparkServiceError(f"local Spark service: not listening on {address.socket} after {START_TIMEOUT_S:.0f} s; "
+                            f"its log: {address.log}")
+
+
+def _tail(path: Path) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def stop_services(prefix: str | None = None) -> list[int]:
+    """Ask every service of this user (of the environment at ``prefix``, when given) to stop once its jobs are
+    done; returns their process ids."""
+    stopped = []
+    for info_path in Path(tempfile.gettempdir()).glob(f"ctloop-spark-{os.getuid()}-*.json"):
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if prefix is not None and info.get("prefix") != prefix:
+            continue
+        conn = _connect(info_path.with_suffix(".sock"))
+        if conn is None:
+            continue
+        with conn:
+            conn.sendall(b'{"stop": true}\n')
+            if _read_line(conn):
+                stopped.append(int(info["pid"]))
+    return stopped
+
+
+# --- service ------------------------------------------------------------------------------------------------
+
+
+class _Service:
+    def __init__(self, settings: Settings, address: ServiceAddress) -> None:
+        from ctloop.spark_session import local_spark
+
+        self.address = address
+        self.idle_s = settings.local.spark_service_idle_seconds
+        self.spark = local_spark(settings, app_name="ctloop-spark-service", long_lived=True)
+        self.state = threading.Lock()
+        self.active = 0
+        self.last_done = time.monotonic()
+        self.stopping = threading.Event()
+        self.groups = itertools.count(1)
+
+    def serve(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.address.socket))
+        os.chmod(self.address.socket, 0o600)
+        listener.listen(64)
+        listener.settimeout(0.5)  # so the accept loop sees a stop
+        self.address.info.write_text(json.dumps({"pid": os.getpid(), "prefix": sys.prefix,
+                                                 "socket": str(self.address.socket)}))
+        log.info("listening on %s (stops after %.0f s idle)", self.address.socket, self.idle_s)
+        threading.Thread(target=self._stop_when_idle, name="idle", daemon=True).start()
+        with listener:
+            while not self.stopping.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        while self.active:
+            time.sleep(0.1)
+        self.spark.stop()
+        log.info("stopped")
+
+    def _stop_when_idle(self) -> None:
+        while not self.stopping.wait(min(5.0, self.idle_s / 4)):
+            with self.state:
+                idle = self.active == 0 and time.monotonic() - self.last_done >= self.idle_s
+            if idle:
+                self.stop(require_idle=True)
+
+    def stop(self, require_idle: bool) -> None:
+        # The client's lock: no caller is between connecting and being accepted while the socket goes.
+        with _locked(self.address.lock), self.state:
+            if require_idle and self.active:
+                return
+            self.address.socket.unlink(missing_ok=True)
+            self.address.info.unlink(missing_ok=True)
+            self.stopping.set()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                request = json.loads(_read_line(conn) or b"null")
+            except ValueError:
+                return
+            if not isinstance(request, dict):
+                return
+            if request.get("stop"):
+                conn.sendall(json.dumps({"accepted": os.getpid()}).encode() + b"\n")
+                threading.Thread(target=self.stop, args=(False,), daemon=True).start()
+                return
+            with self.state:
+                if self.stopping.is_set():
+                    return  # the caller starts another service
+                self.active += 1
+            try:
+                conn.sendall(json.dumps({"accepted": os.getpid()}).encode() + b"\n")
+                self._run(conn, request)
+            finally:
+                with self.state:
+                    self.active -= 1
+                    self.last_done = time.monotonic()
+
+    def _run(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        name, group = str(request.get("name", "job")), f"ctloop-job-{next(self.groups)}"
+        sc = self.spark.sparkContext
+        sc.setJobGroup(group, name, interruptOnCancel=True)
+        done = threading.Event()
+        threading.Thread(target=self._cancel_on_hangup, args=(conn, group, done), daemon=True).start()
+        started = time.monotonic()
+        log.info("%s (%s): started", name, group)
+        try:
+            result = _main_of(Path(request["job_file"]))(list(request["argv"]), spark=self.spark.newSession())
+            reply: dict[str, Any] = {"result": result}
+            log.info("%s (%s): done in %.2f s", name, group, time.monotonic() - started)
+        except (Exception, SystemExit) as e:  # an argparse error in the job exits
+            log.exception("%s (%s): failed after %.2f s", name, group, time.monotonic() - started)
+            reply = {"error": {"type": type(e).__name__, "builtin": type(e).__module__ == "builtins",
+                               "message": str(e)}}
+        finally:
+            done.set()
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+
+    def _cancel_on_hangup(self, conn: socket.socket, group: str, done: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(1)  # the client sends nothing more: this returns when it hangs up (or we close)
+        if not done.is_set():
+            log.warning("%s: the client went away; cancelling its Spark jobs", group)
+            # Those running and those it would start: the job may be between two of them.
+            self.spark.sparkContext._jsc.sc().cancelJobGroupAndFutureJobs(group, "the client went away")
+
+
+def main(argv: list[str] | None = None, stdout: IO[str] = sys.stdout) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctloop.spark_service", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a service (the first job starts one: there is no need to)")
+    serve.add_argument("--settings", required=True, help="the settings as JSON")
+    sub.add_parser("stop", help="stop this environment's services once their jobs are done")
+    args = p.parse_args(argv)
+    if args.command == "stop":
+        pids = stop_services(sys.prefix)
+        print(f"stopping {len(pids)} local Spark service(s): {pids}", file=stdout)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_param(json.loads(args.settings))
+    _Service(settings, service_address(settings)).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
