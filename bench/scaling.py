@@ -129,6 +129,8 @@ def run(ctx: Context) -> Section:
             ctx.echo(f"  scaling: {LABELS[SERVICE_KIND]}, {n:,} rows, 1 + 3 jobs ...")
             results[n][SERVICE_KIND] = measure(SERVICE_KIND, input_dir, work / SERVICE_KIND, work, 4 * timeout)
             shutil.rmtree(work / SERVICE_KIND, ignore_errors=True)
+            if not [m for m in sizes if n < m <= SERVICE_MAX_ROWS]:
+                stop_service(settings)  # its memory is not left to the larger sizes
         if parity is None and not any("error" in results[n][k] for k in ("spark-transform", "pandas-transform")):
             parity = compare_splits(work / "spark-transform", work / "pandas-transform", _spec(settings, input_dir))
             parity["rows_compared_at"] = n
@@ -136,7 +138,6 @@ def run(ctx: Context) -> Section:
             for kind in KINDS:
                 shutil.rmtree(work / kind, ignore_errors=True)
 
-    stop_service(settings)
     _figures(section, sizes, results)
     _tables(section, sizes, results, generation)
     _plots(section, sizes, results)

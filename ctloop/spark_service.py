@@ -59,6 +59,7 @@ class ServiceAddress:
     lock: Path
     log: Path
     info: Path
+    starting: Path  # the process id of a service started but not yet listening
 
 
 def service_address(settings: Settings) -> ServiceAddress:
@@ -77,7 +78,7 @@ def service_address(settings: Settings) -> ServiceAddress:
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     # A short path: a Unix socket's name is limited to 107 bytes.
     stem = Path(tempfile.gettempdir()) / f"ctloop-spark-{os.getuid()}-{key}"
-    return ServiceAddress(*(stem.with_suffix(s) for s in (".sock", ".lock", ".log", ".json")))
+    return ServiceAddress(*(stem.with_suffix(s) for s in (".sock", ".lock", ".log", ".json", ".starting")))
 
 
 def run_spark_job(settings: Settings, job_file: Path, argv: list[str], *, name: str,
@@ -149,7 +150,8 @@ def _accepted(settings: Settings, address: ServiceAddress, request: dict[str, An
     with _locked(address.lock):
         conn = _connect(address.socket)
         if conn is None:
-            conn = _start(settings, address)
+            pid = _starting(address)
+            conn = _wait_listening(address, _spawn(settings, address) if pid is None else pid)
         try:
             conn.sendall(json.dumps(request).encode() + b"\n")
             accepted = _read_line(conn)
@@ -182,23 +184,58 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
-def _start(settings: Settings, address: ServiceAddress) -> socket.socket:
+def start_soon(settings: Settings) -> None:
+    """Start the service unless it runs or is starting, without waiting for it: a local run calls this first, so
+    the JVM starts while the steps before its first Spark job run."""
+    address = service_address(settings)
+    with _locked(address.lock):
+        conn = _connect(address.socket)
+        if conn is not None:
+            conn.close()
+        elif _starting(address) is None:
+            _spawn(settings, address)
+
+
+def _spawn(settings: Settings, address: ServiceAddress) -> int:
     address.socket.unlink(missing_ok=True)
     with open(address.log, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "ctloop.spark_service", "serve", "--settings", json.dumps(settings.to_param())],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True,
             cwd=address.socket.parent)  # not the caller's folder, which may go before the service does
+    address.starting.write_text(str(process.pid))
+    return process.pid
+
+
+def _starting(address: ServiceAddress) -> int | None:
+    """The process id of a service that was started and is still alive but not listening yet, or None."""
+    try:
+        pid = int(address.starting.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_listening(address: ServiceAddress, pid: int) -> socket.socket:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         conn = _connect(address.socket)
         if conn is not None:
             return conn
-        if process.poll() is not None:
-            raise SparkServiceError(f"local Spark service: it exited ({process.returncode}) while starting; its "
-                                    f"log (last lines):\n{_tail(address.log)}")
+        if not _alive(pid):
+            raise SparkServiceError(f"local Spark service: process {pid} exited while starting; its log (last "
+                                    f"lines):\n{_tail(address.log)}")
         time.sleep(_CONNECT_POLL_S)
-    process.kill()
+    with contextlib.suppress(OSError):
+        os.kill(pid, 9)
     raise SparkServiceError(f"local Spark service: not listening on {address.socket} after {START_TIMEOUT_S:.0f} s; "
                             f"its log: {address.log}")
 
@@ -265,6 +302,7 @@ class _Service:
         listener.settimeout(0.5)  # so the accept loop sees a stop
         self.address.info.write_text(json.dumps({"pid": os.getpid(), "prefix": sys.prefix,
                                                  "socket": str(self.address.socket)}))
+        self.address.starting.unlink(missing_ok=True)
         log.info("listening on %s (stops after %.0f s idle)", self.address.socket, self.idle_s)
         threading.Thread(target=self._stop_when_idle, name="idle", daemon=True).start()
         with listener:

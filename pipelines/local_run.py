@@ -118,10 +118,13 @@ def run_local(
     arguments: dict[str, Any],
     echo: Callable[[str], None] = print,
     runner: Any = None,
+    uses_spark: bool = False,
 ) -> RunRecord:
     """Run ``pipeline_func`` under kfp.local with ``arguments``; returns the run record (also on failure).
 
     ``runner``: a ``kfp.local`` runner; default ``SubprocessRunner(use_venv=False)`` (this process's venv).
+    ``uses_spark``: a step runs a Spark job, so the local Spark service is started now, while the steps before
+    it run (ctloop/spark_service.py); the steps of another runner run it where they run.
     """
     from kfp import local
 
@@ -159,6 +162,10 @@ def run_local(
 
     existing = {p.name for p in root.iterdir()} if root.exists() else set()
     use_local_threads(settings)  # the step processes inherit it
+    if uses_spark and runner is None and settings.local.spark_service_idle_seconds > 0:
+        from ctloop.spark_service import start_soon
+
+        start_soon(settings)
     local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True, enable_caching=True)
     started_at = datetime.now(UTC).isoformat()

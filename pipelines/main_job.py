@@ -36,7 +36,8 @@ def run_training_local(
     run_id = run_id or new_run_id()
     echo(f"ctloop run {run_id} (local: DuckDB, Spark {settings.local.spark_master}, scikit-learn, SQLite registry)")
     record = run_local(training_pipeline, settings, run_id=run_id,
-                       arguments=pipeline_parameters(settings, run_id, snapshot_time, trigger_uri), echo=echo)
+                       arguments=pipeline_parameters(settings, run_id, snapshot_time, trigger_uri), echo=echo,
+                       uses_spark=True)
     report = write_run_report(record, settings.local.runs_dir / run_id / "report.html")
     record.report_path = str(report)
     echo_summary(record, echo)

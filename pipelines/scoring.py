@@ -59,7 +59,7 @@ def run_scoring_local(
     echo(f"ctloop score {run_id} (local: DuckDB, Spark {settings.local.spark_master}; model {version})")
     arguments = {**pipeline_parameters(settings, run_id, snapshot_time, trigger_uri), "model_version": model_version,
                  "input_uri": input_uri}
-    record = run_local(scoring_pipeline, settings, run_id=run_id, arguments=arguments, echo=echo)
+    record = run_local(scoring_pipeline, settings, run_id=run_id, arguments=arguments, echo=echo, uses_spark=True)
     keep_report(record, settings.local.runs_dir / run_id)
     echo_summary(record, echo)
     if record.status != "SUCCEEDED":

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ctloop.config import Settings
-from ctloop.spark_service import run_spark_job, service_address, stop_services
+from ctloop.spark_service import run_spark_job, service_address, start_soon, stop_services
 
 pytestmark = pytest.mark.spark
 
@@ -97,6 +97,19 @@ def test_jobs_from_separate_callers_share_one_service_and_see_their_file_as_it_i
     assert (second["rows"], second["pid"]) == (7, first["pid"])
     job.write_text(JOB.replace("VERSION = 1", "VERSION = 2"))
     assert run_spark_job(service_settings, job, [], name="third")["version"] == 2
+
+
+def test_a_service_started_ahead_serves_the_first_job_and_is_started_once(service_settings: Settings,
+                                                                          job: Path) -> None:
+    start_soon(service_settings)
+    start_soon(service_settings)  # it is starting: not a second one
+    address = service_address(service_settings)
+    pid = int(address.starting.read_text()) if address.starting.exists() else json.loads(
+        address.info.read_text())["pid"]
+    assert run_spark_job(service_settings, job, ["4"], name="first")["pid"] == pid
+    assert not address.starting.exists()
+    start_soon(service_settings)  # it is listening
+    assert run_spark_job(service_settings, job, ["4"], name="second")["pid"] == pid
 
 
 def test_a_jobs_value_error_reaches_its_caller_as_the_same_error(service_settings: Settings, job: Path) -> None:
