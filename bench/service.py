@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -22,16 +21,10 @@ def service_pid(settings: Any) -> int | None:
 
 def stop_service(settings: Any, timeout: float = 60.0) -> None:
     """Stop this environment's services (once their jobs are done) and wait for the one of ``settings`` to exit."""
-    from ctloop.spark_service import stop_services
+    from ctloop.spark_service import process_alive, stop_services
 
     pid = service_pid(settings)
     stop_services(sys.prefix)
     deadline = time.monotonic() + timeout
-    while pid is not None and time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            return
-        if state == "Z":
-            return
+    while pid is not None and process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -213,10 +213,11 @@ def _starting(address: ServiceAddress) -> int | None:
         pid = int(address.starting.read_text())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """The process runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
     except OSError:
@@ -230,7 +231,7 @@ def _wait_listening(address: ServiceAddress, pid: int) -> socket.socket:
         conn = _connect(address.socket)
         if conn is not None:
             return conn
-        if not _alive(pid):
+        if not process_alive(pid):
             raise SparkServiceError(f"local Spark service: process {pid} exited while starting; its log (last "
                                     f"lines):\n{_tail(address.log)}")
         time.sleep(_CONNECT_POLL_S)

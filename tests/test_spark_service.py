@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ctloop.config import Settings
-from ctloop.spark_service import run_spark_job, service_address, start_soon, stop_services
+from ctloop.spark_service import process_alive, run_spark_job, service_address, start_soon, stop_services
 
 pytestmark = pytest.mark.spark
 
@@ -40,19 +40,10 @@ def _settings(idle: float) -> Settings:
     return Settings().with_overrides({"local.spark_service_idle_seconds": idle})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
 def _wait_gone(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process_alive(pid):
             return True
         time.sleep(0.1)
     return False
