@@ -267,7 +267,6 @@ def run_scoring(
 def _run_local(settings: Settings, argv: Any, input_path: str, scores_dir: Path, model_dir: str,
                spark: "SparkSession | None") -> dict[str, Any]:
     from ctloop.spark_service import run_spark_job
-    from ctloop.spark_session import parquet_rows
 
     scores_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".score-", dir=scores_dir.parent))
@@ -275,7 +274,7 @@ def _run_local(settings: Settings, argv: Any, input_path: str, scores_dir: Path,
         job_argv = argv(str(Path(input_path).resolve()), str(staging / "scores"), str(staging / REPORT_JSON),
                         model_dir)
         report = run_spark_job(settings, JOB_FILE, job_argv, name="ctloop-score", spark=spark,
-                               rows=parquet_rows(input_path))
+                               input_path=input_path)
         _replace(staging / "scores", scores_dir)
         _replace(staging / REPORT_JSON, scores_dir.parent / REPORT_JSON)
     finally:

@@ -207,7 +207,6 @@ def job_args(spec: FeatureSpec, non_negative: list[str], settings: Settings, *, 
 def _run_local(settings: Settings, spec: FeatureSpec, non_negative: list[str], input_path: str,
                paths: dict[str, str], report_path: str, spark: "SparkSession | None") -> dict[str, Any]:
     from ctloop.spark_service import run_spark_job
-    from ctloop.spark_session import parquet_rows
 
     task_dir = Path(paths["train"]).parent
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +217,7 @@ def _run_local(settings: Settings, spec: FeatureSpec, non_negative: list[str], i
                         outputs=outputs, quarantine=str(staging / QUARANTINE_DIR),
                         report=str(staging / REPORT_JSON))
         report = run_spark_job(settings, JOB_FILE, argv, name="ctloop-transform", spark=spark,
-                               rows=parquet_rows(input_path))
+                               input_path=input_path)
         for split in SPLITS:
             spec.write(outputs[split])
         # Publish only now: every output is complete in staging.

@@ -65,15 +65,14 @@ class ServiceAddress:
 def service_address(settings: Settings) -> ServiceAddress:
     """The service for this environment and these Spark settings: another interpreter, other Spark settings or
     another version of this module or the session's gets a service of its own."""
-    from ctloop import spark_session
-
     local = settings.local
     identity = {
         "python": sys.executable, "prefix": sys.prefix, "master": local.spark_master,
         "memory": local.spark_driver_memory, "partitions": local.spark_shuffle_partitions,
         "idle": local.spark_service_idle_seconds,
-        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()  # type: ignore[arg-type]
-                 for m in (sys.modules[__name__], spark_session)],
+        # Read, not imported: importing the session module would import pyspark into every caller.
+        "code": [hashlib.sha256(Path(__file__).with_name(f).read_bytes()).hexdigest()
+                 for f in ("spark_service.py", "spark_session.py")],
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     # A short path: a Unix socket's name is limited to 107 bytes.
@@ -82,19 +81,20 @@ def service_address(settings: Settings) -> ServiceAddress:
 
 
 def run_spark_job(settings: Settings, job_file: Path, argv: list[str], *, name: str,
-                  spark: Any = None, rows: int | None = None) -> dict[str, Any]:
+                  spark: Any = None, input_path: str | None = None) -> dict[str, Any]:
     """Run a standalone Spark job file's ``main(argv, spark=...)`` locally; returns its report.
 
     In ``spark`` (a caller's session) when given; else on the local Spark service; with the service off, in a
-    session started for this job and stopped after it (``rows``, the input's size, picks its JIT). A job's
-    ``ValueError`` (bad data) reaches the caller as a ``ValueError`` with the same message in every case.
+    session started for this job and stopped after it (the size of the Parquet input at ``input_path`` picks its
+    JIT). A job's ``ValueError`` (bad data) reaches the caller as a ``ValueError`` with the same message in every
+    case.
     """
     if spark is not None:
         return _main_of(job_file)(argv, spark=spark)
     if settings.local.spark_service_idle_seconds <= 0:
-        from ctloop.spark_session import local_spark
+        from ctloop.spark_session import local_spark, parquet_rows
 
-        session = local_spark(settings, app_name=name, rows=rows)
+        session = local_spark(settings, app_name=name, rows=parquet_rows(input_path) if input_path else None)
         try:
             return _main_of(job_file)(argv, spark=session)
         finally:
