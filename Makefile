@@ -59,7 +59,7 @@ images: setup
 test-images: setup trigger-bundle
 	$(BIN)/pytest -q -p no:cacheprovider tests_images
 
-# The local Spark service the runs started (ctloop/spark_service.py) runs from the venv: stopped first.
+# The local Spark service and step server the runs started (ctloop/local_daemon.py) run from the venv: stopped first.
 clean:
-	-$(BIN)/python -m ctloop.spark_service stop
+	-$(BIN)/python -m ctloop.local_daemon stop
 	rm -rf $(VENV) .ctloop build

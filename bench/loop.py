@@ -6,9 +6,10 @@
    each timed. That is each step's own work; what the pipeline spends beyond it is orchestration overhead.
 3. The cost of a step's process before it does any work: interpreter start plus the step module's imports.
 
-The transform's Spark job runs on the local Spark service (ctloop/spark_service.py). The suite stops it first, so
-the first ``ctloop run`` starts it (the cold figure); the later runs and the floors find it warm. Its CPU and
-memory during each run are sampled beside the run's own process tree.
+The transform's Spark job runs on the local Spark service (ctloop/spark_service.py), and the steps fork from the
+local step server (ctloop/step_server.py). The suite stops both first, so the first ``ctloop run`` starts them (the
+cold figure); the later runs and the floors find them warm. Their CPU and memory during each run (the step
+server's with its forked steps) are sampled beside the run's own process tree.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from bench.floor import FLOOR_STEPS, STEPS
 from bench.report import Figure, Section, Table, fmt_number
 from bench.rss import SampledRun, TreeSampler, run_sampled
-from bench.service import service_pid, stop_service
+from bench.service import service_pid, step_server_pid, stop_daemons
 from bench.workspace import CONFIG, PYTHON, REPO, Context, ensure_sample_data, python_module
 
 STEP_MODULES = {"lookup-champion": "components.lookup", "extract": "components.extract",
@@ -113,24 +114,30 @@ def step_phases(log_path: Path) -> dict[str, dict[str, float]]:
 
 @dataclass(frozen=True)
 class ServiceUse:
-    """The local Spark service during one run: its CPU seconds then and its peak RSS (0, 0 when not running)."""
+    """The local daemons during one run: the Spark service's and the step server's (with its forked steps) CPU
+    seconds then and peak RSS (0 for one not running)."""
 
     cpu_seconds: float
     peak_rss_bytes: int
+    steps_cpu_seconds: float = 0.0
+    steps_peak_rss_bytes: int = 0
 
 
 def sampled_with_service(argv: list[str], log: Path, settings: Any) -> tuple[SampledRun, ServiceUse]:
-    """``run_sampled``, and the local Spark service (when running) sampled beside it."""
-    pid = service_pid(settings)
-    # A service this run starts is its transform step's child: the run's own sampler sees it.
-    service = TreeSampler(pid).start() if pid is not None else None
-    cpu_before = service.cpu_seconds if service else 0.0
+    """``run_sampled``, and the local Spark service and step server (those running) sampled beside it."""
+    # A daemon this run starts is its child: the run's own sampler sees it.
+    samplers = [TreeSampler(pid).start() if pid is not None else None
+                for pid in (service_pid(settings), step_server_pid())]
+    before = [s.cpu_seconds if s else 0.0 for s in samplers]
     try:
         run = run_sampled(argv, log, cwd=REPO, timeout=1800)
     finally:
-        if service:
-            service.stop()
-    return run, ServiceUse(service.cpu_seconds - cpu_before, service.peak_bytes) if service else ServiceUse(0.0, 0)
+        for s in samplers:
+            if s:
+                s.stop()
+    (spark, steps), (spark_before, steps_before) = samplers, before
+    return run, ServiceUse(spark.cpu_seconds - spark_before if spark else 0.0, spark.peak_bytes if spark else 0,
+                           steps.cpu_seconds - steps_before if steps else 0.0, steps.peak_bytes if steps else 0)
 
 
 def run_pipeline(workdir: Path, run_id: str, snapshot: str, settings: Any) -> tuple[SampledRun, Any, ServiceUse]:
@@ -162,8 +169,8 @@ def run(ctx: Context) -> Section:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
     repeat = 1 if ctx.quick else 3
-    ctx.echo("  loop: ctloop run, the first: it starts the local Spark service ...")
-    stop_service(settings)
+    ctx.echo("  loop: ctloop run, the first: it starts the local Spark service and step server ...")
+    stop_daemons("*")
     cold_dir = fresh_workdir(ctx.workdir / "loop-cold", landing / "landing")
     cold_run, cold, cold_use = run_pipeline(cold_dir, f"bench-loop-{stamp}-cold", snapshot, settings)
     if cold.status != "SUCCEEDED":
@@ -172,7 +179,7 @@ def run(ctx: Context) -> Section:
     floors: list[tuple[SampledRun, dict[str, Any], ServiceUse]] = []
     for i in range(repeat):
         # Alternate the two, so a burst of load from elsewhere on the machine hits both alike.
-        ctx.echo(f"  loop: ctloop run (KFP local runner), Spark service warm, {i + 1}/{repeat} ...")
+        ctx.echo(f"  loop: ctloop run (KFP local runner), Spark service and step server warm, {i + 1}/{repeat} ...")
         loop_dir = fresh_workdir(ctx.workdir / f"loop-{i}", landing / "landing")
         loop_run, record, use = run_pipeline(loop_dir, f"bench-loop-{stamp}-{i}", snapshot, settings)
         if record.status != "SUCCEEDED":
@@ -191,7 +198,8 @@ def run(ctx: Context) -> Section:
     else:
         profiles = {}
     service_peak = max([u.peak_rss_bytes for *_, u in [*loops, *floors]] + [cold_use.peak_rss_bytes])
-    stop_service(settings)  # the other suites measure without it
+    steps_peak = max(u.steps_peak_rss_bytes for *_, u in loops)
+    stop_daemons("*")  # the other suites measure without them
     # Best of the repetitions: on a shared machine the minimum is the least disturbed measurement.
     loop_run, record, loop_use = min(loops, key=lambda x: x[1].seconds)
     floor_run, floor, floor_use = min(floors, key=lambda x: x[1]["process_seconds"])
@@ -224,9 +232,9 @@ def run(ctx: Context) -> Section:
     section.figures += [
         Figure("loop total (run record)", total, "s", f"same {len(STEPS)} steps in one process",
                floor["process_seconds"],
-               target=("<", 20.0), note="Spark service warm; target on a quiet 2-core machine"),
-        Figure("loop total, first run: it starts the Spark service", cold.seconds, "s", "loop total, service warm",
-               total),
+               target=("<", 20.0), note="Spark service and step server warm; target on a quiet 2-core machine"),
+        Figure("loop total, first run: it starts the Spark service and the step server", cold.seconds, "s",
+               "loop total, both warm", total),
         Figure("transform step, first run: the service's first job", cold.step("transform").seconds, "s",
                "transform step, service warm", walls["transform"]),
         Figure("extract→evaluate (4 steps)", loop_floor_steps, "s", "one plain script (floor)", floor_process),
@@ -234,12 +242,16 @@ def run(ctx: Context) -> Section:
                target_on_ratio=True,
                note="loop total minus the steps' own work; ratio = overhead fraction"),
         Figure("runner time between steps", total - sum(walls.values()), "s", "loop total", total),
-        Figure("CPU time of the process tree and the Spark service", loop_run.cpu_seconds + loop_use.cpu_seconds,
+        Figure("CPU time of the process tree, the Spark service and the step server with its steps",
+               loop_run.cpu_seconds + loop_use.cpu_seconds + loop_use.steps_cpu_seconds,
                "s", "the floor's, likewise", floor_run.cpu_seconds + floor_use.cpu_seconds),
         Figure("peak RSS of the process tree", loop_run.peak_rss_bytes / _MB, "MB", "floor process tree",
                floor_run.peak_rss_bytes / _MB),
         Figure("peak RSS of the local Spark service (JVM and its Python)", service_peak / _MB, "MB",
                "peak RSS of the loop's process tree", loop_run.peak_rss_bytes / _MB),
+        Figure("peak RSS of the step server and its forked steps", steps_peak / _MB, "MB",
+               "floor process tree", floor_run.peak_rss_bytes / _MB,
+               note="RSS counts the pages a step shares with the server in both"),
     ]
     phases = step_phases(Path(record.log_path))
 
@@ -261,7 +273,8 @@ def run(ctx: Context) -> Section:
         "Per step: pipeline wall time vs the step's own work (seconds); the last three columns split the "
         "fastest run's step wall time using its log",
         ["step", "pipeline step wall", "own work (in-process)", "overhead", "overhead share",
-         "fresh interpreter + step module imports", "executor start", "component body", "process exit"], rows))
+         "a fresh step process's interpreter + imports (the step server's fork saves them)", "executor start",
+         "component body", "process exit"], rows))
     if contention_results is not None:
         from bench import contention
 
@@ -280,26 +293,28 @@ def run(ctx: Context) -> Section:
         f"Both runs: gate decision `{record.output('evaluate-gate', 'decision', '?')}` (loop) / "
         f"`{floor['decision']}` (floor); floor test ROC AUC {floor['roc_auc']:.4f}; rows {floor['rows']}.",
         "Own work = the step's plain function timed in one warm process (imports excluded, paid once by the "
-        "floor); a pipeline step additionally pays a fresh interpreter, the KFP executor, its imports and the "
-        "artifact bookkeeping. Both are minima over the repetitions, taken separately, so a step whose own "
+        "floor); a pipeline step additionally pays the launcher, its fork from the step server, the KFP executor "
+        "and the artifact bookkeeping. Both are minima over the repetitions, taken separately, so a step whose own "
         "work varies more than its overhead (the Spark transform, the OpenMP train) can show a negative overhead.",
     ]
     section.notes.append(
         f"Best of {repeat} alternating runs each (minimum per step and in total): loop totals "
         f"{', '.join(f'{r.seconds:.1f}' for _, r, _ in loops)} s; floor totals "
         f"{', '.join(format(f['process_seconds'], '.1f') for _, f, _ in floors)} s. Before them, the first run "
-        f"({cold.seconds:.1f} s) started the local Spark service: its transform step took "
+        f"({cold.seconds:.1f} s) started the local Spark service and step server: its transform step took "
         f"{cold.step('transform').seconds:.1f} s.")
     section.notes.append(
-        "The Spark service runs outside the runs' process trees: its CPU during each run is added to the tree's; "
-        "its memory is shown on its own (it stays resident between runs until idle for "
-        f"{settings.local.spark_service_idle_seconds:.0f} s).")
+        "The Spark service and the step server (whose children the steps are) run outside the runs' process trees: "
+        "their CPU during each run is added to the tree's; their memory is shown on its own (they stay resident "
+        f"between runs until idle for {settings.local.spark_service_idle_seconds:.0f} / "
+        f"{settings.local.step_server_idle_seconds:.0f} s).")
     section.data = {"repeat": repeat,
                     "run_records": [{"seconds": r.seconds, "steps": {s.name: s.seconds for s in r.steps}}
                                     for _, r, _ in loops],
                     "cold_run_record": {"seconds": cold.seconds, "steps": {s.name: s.seconds for s in cold.steps}},
                     "service": {"cold": cold_use.__dict__, "loops": [u.__dict__ for *_, u in loops],
-                                "floors": [u.__dict__ for *_, u in floors], "peak_rss_bytes": service_peak},
+                                "floors": [u.__dict__ for *_, u in floors], "peak_rss_bytes": service_peak,
+                                "steps_peak_rss_bytes": steps_peak},
                     "floors": [{k: v for k, v in f.items() if k != "profiles"} for _, f, _ in floors],
                     "imports": imports, "interpreter_start": bare, "step_phases": phases,
                     "loop_process": {"wall": loop_run.wall_seconds, "cpu": loop_run.cpu_seconds,

@@ -22,7 +22,7 @@ from typing import Any
 from bench.machine import meminfo_bytes
 from bench.report import Figure, Section, Table, fmt_number
 from bench.rss import run_sampled
-from bench.service import stop_service
+from bench.service import stop_daemons
 from bench.stats import growth_exponent
 from bench.svg import line_chart, short_number
 from bench.workspace import REPO, Context, batch_dir, ensure_sample_data, python_module
@@ -102,7 +102,7 @@ def run(ctx: Context) -> Section:
     results: dict[int, dict[str, dict[str, Any]]] = {}
     generation: dict[int, float] = {}
     parity: dict[str, Any] | None = None
-    stop_service(settings)  # the first measurement on the service starts it
+    stop_daemons("spark")  # the first measurement on the service starts it
     for n in sizes:
         t = time.perf_counter()
         ctx.echo(f"  scaling: sample data, {n:,} rows ...")
@@ -130,7 +130,7 @@ def run(ctx: Context) -> Section:
             results[n][SERVICE_KIND] = measure(SERVICE_KIND, input_dir, work / SERVICE_KIND, work, 4 * timeout)
             shutil.rmtree(work / SERVICE_KIND, ignore_errors=True)
             if not [m for m in sizes if n < m <= SERVICE_MAX_ROWS]:
-                stop_service(settings)  # its memory is not left to the larger sizes
+                stop_daemons("spark")  # its memory is not left to the larger sizes
         if parity is None and not any("error" in results[n][k] for k in ("spark-transform", "pandas-transform")):
             parity = compare_splits(work / "spark-transform", work / "pandas-transform", _spec(settings, input_dir))
             parity["rows_compared_at"] = n

@@ -1,30 +1,49 @@
-"""The local Spark service (ctloop/spark_service.py) as the suites see it: which process it is, and stopping it so
-a measurement starts cold."""
+"""The local daemons (ctloop/local_daemon.py: the Spark service, the step server) as the suites see them: which
+process each is, and stopping them so a measurement starts cold."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 
 def service_pid(settings: Any) -> int | None:
-    """The running service's process id for these settings, or None."""
+    """The running Spark service's process id for these settings, or None."""
+    from ctloop.local_daemon import daemon_pid
     from ctloop.spark_service import service_address
 
-    try:
-        return int(json.loads(service_address(settings).info.read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
+    return daemon_pid(service_address(settings))
 
 
-def stop_service(settings: Any, timeout: float = 60.0) -> None:
-    """Stop this environment's services (once their jobs are done) and wait for the one of ``settings`` to exit."""
-    from ctloop.spark_service import process_alive, stop_services
+def step_server_pid() -> int | None:
+    """The running step server of this environment (the newest, should there be several), or None.
 
-    pid = service_pid(settings)
-    stop_services(sys.prefix)
+    Found by its description rather than its identity: the run that started it computed that identity in its
+    own environment (with the local thread settings), not the bench's."""
+    from ctloop.local_daemon import process_alive
+
+    found = []
+    for info_path in Path(tempfile.gettempdir()).glob(f"ctloop-steps-{os.getuid()}-*.json"):
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("prefix") == sys.prefix and process_alive(int(info["pid"])):
+            found.append((info_path.stat().st_mtime, int(info["pid"])))
+    return max(found)[1] if found else None
+
+
+def stop_daemons(kind: str = "spark", timeout: float = 60.0) -> None:
+    """Stop this environment's daemons of ``kind`` ("*": all) once their work is done, and wait for them to exit."""
+    from ctloop.local_daemon import process_alive
+    from ctloop.local_daemon import stop_daemons as ask_to_stop
+
+    pids = ask_to_stop(kind, sys.prefix)
     deadline = time.monotonic() + timeout
-    while pid is not None and process_alive(pid) and time.monotonic() < deadline:
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -236,6 +236,9 @@ class LocalSettings(_Strict):
     # Local Spark jobs run on one long-lived JVM (ctloop/spark_service.py), which stops after this many idle
     # seconds; 0 = none: each job starts a JVM of its own and stops it.
     spark_service_idle_seconds: float = Field(default=900.0, ge=0)
+    # Local pipeline steps fork from one interpreter that imported their modules already (ctloop/step_server.py),
+    # which stops after this many idle seconds; 0 = none: each step starts an interpreter of its own.
+    step_server_idle_seconds: float = Field(default=900.0, ge=0)
     # OpenMP/BLAS in local steps, the local server and tests (ctloop/threads.py): waiting threads sleep
     # (PASSIVE) instead of spinning, so another busy process costs CPU share, not a stalled barrier each time.
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"

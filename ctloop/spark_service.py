@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -27,57 +26,48 @@ import logging
 import os
 import runpy
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
+from ctloop.local_daemon import (
+    DaemonAddress,
+    announce,
+    connect,
+    locked,
+    read_line,
+    spawn,
+    starting_pid,
+    stop_daemons,
+    tail,
+    wait_listening,
+)
 
 log = logging.getLogger("ctloop.spark_service")
 
 START_TIMEOUT_S = 180.0  # a cold JVM on a busy 2-core machine; the service says why when it fails sooner
-_CONNECT_POLL_S = 0.05
-_LOG_TAIL_LINES = 20
 
 
 class SparkServiceError(CtloopError):
     """The local Spark service could not be started or reached, or stopped during a job."""
 
 
-@dataclass(frozen=True)
-class ServiceAddress:
-    """Where one service listens and keeps its lock, log and description (same stem, in the temp folder)."""
-
-    socket: Path
-    lock: Path
-    log: Path
-    info: Path
-    starting: Path  # the process id of a service started but not yet listening
-
-
-def service_address(settings: Settings) -> ServiceAddress:
+def service_address(settings: Settings) -> DaemonAddress:
     """The service for this environment and these Spark settings: another interpreter, other Spark settings or
     another version of this module or the session's gets a service of its own."""
     local = settings.local
-    identity = {
+    return DaemonAddress.of("spark", {
         "python": sys.executable, "prefix": sys.prefix, "master": local.spark_master,
         "memory": local.spark_driver_memory, "partitions": local.spark_shuffle_partitions,
         "idle": local.spark_service_idle_seconds,
         # Read, not imported: importing the session module would import pyspark into every caller.
         "code": [hashlib.sha256(Path(__file__).with_name(f).read_bytes()).hexdigest()
                  for f in ("spark_service.py", "spark_session.py")],
-    }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    # A short path: a Unix socket's name is limited to 107 bytes.
-    stem = Path(tempfile.gettempdir()) / f"ctloop-spark-{os.getuid()}-{key}"
-    return ServiceAddress(*(stem.with_suffix(s) for s in (".sock", ".lock", ".log", ".json", ".starting")))
+    })
 
 
 def run_spark_job(settings: Settings, job_file: Path, argv: list[str], *, name: str,
@@ -129,7 +119,7 @@ def submit(settings: Settings, job_file: Path, argv: list[str], name: str) -> di
         answer = replies.readline()
     if not answer:
         raise SparkServiceError(f"local Spark service {address.socket}: it stopped during job {name}; its log "
-                                f"(last lines):\n{_tail(address.log)}")
+                                f"(last lines):\n{tail(address.log)}")
     reply = json.loads(answer)
     if "result" in reply:
         return reply["result"]
@@ -141,20 +131,21 @@ def submit(settings: Settings, job_file: Path, argv: list[str], name: str) -> di
                             f"{address.log})")
 
 
-def _accepted(settings: Settings, address: ServiceAddress, request: dict[str, Any]) -> socket.socket | None:
+def _accepted(settings: Settings, address: DaemonAddress, request: dict[str, Any]) -> socket.socket | None:
     """A connection whose request the service accepted, or None when the service stopped before accepting.
 
     Under the address's lock: so only one caller starts a service, and a service never stops between a
     caller's connecting and its job being accepted (the service takes the same lock to stop).
     """
-    with _locked(address.lock):
-        conn = _connect(address.socket)
+    with locked(address.lock):
+        conn = connect(address.socket)
         if conn is None:
-            pid = _starting(address)
-            conn = _wait_listening(address, _spawn(settings, address) if pid is None else pid)
+            pid = starting_pid(address)
+            conn = wait_listening(address, _spawn(settings, address) if pid is None else pid, START_TIMEOUT_S,
+                                  SparkServiceError, "local Spark service")
         try:
             conn.sendall(json.dumps(request).encode() + b"\n")
-            accepted = _read_line(conn)
+            accepted = read_line(conn)
         except OSError:
             accepted = b""
         if not accepted:
@@ -163,127 +154,34 @@ def _accepted(settings: Settings, address: ServiceAddress, request: dict[str, An
         return conn
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    # Byte by byte: the accept line must not buffer any of the answer that follows it.
-    out = bytearray()
-    while not out.endswith(b"\n"):
-        chunk = conn.recv(1)
-        if not chunk:
-            return b""
-        out += chunk
-    return bytes(out)
-
-
-def _connect(path: Path) -> socket.socket | None:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(str(path))
-    except OSError:  # no socket, or one left by a service that died
-        conn.close()
-        return None
-    return conn
-
-
 def start_soon(settings: Settings) -> None:
     """Start the service unless it runs or is starting, without waiting for it: a local run calls this first, so
     the JVM starts while the steps before its first Spark job run."""
     address = service_address(settings)
-    with _locked(address.lock):
-        conn = _connect(address.socket)
+    with locked(address.lock):
+        conn = connect(address.socket)
         if conn is not None:
             conn.close()
-        elif _starting(address) is None:
+        elif starting_pid(address) is None:
             _spawn(settings, address)
 
 
-def _spawn(settings: Settings, address: ServiceAddress) -> int:
-    address.socket.unlink(missing_ok=True)
-    with open(address.log, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ctloop.spark_service", "serve", "--settings", json.dumps(settings.to_param())],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True,
-            cwd=address.socket.parent)  # not the caller's folder, which may go before the service does
-    address.starting.write_text(str(process.pid))
-    return process.pid
-
-
-def _starting(address: ServiceAddress) -> int | None:
-    """The process id of a service that was started and is still alive but not listening yet, or None."""
-    try:
-        pid = int(address.starting.read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if process_alive(pid) else None
-
-
-def process_alive(pid: int) -> bool:
-    """The process runs (a zombie, exited but not yet reaped by its parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _wait_listening(address: ServiceAddress, pid: int) -> socket.socket:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        conn = _connect(address.socket)
-        if conn is not None:
-            return conn
-        if not process_alive(pid):
-            raise SparkServiceError(f"local Spark service: process {pid} exited while starting; its log (last "
-                                    f"lines):\n{_tail(address.log)}")
-        time.sleep(_CONNECT_POLL_S)
-    with contextlib.suppress(OSError):
-        os.kill(pid, 9)
-    raise SparkServiceError(f"local Spark service: not listening on {address.socket} after {START_TIMEOUT_S:.0f} s; "
-                            f"its log: {address.log}")
-
-
-def _tail(path: Path) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:])
-    except OSError:
-        return "(no log)"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def _spawn(settings: Settings, address: DaemonAddress) -> int:
+    return spawn(address, [sys.executable, "-m", "ctloop.spark_service", "serve", "--settings",
+                           json.dumps(settings.to_param())])
 
 
 def stop_services(prefix: str | None = None) -> list[int]:
     """Ask every service of this user (of the environment at ``prefix``, when given) to stop once its jobs are
     done; returns their process ids."""
-    stopped = []
-    for info_path in Path(tempfile.gettempdir()).glob(f"ctloop-spark-{os.getuid()}-*.json"):
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if prefix is not None and info.get("prefix") != prefix:
-            continue
-        conn = _connect(info_path.with_suffix(".sock"))
-        if conn is None:
-            continue
-        with conn:
-            conn.sendall(b'{"stop": true}\n')
-            if _read_line(conn):
-                stopped.append(int(info["pid"]))
-    return stopped
+    return stop_daemons("spark", prefix)
 
 
 # --- service ------------------------------------------------------------------------------------------------
 
 
 class _Service:
-    def __init__(self, settings: Settings, address: ServiceAddress) -> None:
+    def __init__(self, settings: Settings, address: DaemonAddress) -> None:
         from ctloop.spark_session import local_spark
 
         self.address = address
@@ -301,9 +199,7 @@ class _Service:
         os.chmod(self.address.socket, 0o600)
         listener.listen(64)
         listener.settimeout(0.5)  # so the accept loop sees a stop
-        self.address.info.write_text(json.dumps({"pid": os.getpid(), "prefix": sys.prefix,
-                                                 "socket": str(self.address.socket)}))
-        self.address.starting.unlink(missing_ok=True)
+        announce(self.address)
         log.info("listening on %s (stops after %.0f s idle)", self.address.socket, self.idle_s)
         threading.Thread(target=self._stop_when_idle, name="idle", daemon=True).start()
         with listener:
@@ -327,7 +223,7 @@ class _Service:
 
     def stop(self, require_idle: bool) -> None:
         # The client's lock: no caller is between connecting and being accepted while the socket goes.
-        with _locked(self.address.lock), self.state:
+        with locked(self.address.lock), self.state:
             if require_idle and self.active:
                 return
             self.address.socket.unlink(missing_ok=True)
@@ -337,7 +233,7 @@ class _Service:
     def _handle(self, conn: socket.socket) -> None:
         with conn:
             try:
-                request = json.loads(_read_line(conn) or b"null")
+                request = json.loads(read_line(conn) or b"null")
             except ValueError:
                 return
             if not isinstance(request, dict):
@@ -388,17 +284,13 @@ class _Service:
             self.spark.sparkContext._jsc.sc().cancelJobGroupAndFutureJobs(group, "the client went away")
 
 
-def main(argv: list[str] | None = None, stdout: IO[str] = sys.stdout) -> int:
-    p = argparse.ArgumentParser(prog="python -m ctloop.spark_service", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctloop.spark_service", description=__doc__.splitlines()[0],
+                                epilog="python -m ctloop.local_daemon stop: stop the services once their jobs are done")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a service (the first job starts one: there is no need to)")
     serve.add_argument("--settings", required=True, help="the settings as JSON")
-    sub.add_parser("stop", help="stop this environment's services once their jobs are done")
     args = p.parse_args(argv)
-    if args.command == "stop":
-        pids = stop_services(sys.prefix)
-        print(f"stopping {len(pids)} local Spark service(s): {pids}", file=stdout)
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings.from_param(json.loads(args.settings))
     _Service(settings, service_address(settings)).serve()

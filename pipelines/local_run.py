@@ -124,7 +124,8 @@ def run_local(
 
     ``runner``: a ``kfp.local`` runner; default ``SubprocessRunner(use_venv=False)`` (this process's venv).
     ``uses_spark``: a step runs a Spark job, so the local Spark service is started now, while the steps before
-    it run (ctloop/spark_service.py); the steps of another runner run it where they run.
+    it run (ctloop/spark_service.py); the steps of another runner run it where they run. The default runner's
+    steps fork from the local step server (ctloop/step_server.py).
     """
     from kfp import local
 
@@ -171,8 +172,8 @@ def run_local(
     started_at = datetime.now(UTC).isoformat()
     t0 = time.perf_counter()
     error = ""
-    with log_path.open("w") as log, contextlib.redirect_stdout(_ProgressStream(log, on_event)), \
-            warnings.catch_warnings():
+    with _step_processes(settings, runner), log_path.open("w") as log, \
+            contextlib.redirect_stdout(_ProgressStream(log, on_event)), warnings.catch_warnings():
         # The runner warns that display names and the component image do not apply locally: both are expected.
         warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
         try:
@@ -206,6 +207,15 @@ def run_local(
         record.error = "; ".join(f"{s.name}: {s.error}" for s in failed) or error.splitlines()[0]
     _write_atomic(record_path, record.to_json())
     return record
+
+
+def _step_processes(settings: Settings, runner: Any) -> contextlib.AbstractContextManager[Any]:
+    """The default runner's steps fork from the local step server (ctloop/step_server.py) unless it is off."""
+    if runner is not None or settings.local.step_server_idle_seconds <= 0:
+        return contextlib.nullcontext()
+    from ctloop.step_server import forked_steps
+
+    return forked_steps(settings)
 
 
 def _new_run_root(root: Path, existing: set[str]) -> Path | None:

@@ -33,9 +33,9 @@ def _spark_started() -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def _stop_spark_at_the_end() -> Iterator[None]:
     yield
-    from ctloop.spark_service import stop_services
+    from ctloop.local_daemon import stop_daemons
 
-    stop_services(sys.prefix)  # the local Spark service the pipelines' jobs started (it would idle on)
+    stop_daemons("*", sys.prefix)  # the local Spark service and step server the pipelines started (they would idle on)
     if _spark_started():
         from tests.spark_fixtures import stop_session
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from ctloop.config import Settings
-from ctloop.spark_service import process_alive, run_spark_job, service_address, start_soon, stop_services
+from ctloop.local_daemon import process_alive
+from ctloop.spark_service import run_spark_job, service_address, start_soon, stop_services
 
 pytestmark = pytest.mark.spark
 
