@@ -3,18 +3,22 @@
 It hands the step (``-m <module> <args>``, its environment, working directory and stdin/stdout/stderr) to the
 server, relays the signals it gets to the step's process group there, and ends as the step ended: its exit code,
 or killed by its signal. With no server to take the step it execs the interpreter, and the step runs as a process
-of its own. It uses the standard library only and runs as ``python -I -S``: the server writes it out, with its
-socket and interpreter, as an executable script (``main`` is called at its end).
+of its own. The server writes it out, with its socket and interpreter, as an executable script run as
+``python -I -S`` (``main`` is called at its end). It imports only built-in modules (``_socket``, ``_signal``,
+``marshal``): their Python wrappers and ``json`` would double its start-up, which every step pays.
+
+Protocol: the launcher sends a 4-byte big-endian length with its descriptors 0-2, then its request (``marshal``:
+``{"argv", "env", "cwd"}``); the server answers ``started <pid>``; the launcher sends any number of ``signal <n>``;
+the server ends with ``exit <code>`` or ``signal <n>`` (ASCII lines).
 """
 
-import contextlib
-import json
+import _signal
+import _socket
+import marshal
 import os
-import signal
-import socket
 import sys
 
-RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+RELAYED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 
 
 def main(address: str, python: str, argv: list[str]) -> int:
@@ -24,45 +28,46 @@ def main(address: str, python: str, argv: list[str]) -> int:
         os.execv(python, [python, *argv])
 
     def relay(signum: int, _frame: object) -> None:
-        # A server that is gone killed the step's group when it saw us hang up.
-        with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+        try:  # noqa: SIM105 - contextlib is one more import for every step
+            conn.sendall(b"signal %d\n" % signum)
+        except OSError:
+            pass  # the server is gone: it killed the step's group when it saw us hang up
 
     for signum in RELAYED_SIGNALS:
-        signal.signal(signum, relay)
-    line = read_line(conn)
-    if not line:
+        _signal.signal(signum, relay)
+    ended = read_line(conn).split()
+    if len(ended) != 2:
         print(f"ctloop error: the local step server ({address}) stopped during the step", file=sys.stderr)
         return 1
-    ended = json.loads(line)
-    if "signal" in ended:  # end as the step did, so the runner sees the same status
-        if ended["signal"] not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(ended["signal"], signal.SIG_DFL)
-        os.kill(os.getpid(), ended["signal"])
-    return int(ended["exit"])
+    how, value = ended[0], int(ended[1])
+    if how == b"signal":  # end as the step did, so the runner sees the same status
+        if value not in (_signal.SIGKILL, _signal.SIGSTOP):
+            _signal.signal(value, _signal.SIG_DFL)
+        os.kill(os.getpid(), value)
+    return value
 
 
-def _handed_over(address: str, argv: list[str]) -> socket.socket | None:
+def _handed_over(address: str, argv: list[str]) -> "_socket.socket | None":
     """A connection on which the server started the step; None when no server took it (none, or stopping)."""
     if len(argv) < 2 or argv[0] != "-m":
         return None
-    request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode() + b"\n"
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    request = marshal.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()})
+    descriptors = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # C ints
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         conn.connect(address)
-        # The descriptors ride on the first byte; the rest of the line follows.
-        socket.send_fds(conn, [request[:1]], [0, 1, 2])
-        conn.sendall(request[1:])
+        conn.sendmsg([len(request).to_bytes(4, "big")], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, descriptors)])
+        conn.sendall(request)
         started = read_line(conn)
     except OSError:
         started = b""
-    if not started:
+    if not started.startswith(b"started "):
         conn.close()
         return None
     return conn
 
 
-def read_line(conn: socket.socket) -> bytes:
+def read_line(conn: "_socket.socket") -> bytes:
     """One line from ``conn`` (b"" when it closed first); byte by byte, so nothing after the line is buffered."""
     out = bytearray()
     while not out.endswith(b"\n"):

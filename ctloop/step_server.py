@@ -21,8 +21,7 @@ from a known state. A forked step differs from a fresh interpreter in that its l
 server (under the same load-time environment); NumPy's global random state is reseeded from the OS in each step,
 as a fresh process seeds it.
 
-Protocol (JSON lines): launcher ``{"argv", "env", "cwd"}`` with its descriptors 0-2 on the first byte; server
-``{"started": pid}``; launcher, any number of ``{"signal": n}``; server ``{"exit": code}`` or ``{"signal": n}``.
+The protocol is in ctloop/step_launcher.py.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import contextlib
 import gc
 import importlib
 import json
+import marshal
 import os
 import pkgutil
 import selectors
@@ -39,6 +39,7 @@ import signal
 import socket
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import traceback
@@ -205,12 +206,15 @@ class _Server:
         conn.settimeout(10.0)  # a launcher sends its whole request at once
         client, fds, request = _Connection(conn), [], None
         try:
-            first, fds, _flags, _addr = socket.recv_fds(conn, 1, 3)
-            client.buffer += first
-            request = self._read_message(client) if first else None
-        except (OSError, ValueError):
-            pass  # not a launcher's request: dropped
-        if not request:
+            head, fds, _flags, _addr = socket.recv_fds(conn, 4, 3)
+            if len(fds) == 3:  # a launcher's: the length of its request, which follows
+                request = marshal.loads(_read_exactly(conn, int.from_bytes(_read_exactly(conn, 4, head), "big")))
+            elif head:  # a JSON line: a stop request (ctloop/local_daemon.py)
+                client.buffer += head
+                request = {"stop": True} if json.loads(self._read_line(client) or b"null") == {"stop": True} else None
+        except (OSError, ValueError, EOFError, TypeError):
+            request = None
+        if not isinstance(request, dict):
             self._close_fds(fds)
             conn.close()
             return
@@ -220,13 +224,13 @@ class _Server:
                 conn.sendall(json.dumps({"accepted": os.getpid()}).encode() + b"\n")
             conn.close()
             return
-        if self.stop_requested or len(fds) != 3:
+        if self.stop_requested:
             self._close_fds(fds)
             conn.close()  # the launcher runs the step itself
             return
         self._start(client, request, fds)
 
-    def _read_message(self, client: _Connection) -> dict[str, Any] | None:
+    def _read_line(self, client: _Connection) -> bytes | None:
         while b"\n" not in client.buffer:
             chunk = client.conn.recv(65536)
             if not chunk:
@@ -234,8 +238,7 @@ class _Server:
             client.buffer += chunk
         line, _, rest = bytes(client.buffer).partition(b"\n")
         client.buffer = bytearray(rest)
-        message = json.loads(line)
-        return message if isinstance(message, dict) else None
+        return line
 
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
@@ -246,9 +249,11 @@ class _Server:
     def _start(self, client: _Connection, request: dict[str, Any], fds: list[int]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # nothing of the server's output is left for the child to write again
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:
             self._leave(client)
+            _die_with(server)
             _run_step(request, fds)  # never returns
         with contextlib.suppress(OSError):  # the child may have done it already (and exited)
             os.setpgid(pid, pid)
@@ -259,7 +264,7 @@ class _Server:
         self.selector.register(client.conn, selectors.EVENT_READ, lambda _conn: self._from_launcher(client))
         client.conn.settimeout(None)
         with contextlib.suppress(OSError):
-            client.conn.sendall(json.dumps({"started": pid}).encode() + b"\n")
+            client.conn.sendall(b"started %d\n" % pid)
 
     def _leave(self, client: _Connection) -> None:
         """In a forked child: close the server's socket, connections and pidfds (the step must not hold them)."""
@@ -279,12 +284,12 @@ class _Server:
             self.selector.unregister(client.conn)
             self._signal(client, signal.SIGKILL)
             return
-        client.buffer += chunk
-        while b"\n" in client.buffer:
-            line, _, rest = bytes(client.buffer).partition(b"\n")
-            client.buffer = bytearray(rest)
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                self._signal(client, int(json.loads(line)["signal"]))
+        *lines, rest = bytes(client.buffer + chunk).split(b"\n")
+        client.buffer = bytearray(rest)  # a line's start, its end still to come
+        for line in lines:
+            how, _, value = line.partition(b" ")
+            if how == b"signal" and value.isdigit():
+                self._signal(client, int(value))
 
     @staticmethod
     def _signal(client: _Connection, signum: int) -> None:
@@ -303,9 +308,32 @@ class _Server:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(client.conn)
         with contextlib.suppress(OSError):
-            client.conn.sendall(json.dumps({"signal": -code} if code < 0 else {"exit": code}).encode() + b"\n")
+            client.conn.sendall(b"signal %d\n" % -code if code < 0 else b"exit %d\n" % code)
         client.conn.close()
         self.last_done = time.monotonic()
+
+
+def _read_exactly(conn: socket.socket, size: int, head: bytes = b"") -> bytes:
+    """``size`` bytes from ``conn``, of which ``head`` were received already."""
+    out = bytearray(head)
+    while len(out) < size:
+        chunk = conn.recv(size - len(out))
+        if not chunk:
+            raise EOFError(f"the connection closed {size - len(out)} bytes short")
+        out += chunk
+    return bytes(out)
+
+
+def _die_with(server: int) -> None:
+    """In a forked child: be killed when the server dies, as its launcher then reports the step failed."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:  # it died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _run_step(request: dict[str, Any], fds: list[int]) -> None:
@@ -324,6 +352,7 @@ def _run_step(request: dict[str, Any], fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.path.insert(0, request["cwd"])
+        tempfile.tempdir = None  # found again from this step's environment (TMPDIR), as a fresh process would
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()  # a fresh process seeds it from the OS; a fork would share ours
         _option, module, *args = request["argv"]

@@ -118,7 +118,8 @@ def test_the_launcher_ends_as_its_step_ended(server: tuple[DaemonAddress, Path],
 def _sleeping_step(launcher: Path, probe_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     pid_file = probe_dir / "step.pid"
     env = {**os.environ, "_KFP_RUNTIME": "true"}
-    proc = subprocess.Popen([str(launcher), "-m", "probe", "sleep", str(pid_file)], cwd=probe_dir, env=env)
+    proc = subprocess.Popen([str(launcher), "-m", "probe", "sleep", str(pid_file)], cwd=probe_dir, env=env,
+                            stderr=subprocess.PIPE)
     _wait(pid_file.exists, 30, "the step to start")
     return proc, int(pid_file.read_text())
 
@@ -166,3 +167,14 @@ def test_an_idle_server_stops_and_the_identity_follows_the_load_time_environment
     assert not address.socket.exists() and not address.info.exists()
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # read as OpenMP loads: a server of its own
     assert server_address(settings) != address
+
+
+def test_a_step_ends_with_its_server_and_its_launcher_says_so(probe_dir: Path) -> None:
+    address, launcher = _start(_settings(600 + time.time_ns() % 100_000 / 1000))
+    proc, step = _sleeping_step(launcher, probe_dir)
+    os.kill(daemon_pid(address), signal.SIGKILL)  # type: ignore[arg-type]
+    assert proc.wait(timeout=30) == 1
+    assert proc.stderr is not None
+    assert proc.stderr.read().decode().strip() == (
+        f"ctloop error: the local step server ({address.socket}) stopped during the step")
+    _wait(lambda: not process_alive(step), 10, "the step to die with its server")
