@@ -1,17 +1,17 @@
 """The local step server: local pipeline steps forked from one interpreter that has imported their modules, instead
 of each step starting an interpreter that imports them again.
 
-Why: a fresh step process spends 0.3-1.7 s on the interpreter and its imports (kfp's executor, ctloop,
-scikit-learn, pandas, pyarrow, ONNX) before any work: a third of the local loop's wall time (bench/).
+Why: a fresh step process spends 0.3-1.9 s on the interpreter and its imports (kfp's executor, ctloop,
+scikit-learn, pandas, pyarrow, ONNX) before any work: more than a third of the local loop's wall time (bench/).
 
 How: kfp's SubprocessRunner starts a lightweight component as ``sh -ec '... python3 -m kfp.dsl.executor_main ...'``
 with ``python3`` replaced by ``sys.executable``. During a local run (``forked_steps``) ``sys.executable`` names the
-server's launcher (ctloop/step_launcher.py, a stdlib-only script): it hands the step's arguments, environment,
-working directory and stdin/stdout/stderr to the server, which forks a child that runs the module as ``python -m``
-would, in a process group of its own. The launcher relays its signals to that group and ends as the step ended; a
-launcher killed outright hangs up, and the server kills the step's group. Where no server listens (the first run
-starts one at its start, which imports for a few seconds) the launcher execs the interpreter: the step runs as a
-process of its own, as it always did.
+server's launcher (ctloop/step_launcher.py, a script of built-in modules only): it hands the step's arguments,
+environment, working directory and stdin/stdout/stderr to the server, which forks a child that runs the module
+as ``python -m`` would, in a process group of its own. The launcher relays its signals to that group and ends as
+the step ended; a launcher killed outright hangs up, and the server kills the step's group; a server that dies
+takes its steps along. Where no server listens (the first run starts one at its start, which imports for a few
+seconds) the launcher execs the interpreter: the step runs as a process of its own, as it always did.
 
 One server per interpreter, code (the stamps of the project's and the installed packages' files: an edit gets a
 new server), environment variables read while libraries load (``LOAD_TIME_ENV``) and idle setting. It stops after
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ctloop.config import Settings
-from ctloop.local_daemon import DaemonAddress, announce, connect, locked, spawn, starting_pid, stop_daemons
+from ctloop.local_daemon import DaemonAddress, announce, connect, locked, spawn, starting_pid
 
 KIND = "steps"
 # Environment variables read while the interpreter starts (its flags, the locale of its stdio) and libraries load
@@ -89,10 +89,6 @@ def _code_stamps() -> list[tuple[str, int, int]]:
     return stamps
 
 
-def launcher_path(address: DaemonAddress) -> Path:
-    return address.socket.with_suffix(".launch")
-
-
 @contextlib.contextmanager
 def forked_steps(settings: Settings) -> Iterator[Path]:
     """For the steps the KFP local runner starts meanwhile: the server (started now if it neither runs nor is
@@ -115,7 +111,7 @@ def forked_steps(settings: Settings) -> Iterator[Path]:
 
 def _write_launcher(address: DaemonAddress) -> Path:
     """The launcher script for ``address``: its source, then the call with the socket and this interpreter."""
-    path = launcher_path(address)
+    path = address.socket.with_suffix(".launch")
     if not path.is_file():
         source = Path(__file__).with_name("step_launcher.py").read_text()
         text = (f"#!{sys.executable} -IS\n{source}\n\n"
@@ -125,12 +121,6 @@ def _write_launcher(address: DaemonAddress) -> Path:
         partial.chmod(0o755)
         partial.replace(path)  # atomic: a concurrent run never starts a half-written launcher
     return path
-
-
-def stop_servers(prefix: str | None = None) -> list[int]:
-    """Ask every step server of this user (of the environment at ``prefix``, when given) to stop once its steps
-    are done; returns their process ids."""
-    return stop_daemons(KIND, prefix)
 
 
 # --- server -------------------------------------------------------------------------------------------------
@@ -250,7 +240,13 @@ class _Server:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # nothing of the server's output is left for the child to write again
         server = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: the launcher runs the step itself
+            _log(f"could not fork a step: {exc}")
+            self._close_fds(fds)
+            client.conn.close()
+            return
         if pid == 0:
             self._leave(client)
             _die_with(server)
