@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctloop.step_launcher import read_line  # stdlib only: the launcher script carries it
+from ctloop.step_launcher import read_line  # built-in modules only: the launcher script carries it
 
 _CONNECT_POLL_S = 0.05
 _LOG_TAIL_LINES = 20
@@ -84,6 +84,16 @@ def spawn(address: DaemonAddress, argv: list[str], env: dict[str, str] | None = 
             env=env, cwd=address.socket.parent)  # not the caller's folder, which may go before the daemon does
     address.starting.write_text(str(process.pid))
     return process.pid
+
+
+def start_soon(address: DaemonAddress, argv: list[str]) -> None:
+    """Start the daemon (``argv``) unless it listens or is starting, without waiting for it."""
+    with locked(address.lock):
+        conn = connect(address.socket)
+        if conn is not None:
+            conn.close()
+        elif starting_pid(address) is None:
+            spawn(address, argv)
 
 
 def starting_pid(address: DaemonAddress) -> int | None:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctloop import local_daemon
 from ctloop.config import Settings
 from ctloop.errors import CtloopError
 from ctloop.local_daemon import (
@@ -141,8 +142,8 @@ def _accepted(settings: Settings, address: DaemonAddress, request: dict[str, Any
         conn = connect(address.socket)
         if conn is None:
             pid = starting_pid(address)
-            conn = wait_listening(address, _spawn(settings, address) if pid is None else pid, START_TIMEOUT_S,
-                                  SparkServiceError, "local Spark service")
+            pid = spawn(address, _serve_argv(settings)) if pid is None else pid
+            conn = wait_listening(address, pid, START_TIMEOUT_S, SparkServiceError, "local Spark service")
         try:
             conn.sendall(json.dumps(request).encode() + b"\n")
             accepted = read_line(conn)
@@ -157,18 +158,11 @@ def _accepted(settings: Settings, address: DaemonAddress, request: dict[str, Any
 def start_soon(settings: Settings) -> None:
     """Start the service unless it runs or is starting, without waiting for it: a local run calls this first, so
     the JVM starts while the steps before its first Spark job run."""
-    address = service_address(settings)
-    with locked(address.lock):
-        conn = connect(address.socket)
-        if conn is not None:
-            conn.close()
-        elif starting_pid(address) is None:
-            _spawn(settings, address)
+    local_daemon.start_soon(service_address(settings), _serve_argv(settings))
 
 
-def _spawn(settings: Settings, address: DaemonAddress) -> int:
-    return spawn(address, [sys.executable, "-m", "ctloop.spark_service", "serve", "--settings",
-                           json.dumps(settings.to_param())])
+def _serve_argv(settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "ctloop.spark_service", "serve", "--settings", json.dumps(settings.to_param())]
 
 
 def stop_services(prefix: str | None = None) -> list[int]:

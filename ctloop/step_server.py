@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ctloop.config import Settings
-from ctloop.local_daemon import DaemonAddress, announce, connect, locked, spawn, starting_pid
+from ctloop.local_daemon import DaemonAddress, announce, locked, start_soon
 
 KIND = "steps"
 # Environment variables read while the interpreter starts (its flags, the locale of its stdio) and libraries load
@@ -95,13 +95,8 @@ def forked_steps(settings: Settings) -> Iterator[Path]:
     starting) and its launcher as ``sys.executable``, which the runner puts in each step's command."""
     address = server_address(settings)
     launcher = _write_launcher(address)
-    with locked(address.lock):
-        conn = connect(address.socket)
-        if conn is not None:
-            conn.close()
-        elif starting_pid(address) is None:
-            spawn(address, [sys.executable, "-m", "ctloop.step_server", "serve", "--socket", str(address.socket),
-                            "--idle-seconds", str(settings.local.step_server_idle_seconds)])
+    start_soon(address, [sys.executable, "-m", "ctloop.step_server", "serve", "--socket", str(address.socket),
+                         "--idle-seconds", str(settings.local.step_server_idle_seconds)])
     python, sys.executable = sys.executable, str(launcher)
     try:
         yield launcher
