@@ -3,12 +3,8 @@ process each is, and stopping them so a measurement starts cold."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -25,16 +21,10 @@ def step_server_pid() -> int | None:
 
     Found by its description rather than its identity: the run that started it computed that identity in its
     own environment (with the local thread settings), not the bench's."""
-    from ctloop.local_daemon import process_alive
+    from ctloop.local_daemon import described, process_alive
 
-    found = []
-    for info_path in Path(tempfile.gettempdir()).glob(f"ctloop-steps-{os.getuid()}-*.json"):
-        try:
-            info = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("prefix") == sys.prefix and process_alive(int(info["pid"])):
-            found.append((info_path.stat().st_mtime, int(info["pid"])))
+    found = [(address.info.stat().st_mtime, pid) for address, pid in described("steps", sys.prefix)
+             if process_alive(pid)]
     return max(found)[1] if found else None
 
 

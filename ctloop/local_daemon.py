@@ -164,21 +164,25 @@ def stop_daemon(address: DaemonAddress) -> int | None:
     return None
 
 
-def stop_daemons(kind: str = "*", prefix: str | None = None) -> list[int]:
-    """Ask every daemon of ``kind`` ("*": of any kind) of this user (of the environment at ``prefix``, when given)
-    to stop once its work is done; returns their process ids."""
-    stopped = []
+def described(kind: str = "*", prefix: str | None = None) -> list[tuple[DaemonAddress, int]]:
+    """The daemons of ``kind`` ("*": of any kind) of this user (of the environment at ``prefix``, when given) that
+    wrote their description: each one's address and process id."""
+    found = []
     for info_path in Path(tempfile.gettempdir()).glob(f"ctloop-{kind}-{os.getuid()}-*.json"):
         try:
             info = json.loads(info_path.read_text())
         except (OSError, ValueError):
             continue
-        if prefix is not None and info.get("prefix") != prefix:
-            continue
-        pid = stop_daemon(DaemonAddress.at(info_path.with_suffix(".sock")))
-        if pid is not None:
-            stopped.append(pid)
-    return stopped
+        if prefix is None or info.get("prefix") == prefix:
+            found.append((DaemonAddress.at(info_path.with_suffix(".sock")), int(info["pid"])))
+    return found
+
+
+def stop_daemons(kind: str = "*", prefix: str | None = None) -> list[int]:
+    """Ask every daemon of ``kind`` ("*": of any kind) of this user (of the environment at ``prefix``, when given)
+    to stop once its work is done; returns their process ids."""
+    stopped = [stop_daemon(address) for address, _ in described(kind, prefix)]
+    return [pid for pid in stopped if pid is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
