@@ -75,13 +75,13 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def spawn(address: DaemonAddress, argv: list[str], env: dict[str, str] | None = None) -> int:
+def spawn(address: DaemonAddress, argv: list[str]) -> int:
     """Start ``argv`` detached (a session of its own, output to the log), recorded as starting; under the lock."""
     address.socket.unlink(missing_ok=True)
     with open(address.log, "ab") as log_file:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True,
-            env=env, cwd=address.socket.parent)  # not the caller's folder, which may go before the daemon does
+            cwd=address.socket.parent)  # not the caller's folder, which may go before the daemon does
     address.starting.write_text(str(process.pid))
     return process.pid
 
